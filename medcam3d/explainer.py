@@ -1,0 +1,593 @@
+"""The Explainer: head-only, all-class, batched gradients at the explained layer.
+
+How one call works (``explainer(x)``):
+
+1. **Backbone, no graph.** The model runs up to the explained layer without building an autograd graph
+   (parameters are frozen for the call and the input is detached). Its output ``A`` becomes a fresh leaf.
+2. **Head only.** Only the part after the explained layer (the *head*) is differentiated. When the model can be
+   traced with ``torch.fx`` (the explained layer kept as one node) the head is a separate graph that can be
+   evaluated at any activations without re-running the backbone (``head="fx"``). Otherwise the model is re-run
+   with the explained layer's output replaced (``head="rerun"``, correct but slower).
+3. **All classes at once.** ``∂s_k/∂A`` for the K classes comes from one batched backward
+   (``torch.autograd.grad(..., is_grads_batched=True)``), chunked over classes to bound memory, with a
+   class-by-class fallback for heads whose ops have no batching rule. Sample b's gradient is taken of its own
+   score only, so samples never mix (the model runs in eval mode).
+4. **Methods** (:mod:`medcam3d.methods`) turn ``(A, ∂s/∂A)`` into signed raw maps, after a layout adaptor
+   (:mod:`medcam3d.layouts`) has mapped both onto ``[B, F, *spatial]``.
+5. **Certificate** (:mod:`medcam3d.certificate`): the head's Jacobian at the real activations is compared with the
+   Jacobian at random probe points far away, and ``s(A) − s(0) = Σ ∂s/∂A ⊙ A`` is checked.
+
+The model is left as found: training flags, ``requires_grad`` flags and buffers restored, hooks removed (also
+when an exception is raised), and no parameter ``.grad`` is ever written.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from contextlib import ExitStack
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.fx
+from torch import Tensor, nn
+
+from .certificate import (
+    certify,
+    contribution_sums,
+    default_tolerance,
+    jacobian_difference,
+    spatial_variation,
+)
+from .errors import InputError
+from .explanation import Explanation
+from .layouts import Layout, resolve_layout
+from .methods import get_method
+
+__all__ = ["Explainer", "explain", "select_scores"]
+
+DEFAULT_METHODS = ("hirescam", "gradcam")
+
+
+def select_scores(output: Any) -> Tensor:
+    """Default reading of a model's output as raw scores ``[B, M]``: a tensor as is; the first element of a
+    tuple/list; ``output["logits"]`` (or the only value) of a dict."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    if isinstance(output, dict):
+        if "logits" in output:
+            return output["logits"]
+        if len(output) == 1:
+            return next(iter(output.values()))
+    raise InputError(
+        f"cannot read class scores from a model output of type {type(output).__name__}; pass output=callable"
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Model state: freeze for the call, restore afterwards
+# ------------------------------------------------------------------------------------------------------------
+
+
+class _ModelState:
+    """Saves and restores training flags, requires_grad flags and (optionally) buffers of a model."""
+
+    def __init__(self, model: nn.Module, save_buffers: bool) -> None:
+        self.model = model
+        self.training = [(m, m.training) for m in model.modules()]
+        self.requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+        self.buffers = [(b, b.detach().clone()) for b in model.buffers()] if save_buffers else []
+
+    def freeze(self, eval_mode: bool) -> None:
+        if eval_mode:
+            self.model.eval()
+        for p, _ in self.requires_grad:
+            p.requires_grad_(False)
+
+    def restore(self) -> None:
+        for m, flag in self.training:
+            m.training = flag
+        for p, flag in self.requires_grad:
+            p.requires_grad_(flag)
+        with torch.no_grad():
+            for b, saved in self.buffers:
+                b.copy_(saved)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Two ways to run "the head": an fx graph split, or a re-run with the layer output replaced
+# ------------------------------------------------------------------------------------------------------------
+
+
+class _Head:
+    """Runs the model once (backbone without graph) and then evaluates the head at any activations."""
+
+    kind = "abstract"
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Any]:
+        """Run the model on ``x``. Returns the explained layer's output as a leaf that requires grad
+        (hooked layout ``[N, ...]``) and the model output, whose graph starts at that leaf."""
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def __call__(self, activations: Tensor) -> Any:
+        """Model output with the explained layer's output replaced by ``activations`` (graph from it only)."""
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def close(self) -> None:
+        """Drop references to tensors of the last call."""
+
+
+class _LeafTracer(torch.fx.Tracer):
+    """fx tracer that keeps the explained module as a single call_module node."""
+
+    def __init__(self, leaf: nn.Module) -> None:
+        super().__init__()
+        self._leaf = leaf
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return m is self._leaf or super().is_leaf_module(m, module_qualified_name)
+
+
+class _FxHead(_Head):
+    """Head evaluation on a torch.fx trace split at the explained layer's node."""
+
+    kind = "fx"
+
+    def __init__(self, model: nn.Module, layer: nn.Module, layer_name: str) -> None:
+        tracer = _LeafTracer(layer)
+        graph = tracer.trace(model)
+        self.gm = torch.fx.GraphModule(tracer.root, graph)
+        targets = [n for n in graph.nodes if n.op == "call_module" and n.target == layer_name]
+        if len(targets) != 1:
+            raise RuntimeError(f"the explained layer appears {len(targets)} times in the traced graph")
+        self.target = targets[0]
+        nodes = list(graph.nodes)
+        downstream: set[torch.fx.Node] = set()
+        frontier = [self.target]
+        while frontier:
+            for user in frontier.pop().users:
+                if user not in downstream:
+                    downstream.add(user)
+                    frontier.append(user)
+        self.head_nodes = [n for n in nodes if n in downstream]
+        self.backbone_nodes = [n for n in nodes if n not in downstream]
+        if not any(n.op == "output" for n in self.head_nodes):
+            raise RuntimeError("the model output does not depend on the explained layer")
+        # values the head needs from the backbone; everything else is freed as soon as it is used
+        self.keep = {i for n in self.head_nodes for i in n.all_input_nodes if i not in downstream}
+        self.keep.add(self.target)
+        last_use: dict[torch.fx.Node, int] = {}
+        for pos, n in enumerate(self.backbone_nodes):
+            for i in n.all_input_nodes:
+                last_use[i] = pos
+        self.free_after: dict[int, list[torch.fx.Node]] = {}
+        for n, pos in last_use.items():
+            if n not in self.keep:
+                self.free_after.setdefault(pos, []).append(n)
+        self.env: dict[torch.fx.Node, Any] = {}
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Any]:
+        interp = torch.fx.Interpreter(self.gm, garbage_collect_values=False)
+        env: dict[torch.fx.Node, Any] = {}
+        interp.env = env
+        interp.args_iter = iter((x,))
+        with torch.no_grad():
+            for pos, n in enumerate(self.backbone_nodes):
+                env[n] = interp.run_node(n)
+                for dead in self.free_after.get(pos, ()):
+                    env.pop(dead, None)
+        self.env = {n: env[n] for n in self.keep}
+        activations = self.env[self.target]
+        if not isinstance(activations, Tensor):
+            raise InputError(f"the explained layer returns {type(activations).__name__}, not a tensor")
+        leaf = activations.detach().requires_grad_(True)
+        return leaf, self(leaf)
+
+    def __call__(self, activations: Tensor) -> Any:
+        interp = torch.fx.Interpreter(self.gm, garbage_collect_values=False)
+        # clones, so that in-place ops in the head (ReLU(inplace=True), +=) never touch the leaf or the cache
+        env = {n: v.clone() if isinstance(v, Tensor) else v for n, v in self.env.items()}
+        env[self.target] = activations.clone()
+        interp.env = env
+        out = None
+        for n in self.head_nodes:
+            env[n] = interp.run_node(n)
+            if n.op == "output":
+                out = env[n]
+        return out
+
+    def close(self) -> None:
+        self.env = {}
+
+
+class _RerunHead(_Head):
+    """Head evaluation by re-running the whole model with a forward hook replacing the layer's output."""
+
+    kind = "rerun"
+
+    def __init__(self, model: nn.Module, layer: nn.Module) -> None:
+        self.model = model
+        self.layer = layer
+        self.x: Tensor | None = None
+        self._replacement: Tensor | None = None
+        self._captured: Tensor | None = None
+        self._calls = 0
+
+    def _hook(self, module: nn.Module, inputs: Any, output: Any) -> Any:
+        self._calls += 1
+        if self._calls > 1:
+            raise InputError("the explained layer runs more than once per forward pass; explain a layer that runs once")
+        if not isinstance(output, Tensor):
+            raise InputError(f"the explained layer returns {type(output).__name__}, not a tensor")
+        if self._replacement is None:  # first pass: the real activations become the leaf
+            self._captured = output.detach().requires_grad_(True)
+            return self._captured.clone()
+        return self._replacement.clone()
+
+    def _run(self, x: Tensor, replacement: Tensor | None) -> Any:
+        self._calls = 0
+        self._replacement = replacement
+        handle = self.layer.register_forward_hook(self._hook)
+        try:
+            out = self.model(x)
+        finally:
+            handle.remove()
+            self._replacement = None
+        if self._calls == 0:
+            raise InputError("the explained layer did not run during the forward pass")
+        return out
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Any]:
+        # parameters are frozen and x is detached, so the backbone builds no graph even with grad enabled
+        self.x = x
+        out = self._run(x, None)
+        assert self._captured is not None
+        return self._captured, out
+
+    def __call__(self, activations: Tensor) -> Any:
+        assert self.x is not None
+        return self._run(self.x, activations)
+
+    def close(self) -> None:
+        self.x = None
+        self._captured = None
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Batched gradients
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _class_gradients(scores: Tensor, leaf: Tensor, classes: Sequence[int]) -> Tensor:
+    """``∂ scores[b, c] / ∂ leaf[b]`` for each class c, all samples together.
+
+    Args:
+        scores: ``[B, M]`` (graph from ``leaf``).
+        leaf: ``[N, ...]`` the explained layer's output (requires grad).
+        classes: k class indices.
+    Returns: ``[k, N, ...]``; zeros where a score does not depend on ``leaf``.
+    """
+    k = len(classes)
+    if not scores.requires_grad:
+        return torch.zeros((k, *leaf.shape), dtype=leaf.dtype, device=leaf.device)
+    v = torch.zeros((k, *scores.shape), dtype=scores.dtype, device=scores.device)
+    v[torch.arange(k), :, torch.as_tensor(list(classes))] = 1.0
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # vmap's "performance drop" fallback notice
+            (g,) = torch.autograd.grad(
+                scores, leaf, grad_outputs=v, retain_graph=True, is_grads_batched=True, allow_unused=True
+            )
+    except RuntimeError:
+        # some ops have no batching rule: one backward per class, same numbers
+        grads = []
+        for i in range(k):
+            (gi,) = torch.autograd.grad(scores, leaf, grad_outputs=v[i], retain_graph=True, allow_unused=True)
+            grads.append(torch.zeros_like(leaf) if gi is None else gi)
+        return torch.stack(grads)
+    return torch.zeros((k, *leaf.shape), dtype=leaf.dtype, device=leaf.device) if g is None else g
+
+
+def _to_volume(layout: Layout, per_class: Tensor, batch: int) -> Tensor:
+    """``[k, N, ...]`` hooked-layout gradients -> ``[B, k, F, *S]``."""
+    return torch.stack([layout.to_volume(g, batch) for g in per_class], dim=1)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The Explainer
+# ------------------------------------------------------------------------------------------------------------
+
+
+class Explainer:
+    """Explain a model's raw class scores at one layer with HiResCAM, Grad-CAM, CAM and relatives.
+
+    Args:
+        model: any ``nn.Module`` returning raw class scores ``[B, M]`` (or see ``output``).
+        target_layer: dotted module name (``"layer4"``, ``"conv2d.7"``) or the module itself; default the
+            model's ``medcam3d_target_layer`` attribute.
+        methods: method names from :data:`medcam3d.methods.METHODS`.
+        layout: maps the layer output to ``[B, F, *spatial]``; default the model's ``medcam3d_layout`` or
+            channels-first. Use :class:`medcam3d.layouts.SlicesAsBatch` when slices ride in the batch axis.
+        labels: names of the M outputs; default the model's ``medcam3d_labels``.
+        output: callable turning the model output into ``[B, M]`` raw scores (default :func:`select_scores`).
+        certify: compute the faithfulness certificate (a few cheap head evaluations).
+        n_probes: random probe points for the affinity test (≥ 2).
+        head: ``"auto"`` (fx trace when possible, else re-run), ``"fx"`` or ``"rerun"``.
+        eval_mode: run the model in eval mode for the call (restored afterwards). With ``False`` the model's
+            own flags are used and buffers are restored after the call.
+        max_chunk_bytes: memory budget for one chunk of per-class gradients.
+        keep_gradients: keep activations and gradients on the explanation (memory heavy; for evaluation).
+        seed: seed of the probe points.
+
+    Use as a context manager or call :meth:`close` to drop the cached trace.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layer: str | nn.Module | None = None,
+        methods: Iterable[str] = DEFAULT_METHODS,
+        layout: Layout | str | None = None,
+        *,
+        labels: Sequence[str] | None = None,
+        output: Callable[[Any], Tensor] | None = None,
+        certify: bool = True,
+        n_probes: int = 2,
+        head: str = "auto",
+        eval_mode: bool = True,
+        max_chunk_bytes: int = 1 << 30,
+        keep_gradients: bool = False,
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.layer_name, self.layer = self._resolve_layer(model, target_layer)
+        self.methods = tuple(methods)
+        if not self.methods:
+            raise InputError("methods: give at least one method")
+        for m in self.methods:
+            try:
+                get_method(m)
+            except ValueError as e:
+                raise InputError(f"methods: {e}") from None
+        self.layout = resolve_layout(layout if layout is not None else getattr(model, "medcam3d_layout", None))
+        lab = labels if labels is not None else getattr(model, "medcam3d_labels", None)
+        self.labels = list(lab) if lab is not None else None
+        self.output = output or select_scores
+        self.certify = certify
+        if n_probes < 2:
+            raise InputError("n_probes must be at least 2")
+        self.n_probes = n_probes
+        if head not in ("auto", "fx", "rerun"):
+            raise InputError(f"head must be 'auto', 'fx' or 'rerun', got {head!r}")
+        self.head_mode = head
+        self.eval_mode = eval_mode
+        self.max_chunk_bytes = int(max_chunk_bytes)
+        self.keep_gradients = keep_gradients
+        self.seed = seed
+        self._fx: _FxHead | None = None
+        self._fx_failed: str | None = None
+
+    # -- construction helpers --------------------------------------------------------------------------------
+    @staticmethod
+    def _resolve_layer(model: nn.Module, target: str | nn.Module | None) -> tuple[str, nn.Module]:
+        if target is None:
+            target = getattr(model, "medcam3d_target_layer", None)
+            if target is None:
+                raise InputError(
+                    "target_layer: not given and the model declares no medcam3d_target_layer; name the layer to "
+                    "explain, e.g. target_layer='layer4'"
+                )
+        if isinstance(target, nn.Module):
+            for name, m in model.named_modules():
+                if m is target:
+                    return name, m
+            raise InputError("target_layer: the given module is not part of the model")
+        try:
+            return target, model.get_submodule(target)
+        except AttributeError:
+            names = [n for n, _ in model.named_modules() if n][-8:]
+            raise InputError(f"target_layer: no module named {target!r} in the model (last modules: {names})") from None
+
+    def _head(self) -> _Head:
+        if self.head_mode != "rerun" and self._fx is None and self._fx_failed is None:
+            try:
+                self._fx = _FxHead(self.model, self.layer, self.layer_name)
+            except Exception as e:  # tracing is best effort; the re-run head is always correct
+                self._fx_failed = f"{type(e).__name__}: {e}".splitlines()[0]
+                if self.head_mode == "fx":
+                    raise InputError(f"head='fx': cannot trace the model with torch.fx ({self._fx_failed})") from e
+        if self._fx is not None and self.head_mode != "rerun":
+            return self._fx
+        return _RerunHead(self.model, self.layer)
+
+    # -- context manager ------------------------------------------------------------------------------------
+    def __enter__(self) -> "Explainer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Drop the cached trace and any tensors of the last call."""
+        if self._fx is not None:
+            self._fx.close()
+        self._fx = None
+
+    # -- the call -------------------------------------------------------------------------------------------
+    def __call__(self, x: Tensor, classes: Sequence[int | str] | None = None) -> Explanation:
+        """Explain ``x``.
+
+        Args:
+            x: ``[B, C, *spatial]`` input (a MONAI MetaTensor is accepted; its affine is kept).
+            classes: output indices or labels to explain; default all M outputs.
+        Returns: an :class:`Explanation` with ``raw[method]`` of shape ``[B, K, *map_spatial]``.
+        """
+        affine = None
+        if hasattr(x, "as_tensor") and hasattr(x, "affine"):  # MONAI MetaTensor, duck-typed
+            affine = torch.as_tensor(x.affine).detach().clone()
+            x = x.as_tensor()
+        if not isinstance(x, Tensor):
+            raise InputError(f"x must be a tensor [B, C, *spatial], got {type(x).__name__}")
+        if x.ndim < 3:
+            raise InputError(f"x must be [B, C, *spatial] with 1-3 spatial axes, got shape {tuple(x.shape)}")
+        if not torch.is_floating_point(x):
+            x = x.float()
+        with torch.inference_mode(False):
+            x = x.detach().clone() if x.is_inference() else x.detach()
+            state = _ModelState(self.model, save_buffers=not self.eval_mode)
+            state.freeze(self.eval_mode)
+            try:
+                with ExitStack() as stack:
+                    stack.enter_context(torch.enable_grad())
+                    return self._explain(x, classes, affine)
+            finally:
+                state.restore()
+
+    def _explain(self, x: Tensor, classes: Sequence[int | str] | None, affine: Tensor | None) -> Explanation:
+        t0 = time.perf_counter()
+        timings: dict[str, float] = {}
+        batch = x.shape[0]
+        head = self._head()
+        notes: list[str] = []
+        if head.kind == "rerun" and self._fx_failed and self.head_mode == "auto":
+            notes.append(f"fx trace unavailable ({self._fx_failed}); the head was evaluated by re-running the model")
+        try:
+            leaf, output = head.forward(x)
+            hooked = leaf.detach()
+            scores_all = self._scores(output, batch)
+            timings["forward"] = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            class_idx = self._class_indices(classes, scores_all.shape[1])
+            volume = self.layout.to_volume(hooked, batch)  # [B, F, *S]
+            if not 1 <= volume.ndim - 2 <= 3:
+                raise InputError(f"explained activations have shape {tuple(volume.shape)}; need 1-3 spatial axes")
+            probes = self._probes(hooked) if self.certify else []
+            probe_scores = [self._scores(head(p), batch) for p in probes]
+            if self.certify:
+                with torch.no_grad():
+                    baseline = self._scores(head(torch.zeros_like(hooked)), batch)[:, class_idx]
+            else:
+                baseline = torch.full((batch, len(class_idx)), float("nan"), dtype=scores_all.dtype)
+            timings["probes"] = time.perf_counter() - t1
+            t2 = time.perf_counter()
+            raw_chunks: dict[str, list[Tensor]] = {m: [] for m in self.methods}
+            keep: list[Tensor] = []
+            jd, sv, contrib, abs_contrib = [], [], [], []
+            for chunk in self._chunks(class_idx, hooked):
+                g = _to_volume(self.layout, _class_gradients(scores_all, leaf, chunk), batch).detach()
+                with torch.no_grad():
+                    for m in self.methods:
+                        raw_chunks[m].append(get_method(m)(volume, g))
+                    c, a = contribution_sums(volume, g)
+                    contrib.append(c)
+                    abs_contrib.append(a)
+                    sv.append(spatial_variation(g))
+                    d = torch.zeros(len(chunk), dtype=torch.float64, device=g.device)
+                    for p, ps in zip(probes, probe_scores):
+                        gp = _to_volume(self.layout, _class_gradients(ps, p, chunk), batch)
+                        d = torch.maximum(d, jacobian_difference(g, gp).double())
+                    jd.append(d)
+                if self.keep_gradients:
+                    keep.append(g)
+            timings["gradients_and_maps"] = time.perf_counter() - t2
+        finally:
+            head.close()
+        raw = {m: torch.cat(v, dim=1) for m, v in raw_chunks.items()}
+        cert = certify(
+            class_idx,
+            torch.cat(jd).cpu(),
+            torch.cat(sv).cpu(),
+            scores_all.detach()[:, class_idx],
+            baseline.detach(),
+            torch.cat(contrib, dim=1),
+            torch.cat(abs_contrib, dim=1),
+            default_tolerance(volume.dtype),
+            len(probes),
+            head.kind,
+            checked=self.certify,
+        )
+        cert.notes.extend(notes)
+        if "cam" in self.methods and cert.kind != "cam":
+            raise InputError(
+                f"method 'cam' needs a global-average-pool + linear head after the explained layer, but this head "
+                f"is certified {cert.kind!r}; use 'hirescam' (it equals CAM on such heads) or 'gradcam'"
+            )
+        timings["total"] = time.perf_counter() - t0
+        return Explanation(
+            scores=scores_all.detach(),
+            classes=class_idx,
+            raw=raw,
+            certificate=cert,
+            input_size=tuple(x.shape[2:]),
+            labels=self.labels,
+            affine=affine,
+            activations=volume.detach() if self.keep_gradients else None,
+            gradients=torch.cat(keep, dim=1) if self.keep_gradients else None,
+            timings=timings,
+        )
+
+    # -- pieces ---------------------------------------------------------------------------------------------
+    def _scores(self, output: Any, batch: int) -> Tensor:
+        s = self.output(output)
+        if not isinstance(s, Tensor):
+            raise InputError(f"output selector returned {type(s).__name__}, not a tensor")
+        if s.ndim == 1:
+            s = s.unsqueeze(1)
+        if s.ndim != 2 or s.shape[0] != batch:
+            raise InputError(
+                f"model scores have shape {tuple(s.shape)}; expected [B={batch}, M] raw class scores "
+                "(for dense outputs pass output=lambda y: y.flatten(2).mean(2) or similar)"
+            )
+        return s
+
+    def _class_indices(self, classes: Sequence[int | str] | None, m: int) -> list[int]:
+        if classes is None:
+            return list(range(m))
+        out = []
+        for c in classes:
+            if isinstance(c, str):
+                if not self.labels or c not in self.labels:
+                    raise InputError(f"classes: unknown label {c!r}")
+                c = self.labels.index(c)
+            c = int(c)
+            if not 0 <= c < m:
+                raise InputError(f"classes: index {c} out of range for a model with {m} outputs")
+            out.append(c)
+        if not out:
+            raise InputError("classes: empty selection")
+        return out
+
+    def _chunks(self, classes: list[int], hooked: Tensor) -> list[list[int]]:
+        per_class = hooked.numel() * hooked.element_size() * (6 + 2 * len(self.methods))
+        size = max(1, min(len(classes), self.max_chunk_bytes // max(per_class, 1)))
+        return [classes[i : i + size] for i in range(0, len(classes), size)]
+
+    def _probes(self, hooked: Tensor) -> list[Tensor]:
+        """Random activations far from the real ones: alternately pure noise and the real point plus noise,
+        each ~4 standard deviations of the activations, with both signs."""
+        gen = torch.Generator().manual_seed(self.seed)
+        scale = float(hooked.float().std()) if hooked.numel() > 1 else 1.0
+        scale = scale if scale > 0 else 1.0
+        probes = []
+        for i in range(self.n_probes):
+            noise = torch.randn(hooked.shape, generator=gen).to(hooked.device, hooked.dtype) * (4 * scale)
+            p = noise if i % 2 == 0 else hooked + noise
+            probes.append(p.requires_grad_(True))
+        return probes
+
+
+def explain(
+    model: nn.Module,
+    x: Tensor,
+    target_layer: str | nn.Module | None = None,
+    methods: Iterable[str] = DEFAULT_METHODS,
+    classes: Sequence[int | str] | None = None,
+    **kwargs: Any,
+) -> Explanation:
+    """One-call form of :class:`Explainer`: ``explain(model, x, target_layer="layer4")``."""
+    with Explainer(model, target_layer, methods, **kwargs) as explainer:
+        return explainer(x, classes)

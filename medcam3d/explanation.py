@@ -1,0 +1,153 @@
+"""The result of one explanation call: scores, signed raw maps, certificate."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from .certificate import Certificate, disagreement
+from .heatmaps import iter_heatmaps, to_heatmap
+
+__all__ = ["Explanation"]
+
+
+@dataclass
+class Explanation:
+    """Maps for K classes of a batch of B inputs.
+
+    Attributes:
+        scores: ``[B, M]`` raw class scores ``s_m`` (before sigmoid/softmax) for all M model outputs.
+        classes: the K explained class indices (into the M outputs), in the order of the maps' K axis.
+        raw: method name -> ``[B, K, *map_spatial]`` signed maps at feature resolution (before any ReLU).
+        certificate: what is proven about these maps (:class:`medcam3d.certificate.Certificate`).
+        input_size: spatial size of the model input (the default heatmap size).
+        labels: names of the M outputs, when known.
+        affine: ``[4, 4]`` affine of the input grid (array index -> RAS mm) when the input was a MONAI
+            MetaTensor, else None.
+        activations: ``[B, F, *map_spatial]`` explained-layer activations (only with ``keep_gradients=True``).
+        gradients: ``[B, K, F, *map_spatial]`` ``∂s_k/∂A`` (only with ``keep_gradients=True``).
+        timings: seconds spent per stage.
+    """
+
+    scores: Tensor
+    classes: list[int]
+    raw: dict[str, Tensor]
+    certificate: Certificate
+    input_size: tuple[int, ...]
+    labels: list[str] | None = None
+    affine: Tensor | None = None
+    activations: Tensor | None = None
+    gradients: Tensor | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    # -- naming ---------------------------------------------------------------------------------------------
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The methods with maps in :attr:`raw`."""
+        return tuple(self.raw)
+
+    @property
+    def map_size(self) -> tuple[int, ...]:
+        """Spatial size of the raw maps (feature resolution)."""
+        return tuple(next(iter(self.raw.values())).shape[2:])
+
+    def class_names(self) -> list[str]:
+        """Names of the K explained classes (``class_<i>`` when labels are unknown)."""
+        return [self.labels[c] if self.labels else f"class_{c}" for c in self.classes]
+
+    def index(self, cls: int | str) -> int:
+        """Position on the K axis of a class given by output index or label."""
+        if isinstance(cls, str):
+            if not self.labels or cls not in self.labels:
+                raise KeyError(f"unknown class label {cls!r}")
+            cls = self.labels.index(cls)
+        if cls not in self.classes:
+            raise KeyError(f"class {cls} was not explained (explained: {self.classes})")
+        return self.classes.index(cls)
+
+    # -- scores ---------------------------------------------------------------------------------------------
+    def probabilities(self, kind: str = "sigmoid") -> Tensor:
+        """``[B, M]`` probabilities from the raw scores: ``"sigmoid"`` (multi-label) or ``"softmax"``."""
+        if kind == "sigmoid":
+            return torch.sigmoid(self.scores)
+        if kind == "softmax":
+            return torch.softmax(self.scores, dim=1)
+        raise ValueError(f"unknown probability kind {kind!r} (sigmoid or softmax)")
+
+    def explained_scores(self) -> Tensor:
+        """``[B, K]`` raw scores of the explained classes."""
+        return self.scores[:, self.classes]
+
+    # -- maps -----------------------------------------------------------------------------------------------
+    def _raw(self, method: str, classes: Sequence[int | str] | None) -> Tensor:
+        if method not in self.raw:
+            raise KeyError(f"method {method!r} was not computed (computed: {', '.join(self.raw)})")
+        r = self.raw[method]
+        if classes is None:
+            return r
+        return r[:, [self.index(c) for c in classes]]
+
+    def heatmap(
+        self,
+        method: str,
+        size: Sequence[int] | None = None,
+        classes: Sequence[int | str] | None = None,
+        dtype: torch.dtype | None = None,
+        upsample: bool = True,
+    ) -> Tensor:
+        """Display heatmaps ``[B, K, *size]`` in [0, 1]: ReLU, min-max over the whole map, n-linear upsampling
+        (``align_corners=False``) to ``size`` (default: the input's spatial size).
+
+        Args:
+            method: a computed method name.
+            size: output spatial size; default :attr:`input_size`.
+            classes: subset of explained classes (indices or labels); default all K.
+            dtype: output dtype, e.g. ``torch.float16`` to halve memory.
+            upsample: False keeps feature resolution.
+        """
+        target = (size or self.input_size) if upsample else None
+        return to_heatmap(self._raw(method, classes), target, dtype)
+
+    def iter_heatmaps(
+        self,
+        method: str,
+        size: Sequence[int] | None = None,
+        chunk: int = 1,
+        dtype: torch.dtype | None = None,
+    ) -> Iterator[tuple[list[int], Tensor]]:
+        """Like :meth:`heatmap` but ``chunk`` classes at a time: yields ``(class_indices, [B, k, *size])`` so that
+        K full-resolution volumes never sit in memory together."""
+        for sl, hm in iter_heatmaps(self._raw(method, None), size or self.input_size, chunk, dtype):
+            yield self.classes[sl], hm
+
+    def disagreement(self, a: str = "hirescam", b: str = "gradcam", fraction: float = 0.1) -> dict[str, Tensor]:
+        """Disagreement between two methods' maps at feature resolution, each ``[B, K]``: ``l2`` (the paper's
+        Table 1 distance between normalised maps), ``pearson`` and ``top_overlap`` (top-10 % positions)."""
+        return disagreement(self._raw(a, None), self._raw(b, None), fraction)
+
+    # -- housekeeping ----------------------------------------------------------------------------------------
+    def to(self, device: torch.device | str) -> "Explanation":
+        """A copy with every tensor moved to ``device``."""
+
+        def mv(t: Any) -> Any:
+            return t.to(device) if isinstance(t, Tensor) else t
+
+        return replace(
+            self,
+            scores=mv(self.scores),
+            raw={k: mv(v) for k, v in self.raw.items()},
+            activations=mv(self.activations),
+            gradients=mv(self.gradients),
+        )
+
+    def cpu(self) -> "Explanation":
+        return self.to("cpu")
+
+    def __repr__(self) -> str:
+        return (
+            f"Explanation(batch={self.scores.shape[0]}, classes={len(self.classes)}, methods={list(self.raw)}, "
+            f"map_size={self.map_size}, input_size={self.input_size}, certificate={self.certificate.kind!r})"
+        )
