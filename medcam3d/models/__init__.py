@@ -1,0 +1,47 @@
+"""Models that medcam3d explains, and how to load them.
+
+* :class:`AxialNet` (Draelos & Carin): ResNet-18 on three-slice groups, four 3x3 convs, per-slice FC, slice mean.
+  Declares ``medcam3d_target_layer = "conv2d.7"`` and ``medcam3d_layout = SlicesAsBatch()``.
+* :class:`ResNet34v`, :class:`DenseNet121v` (2-D or 3-D): backbone, one 512-filter 2-wide conv, one FC.
+* :class:`CAMNet3d`: backbone, global average pooling, FC (CAM = HiResCAM = Grad-CAM).
+* Loading: :func:`load_checkpoint` (weights only), :func:`build_model` / :func:`load_model_spec`
+  (MONAI-bundle-style ``_target_`` specs), :func:`load_demo` (the embedded demo model).
+
+Nothing here downloads anything.
+"""
+
+from .axialnet import AxialNet, final_conv, load_resnet18_weights
+from .loading import (
+    DEMO_MODEL,
+    TRUSTED_FACTORY_MODULES,
+    build_model,
+    load_checkpoint,
+    load_demo,
+    load_model_spec,
+    read_state_dict,
+    resolve_weights,
+)
+from .resnet import BasicBlock, load_torchvision_resnet_weights, resnet_feature_size, resnet_features
+from .variants import CAMNet3d, DenseNet121v, ResNet34v, densenet_feature_size
+
+__all__ = [
+    "AxialNet",
+    "final_conv",
+    "load_resnet18_weights",
+    "ResNet34v",
+    "DenseNet121v",
+    "CAMNet3d",
+    "BasicBlock",
+    "resnet_features",
+    "resnet_feature_size",
+    "densenet_feature_size",
+    "load_torchvision_resnet_weights",
+    "load_checkpoint",
+    "read_state_dict",
+    "resolve_weights",
+    "build_model",
+    "load_model_spec",
+    "load_demo",
+    "DEMO_MODEL",
+    "TRUSTED_FACTORY_MODULES",
+]
