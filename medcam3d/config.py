@@ -1,0 +1,428 @@
+"""Model + preprocessing configs: one YAML file says how a scan becomes a network input and what comes out.
+
+Schema (every key is checked; an unknown key, a wrong type or an unknown transform is an
+:class:`~medcam3d.errors.InputError` naming the config file)::
+
+    name: axialnet_chestct            # required, str
+    description: "..."                # optional, str
+    model:                            # required: MONAI-bundle style spec, built by medcam3d.models.build_model
+      _target_: medcam3d.models.AxialNet
+      n_outputs: 80                   # if present (int), must equal len(labels)
+    weights: null                     # optional: path relative to this file, absolute, or
+                                      #   "package:medcam3d/weights/NAME.pt" (a file shipped inside a package)
+    target_layer: conv2d.7            # optional: dotted module name (default: the model's medcam3d_target_layer)
+    layout: slices_as_batch           # optional: slices_as_batch | channels_first | channels_last
+    labels: [a, b, ...]               # required: unique class names, in the model's output order
+    input_size: [405, 420, 420]       # optional: network grid (S, H, W); the preprocessing must produce it
+    min_size: [64, 128, 128]          # optional: the scan, reoriented and resampled, must cover at least this
+                                      #   many network-grid voxels (S, H, W) before padding/cropping
+    preprocessing:                    # required: MONAI array transforms by name, applied in order to a
+      - {_target_: Orientation, axcodes: SPL}        # channel-first [1, *spatial] RAS MetaTensor
+      - {_target_: Spacing, pixdim: [0.8, 0.8, 0.8], mode: bilinear}
+      - ...
+    probability: sigmoid              # optional: sigmoid (multi-label, default) | softmax
+    threshold: 0.5                    # optional: probability at or above which a class is called positive
+    allowed_regions: {}               # optional: label -> list of organ names where its evidence may lie
+
+Transforms: ``_target_`` names a class of ``monai.transforms`` (``Spacing`` or ``monai.transforms.Spacing``) from
+its spatial, crop/pad, intensity or utility array transforms; dictionary (``...d``), random, compose and I/O
+transforms are refused (preprocessing must be deterministic, invertible where it moves voxels, and must not touch
+files). The other keys are the transform's arguments, checked against its signature and by instantiating it.
+The network grid is expected in MONAI axcodes ``"SPL"`` (docs/architecture.md): start with
+``{_target_: Orientation, axcodes: SPL}``; ``Spacing.pixdim`` is then (slice, row, column) mm.
+
+``load_config(x)`` accepts a path, ``"package:medcam3d/configs/NAME.yaml"`` or the bare name of a shipped
+config (``"axialnet_chestct"``, ``"demo_axialnet"``; see :func:`available_configs`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from .errors import InputError
+
+__all__ = [
+    "Config",
+    "load_config",
+    "available_configs",
+    "resolve_package_path",
+    "resolve_transform",
+    "instantiate_transform",
+    "TOP_LEVEL_KEYS",
+]
+
+TOP_LEVEL_KEYS = (
+    "name", "description", "model", "weights", "target_layer", "layout", "labels", "input_size", "min_size",
+    "preprocessing", "probability", "threshold", "allowed_regions",
+)
+_REQUIRED = ("name", "model", "labels", "preprocessing")
+_LAYOUTS = ("slices_as_batch", "channels_first", "channels_last")
+_PROBABILITIES = ("sigmoid", "softmax")
+_ALLOWED_MODULES = (
+    "monai.transforms.spatial.array",
+    "monai.transforms.croppad.array",
+    "monai.transforms.intensity.array",
+    "monai.transforms.utility.array",
+)
+_REFUSED = {"Lambda", "SimulateDelay", "ToDevice", "CuCIM", "TorchVision", "TorchIO", "DataStats"}
+#: extra keyword arguments accepted by transforms with ``**pad_kwargs`` (passed on to numpy/torch padding)
+_PAD_KWARGS = ("value", "constant_values")
+_GEOMETRIC_MODULES = ("monai.transforms.spatial.array", "monai.transforms.croppad.array")
+_PACKAGE_PREFIX = "package:"
+#: MONAI's RAS axis labels, passed to Orientation explicitly (our MetaTensors are RAS; see docs/architecture.md)
+RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+
+
+# --- YAML -------------------------------------------------------------------------------------------------------
+def _yaml_load(text: str, where: Path | str) -> Any:
+    import yaml
+
+    class _StrictLoader(yaml.SafeLoader):
+        """SafeLoader that refuses duplicate keys (plain PyYAML keeps the last one silently)."""
+
+    def _mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise InputError(f"duplicate key {key!r} (line {key_node.start_mark.line + 1})", where)
+            seen.add(key)
+        return loader.construct_mapping(node, deep=deep)
+
+    _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise InputError(f"not valid YAML{line}: {problem}", where) from None
+
+
+# --- paths ------------------------------------------------------------------------------------------------------
+def resolve_package_path(spec: str, where: Path | str | None = None) -> Path:
+    """``"package:PKG/rel/path"`` -> the file inside the installed package ``PKG`` (need not exist yet)."""
+    rest = spec[len(_PACKAGE_PREFIX):] if spec.startswith(_PACKAGE_PREFIX) else spec
+    pkg, _, rel = rest.partition("/")
+    if not pkg or not rel:
+        raise InputError(f"package path {spec!r} must look like 'package:PKG/relative/path'", where)
+    try:
+        root = resources.files(pkg)
+    except (ModuleNotFoundError, TypeError):
+        raise InputError(f"package path {spec!r}: no installed package {pkg!r}", where) from None
+    return Path(str(root.joinpath(rel)))
+
+
+def _configs_dir() -> Path:
+    return Path(__file__).resolve().parent / "configs"
+
+
+def available_configs() -> list[str]:
+    """Names of the configs shipped in ``medcam3d/configs``."""
+    return sorted(p.stem for p in _configs_dir().glob("*.yaml"))
+
+
+def _locate(path_or_name: str | os.PathLike[str]) -> Path:
+    s = str(path_or_name)
+    if s.startswith(_PACKAGE_PREFIX):
+        p = resolve_package_path(s)
+    else:
+        p = Path(s)
+        if not p.exists() and os.sep not in s and "/" not in s and not p.suffix:
+            shipped = _configs_dir() / f"{s}.yaml"
+            if shipped.exists():
+                return shipped
+            raise InputError(f"no such config file, and no shipped config of that name (shipped: "
+                             f"{', '.join(available_configs())})", s)
+    if not p.exists():
+        raise InputError("no such config file", p)
+    if p.is_dir():
+        raise InputError("is a folder, not a config file", p)
+    return p
+
+
+# --- transforms ---------------------------------------------------------------------------------------------------
+def resolve_transform(name: Any, where: Path | str | None = None, item: str = "") -> type:
+    """The ``monai.transforms`` array-transform class called ``name`` (or ``monai.transforms.NAME``)."""
+    import monai.transforms as mt
+    from monai.transforms import InvertibleTransform, MapTransform, Randomizable, Transform
+
+    if not isinstance(name, str) or not name:
+        raise InputError(f"{item}_target_ must be a transform name, got {name!r}", where)
+    short = name[len("monai.transforms."):] if name.startswith("monai.transforms.") else name
+    cls = getattr(mt, short, None) if "." not in short else None
+    if not inspect.isclass(cls) or not issubclass(cls, Transform):
+        raise InputError(f"{item}unknown transform {name!r} (expected a class of monai.transforms, e.g. "
+                         "Orientation, Spacing, ScaleIntensityRange, ResizeWithPadOrCrop)", where)
+    if issubclass(cls, MapTransform):
+        raise InputError(f"{item}{short} is a dictionary transform; use the array version "
+                         f"({short[:-1] if short.endswith('d') else short})", where)
+    if cls.__module__ not in _ALLOWED_MODULES or short in _REFUSED:
+        raise InputError(f"{item}transform {short} ({cls.__module__}) is not allowed in preprocessing; use spatial, "
+                         "crop/pad, intensity or utility array transforms", where)
+    if issubclass(cls, Randomizable):
+        raise InputError(f"{item}{short} is random; preprocessing for explanations must be deterministic", where)
+    if cls.__module__ in _GEOMETRIC_MODULES and not issubclass(cls, InvertibleTransform):
+        raise InputError(f"{item}{short} moves voxels but cannot be inverted, so maps could not be brought back to "
+                         "the scan", where)
+    return cls
+
+
+def instantiate_transform(spec: Mapping[str, Any], where: Path | str | None = None, item: str = "",
+                          overrides: Mapping[str, Any] | None = None) -> Any:
+    """Instantiate one ``{_target_: Name, **args}`` spec (``overrides`` replace arguments the class accepts)."""
+    if not isinstance(spec, Mapping):
+        raise InputError(f"{item}must be a mapping like {{_target_: Spacing, pixdim: [1, 1, 1]}}, got {spec!r}",
+                         where)
+    if "_target_" not in spec:
+        raise InputError(f"{item}has no _target_ (the transform's name)", where)
+    cls = resolve_transform(spec["_target_"], where, item)
+    args = {k: v for k, v in spec.items() if k != "_target_"}
+    for k in args:
+        if not isinstance(k, str) or k.startswith("_"):
+            raise InputError(f"{item}{cls.__name__}: unknown key {k!r}", where)
+    sig = inspect.signature(cls)
+    params = sig.parameters
+    accepts_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if cls.__name__ == "Orientation" and "labels" not in args:
+        args["labels"] = RAS_LABELS
+    for k, v in (overrides or {}).items():
+        if k in params:
+            args[k] = v
+    unknown = [k for k in args if k not in params and not (accepts_kwargs and k in _PAD_KWARGS)]
+    if unknown:
+        accepted = [p for p, v in params.items() if p != "lazy" and v.kind is not inspect.Parameter.VAR_KEYWORD]
+        if accepts_kwargs:
+            accepted += list(_PAD_KWARGS)
+        raise InputError(f"{item}{cls.__name__}: unknown argument {unknown[0]!r} (accepted: {', '.join(accepted)})",
+                         where)
+    if cls.__name__ == "Orientation":
+        _check_axcodes(args.get("axcodes"), where, item)
+    try:
+        sig.bind(**args)
+    except TypeError as e:
+        raise InputError(f"{item}{cls.__name__}: bad arguments ({e})", where) from None
+    if "lazy" in args and args["lazy"]:
+        raise InputError(f"{item}{cls.__name__}: lazy resampling is not supported", where)
+    try:
+        return cls(**args)
+    except Exception as e:  # noqa: BLE001 - any constructor failure is a config problem
+        raise InputError(f"{item}{cls.__name__}: bad arguments ({type(e).__name__}: {e})", where) from None
+
+
+def _check_axcodes(axcodes: Any, where: Path | str | None, item: str) -> None:
+    """Orientation axcodes: three letters, one from each of L/R, P/A, I/S (e.g. "SPL", "RAS")."""
+    ok = isinstance(axcodes, str) and len(axcodes) == 3
+    if ok:
+        pairs = [{"L", "R"}, {"P", "A"}, {"I", "S"}]
+        used = [next((i for i, pair in enumerate(pairs) if c in pair), None) for c in axcodes.upper()]
+        ok = None not in used and sorted(used) == [0, 1, 2]  # type: ignore[type-var]
+    if not ok:
+        raise InputError(f"{item}Orientation: axcodes {axcodes!r} must be three letters, one of L/R, one of P/A and "
+                         "one of I/S (the network grid is SPL)", where)
+
+
+# --- the config -----------------------------------------------------------------------------------------------------
+def _size3(value: Any, key: str, where: Path | str | None) -> tuple[int, int, int] | None:
+    if value is None:
+        return None
+    if (not isinstance(value, (list, tuple)) or len(value) != 3
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+        raise InputError(f"{key} must be a list of 3 positive integers (S, H, W), got {value!r}", where)
+    return (int(value[0]), int(value[1]), int(value[2]))
+
+
+@dataclass
+class Config:
+    """A validated config (see the module docstring for the schema). ``path`` is the file it came from."""
+
+    name: str
+    model: dict[str, Any]
+    labels: list[str]
+    preprocessing: list[dict[str, Any]]
+    description: str = ""
+    weights: str | None = None
+    target_layer: str | None = None
+    layout: str | None = None
+    input_size: tuple[int, int, int] | None = None
+    min_size: tuple[int, int, int] | None = None
+    probability: str = "sigmoid"
+    threshold: float = 0.5
+    allowed_regions: dict[str, list[str]] = field(default_factory=dict)
+    path: Path | None = None
+
+    # construction ------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Any, path: str | os.PathLike[str] | None = None) -> "Config":
+        """Validate a parsed config (``path`` is used in messages and to resolve relative weights)."""
+        where: Path | str = Path(path) if path is not None else "<config>"
+        if not isinstance(data, Mapping):
+            raise InputError(f"a config must be a YAML mapping of keys ({', '.join(_REQUIRED)}, ...), got "
+                             f"{type(data).__name__}", where)
+        for k in data:
+            if k not in TOP_LEVEL_KEYS:
+                raise InputError(f"unknown key {k!r} (allowed: {', '.join(TOP_LEVEL_KEYS)})", where)
+        for k in _REQUIRED:
+            if k not in data or data[k] is None:
+                raise InputError(f"missing required key {k!r}", where)
+        name = data["name"]
+        if not isinstance(name, str) or not name.strip():
+            raise InputError(f"name must be a non-empty string, got {name!r}", where)
+        description = data.get("description") or ""
+        if not isinstance(description, str):
+            raise InputError("description must be a string", where)
+
+        model = data["model"]
+        if not isinstance(model, Mapping) or not isinstance(model.get("_target_"), str):
+            raise InputError("model must be a mapping with a _target_ (import path of the network class), e.g. "
+                             "{_target_: medcam3d.models.AxialNet, n_outputs: 80}", where)
+        labels = data["labels"]
+        if (not isinstance(labels, list) or not labels
+                or not all(isinstance(x, str) and x.strip() for x in labels)):
+            raise InputError("labels must be a non-empty list of class names", where)
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        if dup:
+            raise InputError(f"duplicate labels {dup}", where)
+        n_out = model.get("n_outputs")
+        if isinstance(n_out, int) and not isinstance(n_out, bool) and n_out != len(labels):
+            raise InputError(f"{len(labels)} labels but model.n_outputs is {n_out}", where)
+
+        weights = data.get("weights")
+        if weights is not None and (not isinstance(weights, str) or not weights.strip()):
+            raise InputError(f"weights must be a path string or null, got {weights!r}", where)
+        target_layer = data.get("target_layer")
+        if target_layer is not None and (not isinstance(target_layer, str) or not target_layer.strip()):
+            raise InputError(f"target_layer must be a dotted module name, got {target_layer!r}", where)
+        layout = data.get("layout")
+        if layout is not None and layout not in _LAYOUTS:
+            raise InputError(f"unknown layout {layout!r} (choose {', '.join(_LAYOUTS)})", where)
+        input_size = _size3(data.get("input_size"), "input_size", where)
+        min_size = _size3(data.get("min_size"), "min_size", where)
+        probability = data.get("probability", "sigmoid")
+        if probability not in _PROBABILITIES:
+            raise InputError(f"probability must be one of {', '.join(_PROBABILITIES)}, got {probability!r}", where)
+        threshold = data.get("threshold", 0.5)
+        if (isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold)
+                or not 0.0 <= threshold <= 1.0):
+            raise InputError(f"threshold must be a number in [0, 1], got {threshold!r}", where)
+        regions = data.get("allowed_regions") or {}
+        if not isinstance(regions, Mapping):
+            raise InputError("allowed_regions must map labels to lists of organ names", where)
+        allowed: dict[str, list[str]] = {}
+        for lab, organs in regions.items():
+            if lab not in labels:
+                raise InputError(f"allowed_regions: unknown label {lab!r} (not in labels)", where)
+            if isinstance(organs, str):
+                organs = [organs]
+            if not isinstance(organs, list) or not all(isinstance(o, str) and o for o in organs):
+                raise InputError(f"allowed_regions[{lab!r}] must be a list of organ names", where)
+            allowed[str(lab)] = list(organs)
+
+        pre = data["preprocessing"]
+        if not isinstance(pre, list) or not pre:
+            raise InputError("preprocessing must be a non-empty list of transforms", where)
+        specs: list[dict[str, Any]] = []
+        for i, spec in enumerate(pre):
+            item = f"preprocessing[{i}]: "
+            instantiate_transform(spec, where, item)  # validates name and arguments
+            specs.append(dict(spec))
+        if input_size is not None:
+            last = _last_spatial_size(specs)
+            if last is not None and tuple(last) != input_size:
+                raise InputError(f"input_size {list(input_size)} differs from the last crop/pad's spatial_size "
+                                 f"{list(last)}", where)
+        return cls(
+            name=name, model=dict(model), labels=list(labels), preprocessing=specs, description=description,
+            weights=weights, target_layer=target_layer, layout=layout, input_size=input_size, min_size=min_size,
+            probability=probability, threshold=float(threshold), allowed_regions=allowed,
+            path=Path(path).resolve() if path is not None else None,
+        )
+
+    # derived -------------------------------------------------------------------------------------------------------
+    @property
+    def where(self) -> str:
+        """What to name in messages: the config file, or the config's name."""
+        return str(self.path) if self.path is not None else f"<config {self.name}>"
+
+    @property
+    def dir(self) -> Path:
+        """The folder relative paths are resolved against (the config file's folder, else the working folder)."""
+        return self.path.parent if self.path is not None else Path.cwd()
+
+    @property
+    def n_outputs(self) -> int:
+        return len(self.labels)
+
+    @property
+    def weights_path(self) -> Path | None:
+        """Absolute path of ``weights`` (``package:`` or relative to the config file); ``None`` if unset."""
+        if self.weights is None:
+            return None
+        if self.weights.startswith(_PACKAGE_PREFIX):
+            return resolve_package_path(self.weights, self.where)
+        p = Path(self.weights).expanduser()
+        return p if p.is_absolute() else (self.dir / p)
+
+    def build_model(self) -> Any:
+        """Build the network from ``model`` with ``weights`` (``medcam3d.models.build_model``), and declare this
+        config's ``labels``, ``target_layer`` and ``layout`` on it (``medcam3d_*`` instance attributes).
+
+        Raises :class:`InputError` naming the config if the weights file is missing."""
+        from .models import build_model  # lazy: models sit in a lower layer but are heavy to import
+
+        wp = self.weights_path
+        if wp is not None and not wp.exists():
+            raise InputError(f"weights file {wp} not found", self.where)
+        try:
+            model = build_model(self.model, weights=wp, base_dir=self.dir)
+        except InputError as e:
+            raise InputError(f"model: {e}", self.where) from None
+        model.medcam3d_labels = list(self.labels)
+        if self.target_layer is not None:
+            model.medcam3d_target_layer = self.target_layer
+        if self.layout is not None:
+            from .layouts import resolve_layout
+
+            model.medcam3d_layout = resolve_layout(self.layout)
+        return model
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain data (YAML-serialisable), without ``path``."""
+        d: dict[str, Any] = {
+            "name": self.name, "description": self.description, "model": dict(self.model), "weights": self.weights,
+            "target_layer": self.target_layer, "layout": self.layout, "labels": list(self.labels),
+            "input_size": list(self.input_size) if self.input_size else None,
+            "min_size": list(self.min_size) if self.min_size else None,
+            "preprocessing": [dict(s) for s in self.preprocessing], "probability": self.probability,
+            "threshold": self.threshold, "allowed_regions": {k: list(v) for k, v in self.allowed_regions.items()},
+        }
+        return d
+
+
+def _last_spatial_size(specs: Sequence[Mapping[str, Any]]) -> Sequence[int] | None:
+    """spatial_size of the last ResizeWithPadOrCrop / SpatialPad / CenterSpatialCrop / Resize, if any."""
+    for spec in reversed(specs):
+        name = str(spec.get("_target_", "")).rsplit(".", 1)[-1]
+        if name in ("ResizeWithPadOrCrop", "CenterSpatialCrop", "Resize") and "spatial_size" in spec:
+            size = spec["spatial_size"]
+            return list(size) if isinstance(size, (list, tuple)) else None
+        if name in ("Spacing", "Orientation", "SpatialPad", "DivisiblePad", "BorderPad", "Zoom", "SpatialCrop",
+                    "CropForeground"):
+            return None
+    return None
+
+
+def load_config(path_or_name: str | os.PathLike[str]) -> Config:
+    """Read and validate a YAML config (a path, ``package:...`` or a shipped config's name)."""
+    p = _locate(path_or_name)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read config ({type(e).__name__}: {e})", p) from None
+    return Config.from_dict(_yaml_load(text, p), path=p)

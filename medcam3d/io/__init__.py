@@ -1,0 +1,35 @@
+"""Scans in, maps out, in the scan's own world space.
+
+Reading: :func:`read_volume` (NIfTI, NRRD, MetaImage, DICOM series folders) -> :class:`Volume` (float32 array in the
+file's index order + RAS affine). Writing: :func:`write_map_like` (source affine and shape),
+:func:`write_lowres_maps` (all classes at feature resolution, 4-D), :func:`write_nifti`,
+:func:`write_parametric_map` (DICOM, optional highdicom); all atomic.
+Conventions: ``docs/architecture.md`` (RAS affines everywhere; LPS only at the ITK/DICOM boundary).
+"""
+
+from __future__ import annotations
+
+from .dicom import SeriesInfo, list_series
+from .dicom_export import write_parametric_map
+from .readers import read_volume
+from .volume import LPS_TO_RAS, Volume, affine_to_itk, check_min_size, itk_to_affine, spacing_from_affine
+from .writers import atomic_path, lowres_affine, read_lowres_labels, write_lowres_maps, write_map_like, write_nifti
+
+__all__ = [
+    "Volume",
+    "read_volume",
+    "list_series",
+    "SeriesInfo",
+    "check_min_size",
+    "itk_to_affine",
+    "affine_to_itk",
+    "spacing_from_affine",
+    "LPS_TO_RAS",
+    "write_nifti",
+    "write_map_like",
+    "lowres_affine",
+    "write_lowres_maps",
+    "read_lowres_labels",
+    "atomic_path",
+    "write_parametric_map",
+]

@@ -1,0 +1,234 @@
+"""Write maps so that viewers overlay them on the scan without resampling: NIfTI (nibabel), atomically.
+
+* :func:`write_nifti` -- any 3-D/4-D array with its RAS affine (sform and, when the affine has no shear, qform both
+  set with code 1 "scanner", units mm).
+* :func:`write_map_like` -- a map on the source grid, float32, with exactly the source volume's affine and shape.
+* :func:`lowres_affine` / :func:`write_lowres_maps` -- all classes at feature resolution as one 4-D NIfTI
+  ``(x, y, z, K)``: the 4th NIfTI axis is the class (``maps[k]`` -> volume ``k``, in the order given, normally the
+  model's output order; the label names, when given, are stored as JSON in a NIfTI comment extension). The affine
+  places each low-resolution voxel over the block of network-grid voxels it summarises under ``align_corners=False``
+  geometry: voxel ``j`` is centred at input index ``(j + 0.5) * f - 0.5`` with ``f = grid / map`` per axis, and is
+  ``f`` input voxels wide.
+
+Every write goes to a temporary file in the destination folder and is moved into place with ``os.replace``, so a
+crash never leaves a half-written map and a reader never sees one. Arguments are validated before anything is
+created.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from ..errors import InputError
+from .volume import Volume, validate_affine
+
+__all__ = [
+    "atomic_path",
+    "write_nifti",
+    "write_map_like",
+    "lowres_affine",
+    "write_lowres_maps",
+    "read_lowres_labels",
+    "EXTENSION_CODE",
+]
+
+#: NIfTI extension code used for medcam3d's JSON comment (6 = NIFTI_ECODE_COMMENT).
+EXTENSION_CODE = 6
+_NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def _to_numpy(a: Any) -> np.ndarray:
+    if hasattr(a, "detach"):
+        a = a.detach().cpu().numpy()
+    return np.asarray(a)
+
+
+def _check_nifti_path(path: str | os.PathLike[str]) -> Path:
+    p = Path(path)
+    if not p.name.lower().endswith(_NIFTI_SUFFIXES):
+        raise InputError("output file name must end with .nii or .nii.gz", p)
+    if p.exists() and p.is_dir():
+        raise InputError("output path is a folder", p)
+    return p
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path in ``path``'s folder (same suffix); on success move it onto ``path`` with
+    ``os.replace``, on failure delete it. The folder is created if needed."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    name = p.name
+    suffix = ".nii.gz" if name.lower().endswith(".nii.gz") else p.suffix
+    # not mkstemp: its 0600 files would stay unreadable to others after the rename; the writer creates the file
+    # with the usual umask permissions, and a random name keeps concurrent writers apart
+    tmp_path = p.parent / f".{name}.{uuid.uuid4().hex}.tmp{suffix}"
+    try:
+        yield tmp_path
+        os.replace(tmp_path, p)
+    except BaseException:
+        try:
+            tmp_path.unlink()
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _is_orthogonal(affine: np.ndarray) -> bool:
+    m = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    return bool(np.allclose(m.T @ m, np.eye(3), atol=1e-6))
+
+
+def write_nifti(
+    array: Any,
+    affine: Any,
+    path: str | os.PathLike[str],
+    dtype: Any = np.float32,
+    *,
+    description: str | None = None,
+    comment: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``array`` (3-D, or 4-D with the 4th axis as channels/classes) with ``affine`` (index -> RAS mm).
+
+    Args:
+        array: numpy array or tensor; must be finite.
+        affine: 4x4, array index -> RAS mm.
+        path: ``*.nii`` or ``*.nii.gz``.
+        dtype: stored voxel type (default float32; no scaling is applied).
+        description: up to 79 ASCII characters for the header's ``descrip`` field.
+        comment: JSON-serialisable dict stored in a NIfTI comment extension (code 6).
+
+    Returns:
+        The written path. Raises :class:`InputError` (before writing anything) on a bad argument.
+    """
+    import nibabel as nib
+
+    p = _check_nifti_path(path)
+    arr = _to_numpy(array)
+    if arr.ndim not in (3, 4):
+        raise InputError(f"array to write has shape {arr.shape}; expected 3-D or 4-D", p)
+    if not np.issubdtype(arr.dtype, np.number) and arr.dtype != bool:
+        raise InputError(f"array to write has unsupported type {arr.dtype}", p)
+    if not np.isfinite(arr).all():
+        raise InputError("array to write contains NaN or Inf", p)
+    aff = validate_affine(affine, p)
+    data = np.asarray(arr, dtype=dtype)
+    img = nib.Nifti1Image(data, aff)
+    img.set_sform(aff, code=1)
+    if _is_orthogonal(aff):
+        img.set_qform(aff, code=1)
+    else:  # a quaternion cannot hold shear: leave the qform unset so readers use the exact sform
+        img.set_qform(None, code=0)
+    hdr = img.header
+    hdr.set_xyzt_units("mm", "unknown")
+    hdr.set_data_dtype(data.dtype)
+    if description:
+        hdr["descrip"] = description.encode("ascii", "replace")[:79]
+    if comment is not None:
+        blob = json.dumps(comment).encode("utf-8")
+        hdr.extensions.append(nib.nifti1.Nifti1Extension(EXTENSION_CODE, blob))
+    with atomic_path(p) as tmp:
+        nib.save(img, str(tmp))
+    return p
+
+
+def write_map_like(
+    map_on_source_grid: Any,
+    source_volume: Volume,
+    path: str | os.PathLike[str],
+    *,
+    description: str | None = None,
+) -> Path:
+    """Write a map that lives on ``source_volume``'s grid as float32 NIfTI with exactly its affine and shape.
+
+    Args:
+        map_on_source_grid: ``[I, J, K]`` (or ``[1, I, J, K]``) numpy/tensor, same shape as the source array.
+        source_volume: the scan the map belongs to.
+        path: ``*.nii`` or ``*.nii.gz``.
+    """
+    p = _check_nifti_path(path)
+    m = _to_numpy(map_on_source_grid)
+    if m.ndim == 4 and m.shape[0] == 1:
+        m = m[0]
+    if tuple(m.shape) != tuple(source_volume.shape):
+        raise InputError(
+            f"map has shape {tuple(m.shape)} but the scan {source_volume.source} has {source_volume.shape}; "
+            "map it back to the scan grid first (Preprocessor.invert)",
+            p,
+        )
+    return write_nifti(m, source_volume.affine, p, np.float32, description=description)
+
+
+def lowres_affine(grid_affine: Any, grid_shape: Sequence[int], map_shape: Sequence[int]) -> np.ndarray:
+    """Affine of a low-resolution map that summarises blocks of a grid (``align_corners=False`` geometry).
+
+    With ``f = grid_shape / map_shape`` per axis, map voxel ``j`` is centred at grid index ``(j + 0.5) * f - 0.5``
+    and is ``f`` grid voxels wide: ``A_map = A_grid @ [[diag(f), (f - 1) / 2], [0, 1]]``.
+    """
+    a = validate_affine(grid_affine, "grid_affine")
+    g = np.asarray(grid_shape, dtype=np.float64)
+    m = np.asarray(map_shape, dtype=np.float64)
+    if g.shape != (3,) or m.shape != (3,) or (g <= 0).any() or (m <= 0).any():
+        raise InputError(f"grid_shape {tuple(grid_shape)} and map_shape {tuple(map_shape)} must be 3 positive sizes")
+    f = g / m
+    s = np.eye(4)
+    s[:3, :3] = np.diag(f)
+    s[:3, 3] = (f - 1.0) / 2.0
+    return a @ s
+
+
+def write_lowres_maps(
+    maps: Any,
+    grid_affine: Any,
+    grid_shape: Sequence[int],
+    path: str | os.PathLike[str],
+    *,
+    labels: Sequence[str] | None = None,
+    description: str | None = None,
+) -> Path:
+    """Write all classes' feature-resolution maps as one 4-D NIfTI ``(x, y, z, K)``.
+
+    Args:
+        maps: ``[K, *map_shape]`` (3 spatial axes, on the network grid's axes), numpy or tensor.
+        grid_affine: the network grid's affine (``Preprocessor`` output ``.affine``: grid index -> RAS mm).
+        grid_shape: the network grid's spatial shape ``(S, H, W)``.
+        path: ``*.nii`` or ``*.nii.gz``.
+        labels: K class names, stored in the order of ``maps`` as JSON ``{"medcam3d": {"axis_3": "class",
+            "labels": [...]}}`` in a NIfTI comment extension (read back with :func:`read_lowres_labels`).
+
+    NIfTI volume ``k`` (4th axis) is ``maps[k]``; its affine is :func:`lowres_affine`.
+    """
+    p = _check_nifti_path(path)
+    m = _to_numpy(maps)
+    if m.ndim != 4:
+        raise InputError(f"maps have shape {m.shape}; expected [K, *map_shape] with 3 spatial axes", p)
+    if labels is not None and len(labels) != m.shape[0]:
+        raise InputError(f"{len(labels)} labels for {m.shape[0]} maps", p)
+    affine = lowres_affine(grid_affine, grid_shape, m.shape[1:])
+    data = np.moveaxis(m.astype(np.float32, copy=False), 0, -1)  # (x, y, z, K)
+    comment = {"medcam3d": {"axis_3": "class", "labels": list(labels) if labels is not None else None,
+                            "grid_shape": [int(s) for s in grid_shape]}}
+    return write_nifti(data, affine, p, np.float32, description=description, comment=comment)
+
+
+def read_lowres_labels(path: str | os.PathLike[str]) -> list[str] | None:
+    """The class labels stored by :func:`write_lowres_maps` (``None`` if there are none)."""
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    for ext in img.header.extensions:
+        if ext.get_code() == EXTENSION_CODE:
+            try:
+                d = json.loads(ext.get_content())
+            except (ValueError, TypeError):
+                continue
+            if isinstance(d, dict) and "medcam3d" in d:
+                return d["medcam3d"].get("labels")
+    return None
