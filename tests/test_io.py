@@ -7,7 +7,6 @@ test.
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import shutil
@@ -19,8 +18,8 @@ import pydicom
 import pydicom.data
 import pytest
 import SimpleITK as sitk
-from pydicom.uid import generate_uid
 
+from bad_inputs import CT5N, CT_SMALL, bad_inputs, copy_series, save_nifti
 from medcam3d.errors import InputError
 from medcam3d.io import (
     Volume,
@@ -36,55 +35,8 @@ from medcam3d.io import (
     write_nifti,
 )
 
-CT5N = Path(pydicom.data.__file__).parent / "test_files" / "dicomdirtests" / "98892001" / "CT5N"
-CT_SMALL = Path(pydicom.data.get_testdata_file("CT_small.dcm"))
 PHI_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge", "InstitutionName",
             "ReferringPhysicianName", "AccessionNumber", "StudyID")
-
-
-# --- helpers -----------------------------------------------------------------------------------------------------
-def _save_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
-    nib.save(nib.Nifti1Image(data, affine), str(path))
-    return path
-
-
-def _write_raw_nifti(path: Path, data: np.ndarray, pixdim=(1.0, 1.0, 1.0), sform=None) -> Path:
-    """Write a NIfTI byte for byte, bypassing nibabel's header fixes (for malformed files)."""
-    hdr = nib.Nifti1Header()
-    hdr.set_data_shape(data.shape)
-    hdr.set_data_dtype(np.float32)
-    hdr["pixdim"][1:4] = pixdim
-    if sform is None:
-        hdr["qform_code"], hdr["sform_code"] = 1, 0
-    else:
-        hdr.set_sform(np.asarray(sform, dtype=np.float64), code=1)
-        hdr["qform_code"] = 0
-    with open(path, "wb") as f:
-        hdr.write_to(f)
-        f.write(b"\0" * (int(hdr["vox_offset"]) - 348))
-        f.write(np.asarray(data, dtype=np.float32).tobytes(order="F"))
-    return path
-
-
-def _copy_series(src: Path, dst: Path, new_series: bool, keep: int | None = None, drop: set[int] | None = None,
-                 prefix: str = "") -> list[Path]:
-    """Copy CT5N's files (sorted by position) into ``dst``, optionally as a new series and without some slices."""
-    files = sorted(src.iterdir(), key=lambda f: float(pydicom.dcmread(f).ImagePositionPatient[2]))
-    series_uid = generate_uid() if new_series else None
-    out = []
-    dst.mkdir(parents=True, exist_ok=True)
-    for i, f in enumerate(files[:keep] if keep else files):
-        if drop and i in drop:
-            continue
-        ds = pydicom.dcmread(f)
-        if series_uid is not None:
-            ds.SeriesInstanceUID = series_uid
-            ds.SOPInstanceUID = generate_uid()
-            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        p = dst / f"{prefix}{i:03d}.dcm"
-        ds.save_as(p)
-        out.append(p)
-    return out
 
 
 def _ras_from_lps(p) -> np.ndarray:
@@ -137,13 +89,13 @@ def test_nifti_keeps_index_order_and_affine(tmp_path):
     rng = np.random.default_rng(0)
     data = rng.normal(size=(7, 5, 4)).astype(np.float32)
     aff = np.array([[0.0, -0.9, 0.0, 30.0], [0.0, 0.0, 2.5, -11.0], [1.1, 0.0, 0.0, 4.0], [0, 0, 0, 1]])
-    p = _save_nifti(tmp_path / "s.nii.gz", data, aff)
+    p = save_nifti(tmp_path / "s.nii.gz", data, aff)
     v = read_volume(p)
     np.testing.assert_array_equal(v.array, data)
     np.testing.assert_allclose(v.affine, nib.load(p).affine)
     assert v.meta["format"] == "nifti" and v.meta["affine_from"] == "sform"
     # a trailing singleton 4th axis (x, y, z, 1) is a 3-D volume
-    p4 = _save_nifti(tmp_path / "t.nii", data[..., None], aff)
+    p4 = save_nifti(tmp_path / "t.nii", data[..., None], aff)
     np.testing.assert_array_equal(read_volume(p4).array, data)
 
 
@@ -227,14 +179,14 @@ def test_single_dicom_slice_is_refused_with_a_hint():
 
 def test_several_series_most_slices_tie_and_uid(tmp_path):
     folder = tmp_path / "study"
-    _copy_series(CT5N, folder, new_series=False, prefix="a")
-    scout = _copy_series(CT5N, folder, new_series=True, keep=2, prefix="b")
+    copy_series(CT5N, folder, new_series=False, prefix="a")
+    scout = copy_series(CT5N, folder, new_series=True, keep=2, prefix="b")
     scout_uid = str(pydicom.dcmread(scout[0]).SeriesInstanceUID)
     v = read_volume(folder)  # 5 slices beat 2
     assert v.shape == (16, 16, 5) and v.meta["n_series_in_folder"] == 2
     assert {s.n_files for s in list_series(folder)} == {5, 2}
     # a tie is ambiguous: refused, naming the folder and both UIDs
-    tie = _copy_series(CT5N, folder, new_series=True, prefix="c")
+    tie = copy_series(CT5N, folder, new_series=True, prefix="c")
     tie_uid = str(pydicom.dcmread(tie[0]).SeriesInstanceUID)
     with pytest.raises(InputError) as e:
         read_volume(folder)
@@ -248,7 +200,7 @@ def test_several_series_most_slices_tie_and_uid(tmp_path):
 
 def test_missing_slice_refused_or_resampled(tmp_path):
     folder = tmp_path / "gap"
-    _copy_series(CT5N, folder, new_series=False, drop={2})
+    copy_series(CT5N, folder, new_series=False, drop={2})
     with pytest.raises(InputError) as e:
         read_volume(folder)
     assert "missing slice" in str(e.value) and str(folder) in str(e.value)
@@ -263,7 +215,7 @@ def test_missing_slice_refused_or_resampled(tmp_path):
 
 def test_irregular_spacing_is_refused(tmp_path):
     folder = tmp_path / "irr"
-    files = _copy_series(CT5N, folder, new_series=False)
+    files = copy_series(CT5N, folder, new_series=False)
     ds = pydicom.dcmread(files[3])
     ds.ImagePositionPatient = [ds.ImagePositionPatient[0], ds.ImagePositionPatient[1],
                                float(ds.ImagePositionPatient[2]) - 0.9]
@@ -275,7 +227,7 @@ def test_irregular_spacing_is_refused(tmp_path):
 # --- export --------------------------------------------------------------------------------------------------------
 def test_write_map_like_has_exact_source_geometry(tmp_path):
     aff = np.array([[0.0, 0.0, -1.3, 40.5], [0.0, 0.7, 0.0, -3.25], [2.0, 0.0, 0.0, 12.0], [0, 0, 0, 1]])
-    src = _save_nifti(tmp_path / "scan.nii.gz", np.zeros((6, 7, 8), np.float32), aff)
+    src = save_nifti(tmp_path / "scan.nii.gz", np.zeros((6, 7, 8), np.float32), aff)
     vol = read_volume(src)
     m = np.random.default_rng(1).random((6, 7, 8))
     out = write_map_like(m, vol, tmp_path / "out" / "map.nii.gz")
@@ -363,72 +315,6 @@ def test_write_nifti_refuses_bad_arrays_without_writing(tmp_path):
 
 
 # --- every bad input: one-line InputError naming the file, nothing written -------------------------------------------
-def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, str]]:
-    """name -> (path to read, regex the message must match)."""
-    d = tmp / "inputs"
-    d.mkdir()
-    cases: dict[str, tuple[Path, str]] = {}
-    good = np.random.default_rng(0).normal(size=(8, 8, 8)).astype(np.float32)
-    cases["missing file"] = (d / "nope.nii.gz", "no such file")
-    (d / "notes.txt").write_text("hello")
-    cases["not an image (txt)"] = (d / "notes.txt", "not a supported image")
-    (d / "text.nii").write_text("this is not a NIfTI file at all, just some text " * 10)
-    cases["not an image (.nii)"] = (d / "text.nii", "not a NIfTI image|unreadable")
-    (d / "text.mha").write_text("hello")
-    cases["not an image (.mha)"] = (d / "text.mha", "not an image|unreadable")
-    (d / "random.nii.gz").write_bytes(np.random.default_rng(1).bytes(2000))
-    cases["corrupt gzip"] = (d / "random.nii.gz", "corrupt or truncated gzip")
-    full = gzip.compress(nib.Nifti1Image(good, np.eye(4)).to_bytes())
-    (d / "truncated.nii.gz").write_bytes(full[: len(full) // 2])
-    cases["truncated gzip"] = (d / "truncated.nii.gz", "corrupt or truncated gzip")
-    (d / "empty.nii.gz").write_bytes(b"")
-    cases["empty file"] = (d / "empty.nii.gz", "empty file")
-    _save_nifti(d / "flat.nii.gz", good[:, :, 0], np.eye(4))
-    cases["2-D"] = (d / "flat.nii.gz", "2-D image")
-    _save_nifti(d / "slab.nii.gz", good[:, :, :1], np.eye(4))
-    cases["2-D (one slice)"] = (d / "slab.nii.gz", "2-D image")
-    _save_nifti(d / "time.nii.gz", np.stack([good, good], -1), np.eye(4))
-    cases["4-D"] = (d / "time.nii.gz", "4-D image")
-    nan = good.copy()
-    nan[1, 2, 3] = np.nan
-    _save_nifti(d / "nan.nii.gz", nan, np.eye(4))
-    cases["NaN voxels"] = (d / "nan.nii.gz", "1 voxel.* NaN or Inf")
-    inf = good.copy()
-    inf[0, 0, 0] = np.inf
-    inf[1, 0, 0] = -np.inf
-    _save_nifti(d / "inf.nii.gz", inf, np.eye(4))
-    cases["Inf voxels"] = (d / "inf.nii.gz", "2 voxel.* NaN or Inf")
-    _write_raw_nifti(d / "zero_spacing.nii", good, pixdim=(1.0, 1.0, 0.0))
-    cases["zero spacing (NIfTI)"] = (d / "zero_spacing.nii", "zero or negative voxel spacing")
-    _write_raw_nifti(d / "neg_spacing.nii", good, pixdim=(1.0, -2.0, 1.0))
-    cases["negative spacing (NIfTI)"] = (d / "neg_spacing.nii", "zero or negative voxel spacing")
-    img = sitk.GetImageFromArray(good)
-    sitk.WriteImage(img, str(d / "ok.mha"))
-    head = (d / "ok.mha").read_bytes()
-    (d / "zero_spacing.mha").write_bytes(head.replace(b"ElementSpacing = 1 1 1", b"ElementSpacing = 1 0 1"))
-    cases["zero spacing (MHA)"] = (d / "zero_spacing.mha", "zero or negative voxel spacing")
-    (d / "neg_spacing.mha").write_bytes(head.replace(b"ElementSpacing = 1 1 1", b"ElementSpacing = 1 1 -2"))
-    cases["negative spacing (MHA)"] = (d / "neg_spacing.mha", "zero or negative voxel spacing")
-    singular = np.array([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0, 0, 0, 1]])
-    _write_raw_nifti(d / "singular.nii", good, sform=singular)
-    cases["singular affine"] = (d / "singular.nii", "singular affine")
-    (d / "empty_dicom").mkdir()
-    cases["empty DICOM folder"] = (d / "empty_dicom", "empty DICOM folder")
-    (d / "not_dicom").mkdir()
-    (d / "not_dicom" / "readme.txt").write_text("x")
-    cases["folder without DICOM"] = (d / "not_dicom", "no DICOM image series")
-    _copy_series(CT5N, d / "gap", new_series=False, drop={2})
-    cases["missing slice"] = (d / "gap", "missing slice")
-    _copy_series(CT5N, d / "two", new_series=False, prefix="a")
-    _copy_series(CT5N, d / "two", new_series=True, prefix="b")
-    cases["several series, none chosen"] = (d / "two", "2 DICOM series and none chosen")
-    cases["single DICOM slice"] = (CT_SMALL, "single 2-D DICOM slice")
-    (d / "one_slice").mkdir()
-    shutil.copy(CT_SMALL, d / "one_slice" / "only.dcm")
-    cases["DICOM folder with one 2-D slice"] = (d / "one_slice", "is a single 2-D slice")
-    return cases
-
-
 def _read_and_export(path: Path, out: Path) -> None:
     """What a command does: read, then write a map like the scan."""
     vol = read_volume(path)
@@ -436,7 +322,7 @@ def _read_and_export(path: Path, out: Path) -> None:
 
 
 def test_every_bad_input_gives_a_one_line_error_naming_the_file_and_writes_nothing(tmp_path):
-    cases = _bad_inputs(tmp_path)
+    cases = bad_inputs(tmp_path)
     out = tmp_path / "out"
     out.mkdir()
     failures = []

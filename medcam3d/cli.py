@@ -1,0 +1,206 @@
+"""Command line: ``medcam3d explain | demo | view | batch | report | evaluate``.
+
+A thin layer over the Python API (:mod:`medcam3d.pipeline` and friends). Exit codes: 0 success, 2 bad input or
+usage (one line naming the problem; nothing written), 1 internal error (with a hint to report it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import __version__
+from .errors import InputError
+
+__all__ = ["main", "build_parser"]
+
+EXPLAIN_EXAMPLES = """examples:
+  medcam3d explain scan.nii.gz                       # embedded demo model, all classes, outputs in ./scan_medcam3d
+  medcam3d explain dicom_folder/ --out out/          # a DICOM series folder
+  medcam3d explain scan.nii.gz --config configs/axialnet_chestct.yaml --model my_axialnet.pt
+  medcam3d explain scan.nii.gz --classes positive --full-res top-5 --methods hirescam gradcam gradcampp
+  medcam3d explain scan.nii.gz --classes nodule_right_lung 3 --device cuda --quiet
+"""
+
+
+class _Stages:
+    """A progress bar over named stages (tqdm) that steps aside when quiet or when stderr is not a terminal."""
+
+    def __init__(self, total: int, quiet: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, disable=quiet or not sys.stderr.isatty(), leave=False, unit="step")
+
+    def __call__(self, name: str, advance: bool = True) -> None:
+        self.bar.set_description(name)
+        if advance:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _default_out(scan: str) -> Path:
+    name = Path(scan.rstrip("/")).name
+    for suf in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".nhdr"):
+        if name.lower().endswith(suf):
+            name = name[: -len(suf)]
+            break
+    return Path(f"{name}_medcam3d")
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .pipeline import Session, read_scan
+
+    stages = _Stages(4, args.quiet)
+    try:
+        stages("reading scan", advance=False)
+        volume, t_read = read_scan(args.scan, args.series_uid, args.allow_resample)
+        stages("loading model")
+        session = Session(args.config, args.model, args.methods, args.device)
+        stages("explaining")
+        result = session.explain_volume(volume, args.classes, read_seconds=t_read)
+        stages("writing")
+        out = Path(args.out) if args.out else _default_out(args.scan)
+        summary = session.write(result, out, args.classes, args.full_res, progress=lambda s: stages(s, False))
+        stages("done")
+    finally:
+        stages.close()
+    if not args.quiet:
+        _print_result(summary, out)
+    return 0
+
+
+def _print_result(summary: dict[str, Any], out: Path) -> None:
+    cert = summary["certificate"]
+    model = summary["model"]
+    print(f"medcam3d {summary['medcam3d_version']}: explained {summary['input']['path']}")
+    if model.get("synthetic_data_only"):
+        print("NOTE: the embedded demo model was trained on SYNTHETIC phantoms only; its scores are not clinical.")
+    print(f"certificate: {cert['kind']} - {cert['summary']}")
+    rows = sorted(summary["classes"], key=lambda c: -c["score"])
+    width = max(len(c["label"]) for c in rows)
+    print(f"{'class':<{width}}  {'score':>8}  {'prob':>6}  full-res  HiResCAM-vs-Grad-CAM L2")
+    for c in rows:
+        l2 = c.get("disagreement", {}).get("l2")
+        print(
+            f"{c['label']:<{width}}  {c['score']:8.3f}  {c['probability']:6.3f}  "
+            f"{'yes' if c['full_resolution'] else '-':>8}  {'' if l2 is None else f'{l2:.3f}'}"
+        )
+    print(f"outputs: {out.resolve()}  (view: medcam3d view {out})")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .data import make_phantom, write_nifti
+    from .pipeline import Session, read_scan
+
+    out = Path(args.out)
+    scan_dir = out / "scan"
+    exp_dir = out / "explanation"
+    stages = _Stages(4, args.quiet)
+    try:
+        stages("loading demo model", advance=False)
+        session = Session(None, None, args.methods, args.device)
+        stages("making a synthetic phantom")
+        present = {"nodule_right_lung": True, "pleural_effusion_left": True, "cardiomegaly": True}
+        phantom = make_phantom(args.seed, present=present, prevalence=0.0)
+        scan_dir.mkdir(parents=True, exist_ok=True)
+        scan_path = scan_dir / "phantom.nii.gz"
+        write_nifti(phantom, scan_path)
+        stages("explaining")
+        volume, t_read = read_scan(scan_path)
+        result = session.explain_volume(volume, read_seconds=t_read)
+        stages("writing")
+        summary = session.write(result, exp_dir, None, None, progress=lambda s: stages(s, False),
+                                extra={"demo": {"seed": args.seed, "planted": sorted(present)}})
+    finally:
+        stages.close()
+    if not args.quiet:
+        _print_result(summary, exp_dir)
+        print(f"planted lesions: {', '.join(sorted(present))}; phantom scan and masks: {scan_dir.resolve()}")
+    return 0
+
+
+def _add_explain_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config (default: the embedded demo model's)")
+    p.add_argument("--model", metavar="CHECKPOINT", help="weights file overriding the config's (torch state_dict)")
+    p.add_argument("--methods", nargs="+", default=["hirescam", "gradcam"], metavar="METHOD",
+                   help="methods to compute (hirescam gradcam gradcampp xgradcam layercam; cam on GAP+FC heads)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or printed result")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="medcam3d", description="Truthful 3-D explanations of CNNs on CT scans.")
+    ap.add_argument("--version", action="version", version=f"medcam3d {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("explain", help="explain one scan (NIfTI file or DICOM folder)", epilog=EXPLAIN_EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("scan", help="NIfTI (.nii/.nii.gz), NRRD/MHA file, or a DICOM series folder")
+    p.add_argument("--out", help="output folder (default: <scan name>_medcam3d)")
+    p.add_argument("--classes", nargs="+", metavar="CLASS",
+                   help="labels, indices, 'positive' or 'top-K' (default: all classes, at feature resolution)")
+    p.add_argument("--full-res", nargs="+", metavar="CLASS",
+                   help="classes also written at full resolution with montages (default: predicted positive, at "
+                        "least the top 3); same tokens as --classes, or 'none'")
+    p.add_argument("--series-uid", help="DICOM SeriesInstanceUID to read when the folder holds several series")
+    p.add_argument("--allow-resample", action="store_true",
+                   help="accept irregularly spaced DICOM series by resampling")
+    _add_explain_options(p)
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("demo", help="explain a synthetic phantom with the embedded demo model")
+    p.add_argument("--out", default="medcam3d_demo", help="output folder (default: medcam3d_demo)")
+    p.add_argument("--seed", type=int, default=7, help="phantom seed")
+    _add_explain_options(p)
+    p.set_defaults(func=cmd_demo)
+
+    for module in _COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name is None or not (module == e.name or module.startswith(e.name + ".")):
+                raise  # a missing dependency inside an existing command module is a real error
+            continue
+        mod.register(sub)
+    return ap
+
+
+#: modules adding sub-commands: each has ``register(subparsers)`` adding a parser whose ``func(args) -> int`` runs
+#: the command. They must be cheap to import (heavy imports go inside the command functions).
+_COMMAND_MODULES = (
+    "medcam3d.viewer.command",
+    "medcam3d.batch.command",
+    "medcam3d.report.command",
+    "medcam3d.evaluate.command",
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except InputError as e:
+        print(f"medcam3d: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("medcam3d: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the last line of defence: say it is our fault
+        traceback.print_exc(file=sys.stderr)
+        print(
+            f"medcam3d: internal error: {type(e).__name__}: {e}\n"
+            "This is a bug in medcam3d; please report it with the command line and the traceback above.",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

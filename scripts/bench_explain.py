@@ -1,0 +1,175 @@
+"""Benchmark: all-class explanation vs plain inference vs per-class baselines, side by side in one run.
+
+Models:
+  * resnet18_3d -- MONAI 3-D ResNet-18 without global pooling (flatten + one FC), explained at ``layer4``;
+  * axialnet    -- medcam3d's AxialNet (slices in the batch axis), explained at ``conv2d.7``.
+
+For each model this prints, measured in this run on this machine:
+  * plain inference (``model(x)`` under ``torch.inference_mode``),
+  * medcam3d: HiResCAM + Grad-CAM for all classes, with the faithfulness certificate, and its ratio to inference,
+  * per-class baselines, as Grad-CAM libraries compute them:
+      - ``hooks+backward``: forward hooks on the layer, one forward, then ``loss.backward(retain_graph=True)``
+        per class (pytorch-grad-cam's scheme; fills every parameter's .grad),
+      - ``monai.GradCAM``: one ``GradCAM(...)(x, class_idx=k)`` call per class,
+      - ``captum.LayerGradCam``: one ``attribute(x, target=k)`` call per class (when Captum is installed),
+    timed on ``--baseline-classes`` classes and scaled linearly to all classes (each class repeats the same
+    work; use ``--baseline-classes 80`` to time every class), and medcam3d's speed-up over each.
+
+Usage: python scripts/bench_explain.py [--quick] [--models resnet18_3d axialnet] [--baseline-classes 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+from medcam3d import Explainer
+
+
+def timed(fn: Callable[[], object], repeat: int) -> float:
+    """Best wall time of ``repeat`` runs after one warm-up run (seconds)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+class ResNet18NoGAP(nn.Module):
+    """MONAI's 3-D ResNet-18 with global average pooling replaced by flatten + one FC layer."""
+
+    def __init__(self, classes: int, input_size: tuple[int, int, int]) -> None:
+        super().__init__()
+        from monai.networks.nets import resnet18
+
+        net = resnet18(spatial_dims=3, n_input_channels=1, num_classes=classes)
+        self.conv1, self.bn1, self.act, self.maxpool = net.conv1, net.bn1, net.act, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        with torch.no_grad():
+            n = self.features(torch.zeros(1, 1, *input_size)).numel()
+        self.fc = nn.Linear(n, classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.act(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.features(x), 1))
+
+
+def build(name: str, classes: int, quick: bool) -> tuple[nn.Module, str, torch.Tensor]:
+    torch.manual_seed(0)
+    if name == "resnet18_3d":
+        size = (32, 64, 64) if quick else (64, 128, 128)
+        return ResNet18NoGAP(classes, size).eval(), "layer4", torch.randn(1, 1, *size)
+    if name == "axialnet":
+        from medcam3d.models import AxialNet
+
+        size = (60, 128, 128) if quick else (405, 420, 420)
+        kw = dict(width=16, feature_stride=8) if quick else {}
+        return AxialNet(n_outputs=classes, input_size=size, **kw).eval(), "conv2d.7", torch.randn(1, 1, *size)
+    raise SystemExit(f"unknown model {name}")
+
+
+def per_class_hooks_backward(model: nn.Module, layer: nn.Module, x: torch.Tensor, classes: list[int]) -> None:
+    """pytorch-grad-cam's scheme: hooks, one forward, one full backward per class (parameter grads filled)."""
+    store: dict[str, torch.Tensor] = {}
+    h1 = layer.register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
+    h2 = layer.register_full_backward_hook(lambda m, gi, go: store.__setitem__("g", go[0]))
+    try:
+        out = model(x)
+        for k in classes:
+            model.zero_grad(set_to_none=True)
+            out[:, k].sum().backward(retain_graph=True)
+            a, g = store["a"].detach(), store["g"]
+            _ = (g * a).sum(1)  # HiResCAM map
+    finally:
+        h1.remove()
+        h2.remove()
+        model.zero_grad(set_to_none=True)
+
+
+def bench_model(name: str, classes: int, quick: bool, baseline_classes: int, repeat: int) -> None:
+    model, layer_name, x = build(name, classes, quick)
+    layer = model.get_submodule(layer_name)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"\n== {name}: input {tuple(x.shape)}, {classes} classes, {n_params / 1e6:.1f} M parameters, layer {layer_name}")
+
+    def infer() -> None:
+        with torch.inference_mode():
+            model(x)
+
+    t_inf = timed(infer, repeat)
+    explainer = Explainer(model, layer_name, methods=("hirescam", "gradcam"))
+    exp = explainer(x)
+    t_exp = timed(lambda: explainer(x), repeat)
+    print(f"plain inference                        {t_inf:9.2f} s")
+    print(
+        f"medcam3d all {classes} classes (HiResCAM+Grad-CAM, certificate '{exp.certificate.kind}', head "
+        f"{exp.certificate.head}) {t_exp:9.2f} s   ratio to inference {t_exp / t_inf:5.2f}x"
+    )
+    sub = list(range(min(baseline_classes, classes)))
+    baselines: dict[str, Callable[[], None]] = {
+        "hooks+backward (pytorch-grad-cam scheme)": lambda: per_class_hooks_backward(model, layer, x, sub),
+    }
+    try:
+        from monai.visualize import GradCAM
+
+        cam = GradCAM(nn_module=model, target_layers=layer_name)
+
+        def monai_run() -> None:
+            for k in sub:
+                cam(x, class_idx=k)
+
+        baselines["monai.visualize.GradCAM"] = monai_run
+    except ImportError:
+        pass
+    try:
+        from captum.attr import LayerGradCam
+
+        lgc = LayerGradCam(model, layer)
+
+        def captum_run() -> None:
+            for k in sub:
+                lgc.attribute(x, target=k, relu_attributions=False)
+
+        baselines["captum.LayerGradCam"] = captum_run
+    except ImportError:
+        pass
+    for label, fn in baselines.items():
+        t = time.perf_counter()
+        fn()
+        per_class = (time.perf_counter() - t) / len(sub)
+        total = per_class * classes
+        print(
+            f"{label:40s} {per_class:9.2f} s/class x {classes} = {total:9.1f} s "
+            f"(timed {len(sub)} classes)   medcam3d speed-up {total / t_exp:7.1f}x"
+        )
+    model.zero_grad(set_to_none=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["resnet18_3d", "axialnet"])
+    ap.add_argument("--classes", type=int, default=80)
+    ap.add_argument("--baseline-classes", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="smaller inputs (minutes less, same comparison)")
+    args = ap.parse_args()
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+        f"device cpu"
+    )
+    for name in args.models:
+        bench_model(name, args.classes, args.quick, args.baseline_classes, args.repeat)
+
+
+if __name__ == "__main__":
+    main()

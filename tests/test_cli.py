@@ -1,0 +1,281 @@
+"""`medcam3d explain` end to end on small phantoms: outputs, geometry, scores, montages, DICOM, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import torch
+from pydicom.uid import generate_uid
+
+from bad_inputs import CT_SMALL, bad_inputs
+from medcam3d import Explainer
+from medcam3d.cli import main
+from medcam3d.config import load_config
+from medcam3d.data import make_phantom, write_nifti
+from medcam3d.io import read_volume
+from medcam3d.preprocess import Preprocessor
+
+SHAPE = (24, 64, 64)  # small phantom at the demo spacing; the demo preprocessing pads it to 60 x 128 x 128
+SPACING = (5.0, 2.5, 2.5)
+
+
+@pytest.fixture(scope="module")
+def untrained_config(tmp_path_factory) -> Path:
+    """The demo config with randomly initialised (seeded) weights, so these tests do not depend on training."""
+    d = tmp_path_factory.mktemp("cfg")
+    torch.manual_seed(0)
+    cfg = load_config("demo_axialnet")
+    from medcam3d.models import build_model
+
+    net = build_model(cfg.model)
+    torch.save(net.state_dict(), d / "random.pt")
+    text = Path(cfg.path).read_text().replace("weights: package:medcam3d/weights/demo_axialnet.pt", "weights: random.pt")
+    (d / "untrained.yaml").write_text(text)
+    return d / "untrained.yaml"
+
+
+@pytest.fixture(scope="module")
+def scan(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("scan")
+    ph = make_phantom(11, shape=SHAPE, spacing=SPACING, present={"nodule_right_lung": True}, prevalence=0.0)
+    write_nifti(ph, d / "phantom.nii.gz")
+    return d / "phantom.nii.gz"
+
+
+@pytest.fixture(scope="module")
+def explained(tmp_path_factory, scan, untrained_config) -> Path:
+    out = tmp_path_factory.mktemp("run") / "out"
+    code = main(["explain", str(scan), "--config", str(untrained_config), "--out", str(out), "--quiet",
+                 "--full-res", "top-2"])
+    assert code == 0
+    return out
+
+
+def read_scores(out: Path) -> list[dict[str, str]]:
+    with open(out / "scores.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_outputs_exist_and_nothing_else(explained, untrained_config):
+    cfg = load_config(untrained_config)
+    summary = json.loads((explained / "summary.json").read_text())
+    rows = read_scores(explained)
+    assert [r["label"] for r in rows] == cfg.labels  # every class explained by default
+    full = [int(r["index"]) for r in rows if r["full_resolution"] == "1"]
+    assert len(full) == 2
+    expected = {"scores.csv", "summary.json", "lowres_hirescam.nii.gz", "lowres_gradcam.nii.gz"}
+    for c in full:
+        lab = cfg.labels[c]
+        expected |= {f"fullres_hirescam_{c:03d}_{lab}.nii.gz", f"fullres_gradcam_{c:03d}_{lab}.nii.gz",
+                     f"montage_{c:03d}_{lab}.png"}
+    assert {p.name for p in explained.iterdir()} == expected
+    assert sorted(summary["files"]) == sorted(expected)
+    assert not list(explained.parent.glob(".*partial*"))
+
+
+def test_fullres_maps_carry_the_scan_affine_and_shape(explained, scan):
+    src = nib.load(str(scan))
+    maps = sorted(explained.glob("fullres_*.nii.gz"))
+    assert maps
+    peaks = []
+    for m in maps:
+        img = nib.load(str(m))
+        assert img.shape == src.shape
+        assert np.allclose(img.affine, src.affine, atol=1e-5)
+        assert img.get_data_dtype() == np.float32
+        data = np.asarray(img.dataobj)
+        assert 0.0 <= data.min() and data.max() <= 1.0 + 1e-6
+        peaks.append(data.max())
+    # maps are normalised over the whole network grid, whose padding lies outside this small scan
+    assert max(peaks) > 0.1
+
+
+def test_lowres_4d_has_all_classes_and_block_geometry(explained, untrained_config):
+    cfg = load_config(untrained_config)
+    img = nib.load(str(explained / "lowres_hirescam.nii.gz"))
+    assert img.shape == (20, 8, 8, len(cfg.labels))  # [S/3, 8, 8] AxialNet map, one volume per class
+    # one low-resolution voxel spans 3 slices x 16 x 16 network voxels at 5 x 2.5 x 2.5 mm
+    assert np.allclose(np.sqrt((img.affine[:3, :3] ** 2).sum(0)), [15.0, 40.0, 40.0])
+
+
+def test_scores_and_maps_match_the_python_api(explained, scan, untrained_config):
+    cfg = load_config(untrained_config)
+    vol = read_volume(scan)
+    x = Preprocessor.from_config(cfg)(vol).as_tensor()[None]
+    exp = Explainer(cfg.build_model().eval(), cfg.target_layer)(x)
+    rows = read_scores(explained)
+    got = np.array([float(r["score"]) for r in rows])
+    assert np.allclose(got, exp.scores[0].numpy(), rtol=1e-4, atol=1e-5)
+    probs = np.array([float(r["probability"]) for r in rows])
+    assert np.allclose(probs, torch.sigmoid(exp.scores[0]).numpy(), atol=1e-5)
+    low = np.asarray(nib.load(str(explained / "lowres_hirescam.nii.gz")).dataobj)
+    assert np.allclose(np.moveaxis(low, -1, 0), exp.raw["hirescam"][0].numpy(), atol=1e-6)
+    summary = json.loads((explained / "summary.json").read_text())
+    # completeness, as written to the summary: HiResCAM sums to score - bias
+    for c in summary["classes"]:
+        total = float(low[..., c["index"]].sum())
+        assert total == pytest.approx(c["score"] - c["bias"], abs=1e-4 + 1e-4 * abs(c["score"]))
+
+
+def test_summary_records_provenance(explained, scan, untrained_config):
+    s = json.loads((explained / "summary.json").read_text())
+    assert s["input"]["path"] == str(scan.resolve())
+    assert len(s["input"]["sha256"]) == 64 and len(s["config"]["sha256"]) == 64
+    assert len(s["model"]["weights_sha256"]) == 64
+    assert s["certificate"]["kind"] == "affine-head" and s["certificate"]["exact"]
+    assert {"torch", "monai", "numpy", "nibabel"} <= set(s["versions"])
+    assert {"read", "preprocess", "explain", "write"} <= set(s["timings_s"])
+    assert s["device"] == "cpu"
+    c = s["classes"][0]
+    assert {"l2", "pearson", "top_overlap"} <= set(c["disagreement"])
+    assert abs(c["relative_residual"]) < 1e-5
+
+
+def test_montage_size_and_content(explained):
+    from PIL import Image
+
+    for png in explained.glob("montage_*.png"):
+        im = np.asarray(Image.open(png).convert("RGB"), dtype=np.float32)
+        assert im.shape == (800, 1200, 3)  # 2 methods x 3 views at 100 dpi
+        assert im.std() > 20  # not blank
+        top, bottom = im[60:400], im[440:780]
+        assert np.abs(top - bottom).mean() > 1.0  # the HiResCAM and Grad-CAM rows differ
+
+
+def test_rerun_replaces_the_folder(tmp_path, scan, untrained_config):
+    out = tmp_path / "out"
+    args = ["explain", str(scan), "--config", str(untrained_config), "--out", str(out), "--quiet"]
+    assert main(args + ["--full-res", "top-3"]) == 0
+    assert len(list(out.glob("montage_*.png"))) == 3
+    assert main(args + ["--full-res", "none", "--classes", "0", "1"]) == 0
+    assert not list(out.glob("montage_*.png")) and not list(out.glob("fullres_*"))
+    assert len(read_scores(out)) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary or old folders left
+
+
+def test_refuses_to_replace_a_foreign_folder(tmp_path, scan, untrained_config):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.docx").write_text("precious")
+    code = main(["explain", str(scan), "--config", str(untrained_config), "--out", str(out), "--quiet"])
+    assert code == 2
+    assert [p.name for p in out.iterdir()] == ["thesis.docx"]
+
+
+def phantom_to_dicom(hu: np.ndarray, affine: np.ndarray, folder: Path) -> None:
+    """Write an SPL-ordered phantom [S, P, L] as an axial DICOM series (one file per slice), using pydicom's
+    CT_small.dcm as the template. DICOM patient coordinates are LPS."""
+    folder.mkdir(parents=True)
+    tmpl = pydicom.dcmread(CT_SMALL)
+    series = generate_uid()
+    ras_to_lps = np.diag([-1.0, -1.0, 1.0])
+    col_dir = ras_to_lps @ affine[:3, 2] / np.linalg.norm(affine[:3, 2])  # along columns (array axis 2)
+    row_dir = ras_to_lps @ affine[:3, 1] / np.linalg.norm(affine[:3, 1])  # down rows (array axis 1)
+    for k in range(hu.shape[0]):
+        ds = tmpl.copy()
+        origin = ras_to_lps @ (affine @ np.array([k, 0, 0, 1.0]))[:3]
+        ds.SeriesInstanceUID = series
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = k + 1
+        ds.Rows, ds.Columns = hu.shape[1], hu.shape[2]
+        ds.PixelSpacing = [float(np.linalg.norm(affine[:3, 1])), float(np.linalg.norm(affine[:3, 2]))]
+        ds.SliceThickness = float(np.linalg.norm(affine[:3, 0]))
+        ds.ImageOrientationPatient = [*map(float, col_dir), *map(float, row_dir)]
+        ds.ImagePositionPatient = [float(v) for v in origin]
+        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.PixelData = np.round(hu[k] + 1024).astype(np.int16).tobytes()
+        ds.save_as(folder / f"slice_{k:03d}.dcm")
+
+
+def test_dicom_folder_input(tmp_path, untrained_config):
+    ph = make_phantom(12, shape=SHAPE, spacing=SPACING, prevalence=0.0)
+    phantom_to_dicom(ph.hu, ph.affine, tmp_path / "dicom")
+    write_nifti(ph, tmp_path / "same.nii.gz")
+    a, b = tmp_path / "from_dicom", tmp_path / "from_nifti"
+    for src, out in ((tmp_path / "dicom", a), (tmp_path / "same.nii.gz", b)):
+        assert main(["explain", str(src), "--config", str(untrained_config), "--out", str(out), "--quiet",
+                     "--full-res", "top-1"]) == 0
+    sa = {r["label"]: float(r["score"]) for r in read_scores(a)}
+    sb = {r["label"]: float(r["score"]) for r in read_scores(b)}
+    assert sa.keys() == sb.keys()
+    assert all(abs(sa[k] - sb[k]) < 1e-3 for k in sa)  # same voxels (HU rounded to integers), same world grid
+    ma = nib.load(str(next(a.glob("fullres_hirescam_*"))))
+    mb = nib.load(str(next(b.glob("fullres_hirescam_*"))))
+    # the DICOM volume is in its own (ITK) index order; both maps must sit on the same world voxels
+    centre_a = ma.affine @ np.array([*(np.array(ma.shape) - 1) / 2, 1])
+    centre_b = mb.affine @ np.array([*(np.array(mb.shape) - 1) / 2, 1])
+    assert np.allclose(centre_a, centre_b, atol=1e-3)
+
+
+def test_every_bad_input_exits_2_and_writes_nothing(tmp_path, untrained_config, capsys):
+    cases = bad_inputs(tmp_path)
+    tiny = tmp_path / "inputs" / "tiny.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), np.diag([2.5, 2.5, 5.0, 1])), str(tiny))
+    cases["volume too small for the model"] = (tiny, "too small")
+    bad_cfg = tmp_path / "inputs" / "bad_key.yaml"
+    bad_cfg.write_text(untrained_config.read_text() + "\nlearning_rate: 0.1\n")
+    bad_tf = tmp_path / "inputs" / "bad_transform.yaml"
+    bad_tf.write_text(untrained_config.read_text().replace("_target_: ShiftIntensity", "_target_: MagicDenoise"))
+    (tmp_path / "inputs" / "random.pt").write_bytes((untrained_config.parent / "random.pt").read_bytes())
+    good = tmp_path / "inputs" / "good.nii.gz"
+    write_nifti(make_phantom(1, shape=SHAPE, spacing=SPACING), good)
+    failures = []
+    runs = [(name, ["explain", str(p), "--config", str(untrained_config)], p.name, pat) for name, (p, pat) in cases.items()]
+    runs += [
+        ("unknown config key", ["explain", str(good), "--config", str(bad_cfg)], bad_cfg.name, "unknown key"),
+        ("unknown transform", ["explain", str(good), "--config", str(bad_tf)], bad_tf.name, "MagicDenoise"),
+        ("missing checkpoint", ["explain", str(good), "--config", str(untrained_config), "--model", "nope.pt"],
+         "nope.pt", "not found"),
+        ("unknown class", ["explain", str(good), "--config", str(untrained_config), "--classes", "spleen"], "spleen",
+         "unknown class"),
+    ]
+    (tmp_path / "out").mkdir()
+    for name, args, must_name, pattern in runs:
+        out = tmp_path / "out" / name.replace(" ", "_")
+        capsys.readouterr()
+        code = main(args + ["--out", str(out), "--quiet"])
+        err = capsys.readouterr().err.strip()
+        if code != 2:
+            failures.append(f"{name}: exit {code}")
+        if "\n" in err or must_name not in err or not re.search(pattern, err):
+            failures.append(f"{name}: message {err!r}")
+        if out.exists() or list(out.parent.glob(".*")):
+            failures.append(f"{name}: wrote something")
+    assert not failures, "\n".join(failures)
+
+
+def test_internal_error_exits_1_with_a_hint(monkeypatch, scan, untrained_config, tmp_path, capsys):
+    import medcam3d.pipeline as pipeline
+
+    def broken(*a, **k):
+        raise ZeroDivisionError("boom")
+
+    monkeypatch.setattr(pipeline.Session, "explain_volume", broken)
+    code = main(["explain", str(scan), "--config", str(untrained_config), "--out", str(tmp_path / "o"), "--quiet"])
+    assert code == 1
+    assert "please report" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_real_process_exit_codes_version_and_help(tmp_path):
+    exe = [sys.executable, "-m", "medcam3d.cli"]
+    v = subprocess.run(exe + ["--version"], capture_output=True, text=True)
+    assert v.returncode == 0 and v.stdout.startswith("medcam3d ")
+    h = subprocess.run(exe + ["explain", "--help"], capture_output=True, text=True)
+    assert h.returncode == 0 and "examples:" in h.stdout and "--full-res" in h.stdout
+    bad = subprocess.run(exe + ["explain", str(tmp_path / "missing.nii.gz"), "--out", str(tmp_path / "o")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "missing.nii.gz" in bad.stderr and not (tmp_path / "o").exists()
+    usage = subprocess.run(exe + ["explain"], capture_output=True, text=True)
+    assert usage.returncode == 2
