@@ -35,6 +35,7 @@ from .errors import InputError
 __all__ = [
     "SUMMARY",
     "SCORES",
+    "WINDOWS",
     "class_stem",
     "lowres_name",
     "fullres_name",
@@ -48,7 +49,9 @@ __all__ = [
 
 SUMMARY = "summary.json"
 SCORES = "scores.csv"
-_WINDOWS = {"lung": (-600.0, 1500.0), "soft_tissue": (40.0, 400.0)}
+#: CT display windows: name -> (level, width) in HU
+#: CT display windows: name -> (level, width) in HU
+WINDOWS = {"lung": (-600.0, 1500.0), "soft_tissue": (40.0, 400.0)}
 
 
 def class_stem(index: int, label: str) -> str:
@@ -202,7 +205,7 @@ def render_montage(
     maps_s = {m: to_spl(v, affine)[0] for m, v in maps.items()}
     ref = maps_s[peak_from or methods[0]]
     k, j, i = np.unravel_index(int(np.argmax(ref)), ref.shape)
-    level, width = _WINDOWS[window]
+    level, width = WINDOWS[window]
     lo, hi = level - width / 2, level + width / 2
     cmap = colormaps["inferno"]
     views = [

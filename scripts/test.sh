@@ -1,8 +1,21 @@
 #!/usr/bin/env bash
 # Set up from scratch and run the whole test suite (the README's test command; CI runs it too).
+# Needs an X server for the napari tests and Chromium for the report test: on a fresh Debian/Ubuntu machine
+# (as root) they are installed with apt-get here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup_env.sh "dev"
+APT_PACKAGES="xvfb xauth libxcb-icccm4 libxcb-keysyms1 libxcb-xinerama0 libxcb-cursor0 libgl1-mesa-dri chromium"
+if ! command -v xvfb-run >/dev/null 2>&1 || ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $APT_PACKAGES >/dev/null
+  else
+    echo "scripts/test.sh: needs xvfb-run and chromium; run: sudo apt-get install -y $APT_PACKAGES" >&2
+    exit 1
+  fi
+fi
+bash scripts/setup_env.sh "dev,napari,reports"
 # shellcheck disable=SC1091
 . .venv/bin/activate
-python -m pytest -q "$@"
+export QT_API=pyqt6 PYTEST_QT_API=pyqt6
+xvfb-run -a python -m pytest -q "$@"

@@ -1,0 +1,130 @@
+"""An output folder of ``medcam3d explain`` opened for display (layout: :mod:`medcam3d.outputs`).
+
+Reads ``summary.json`` (classes with scores, methods, the scan's path) and the maps: a class's full-resolution
+heatmap when the folder has one, else its feature-resolution signed raw map from ``lowres_<method>.nii.gz``
+(volume ``k`` of the 4-D file is ``summary["classes"][k]``), each placed in the napari world by its own affine.
+Nothing is recomputed. No Qt, no napari.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+from ..outputs import SUMMARY, fullres_name, lowres_name
+from .geometry import Placed, place
+
+__all__ = ["ClassEntry", "MapImage", "OutputFolder"]
+
+
+@dataclass(frozen=True)
+class ClassEntry:
+    """One explained class of the folder; ``position`` is its volume in the 4-D low-resolution files."""
+
+    position: int
+    index: int
+    label: str
+    score: float
+    probability: float
+    predicted: bool
+    full_resolution: bool
+
+
+@dataclass(frozen=True)
+class MapImage:
+    """One method's map of one class, placed in the napari world.
+
+    ``full_resolution``: the display heatmap in [0, 1] on the scan grid; otherwise the signed raw map at feature
+    resolution (``path`` is then the 4-D file)."""
+
+    method: str
+    entry: ClassEntry
+    placed: Placed
+    full_resolution: bool
+    path: Path
+
+
+class OutputFolder:
+    """The classes, methods and maps of one output folder.
+
+    Raises :class:`InputError` naming the folder or file when it is not a readable medcam3d output folder."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path).expanduser().resolve()
+        summary_path = self.path / SUMMARY
+        if not summary_path.is_file():
+            raise InputError(f"not a medcam3d output folder (no {SUMMARY}; make one with `medcam3d explain`)",
+                             self.path)
+        try:
+            self.summary: dict[str, Any] = json.loads(summary_path.read_text(encoding="utf-8"))
+            self.classes = [
+                ClassEntry(k, int(c["index"]), str(c["label"]), float(c["score"]), float(c["probability"]),
+                           bool(c["predicted"]), bool(c["full_resolution"]))
+                for k, c in enumerate(self.summary["classes"])
+            ]
+            listed = [str(m) for m in self.summary["methods"]]
+        except (OSError, ValueError) as e:
+            raise InputError(f"unreadable ({e})", summary_path) from None
+        except (KeyError, TypeError) as e:
+            raise InputError(f"not a medcam3d summary (bad or missing {e})", summary_path) from None
+        self.methods = [m for m in listed if (self.path / lowres_name(m)).is_file()]
+        if not self.classes or not self.methods:
+            raise InputError("no explained classes or no lowres_<method>.nii.gz maps", self.path)
+        self._lowres = lru_cache(maxsize=None)(self._read_lowres)
+        self._fullres = lru_cache(maxsize=4)(self._read_fullres)  # full-resolution maps can be large
+
+    @property
+    def scan_path(self) -> Path | None:
+        """The explained scan as recorded in the summary (it may since have moved)."""
+        p = self.summary.get("input", {}).get("path")
+        return Path(p) if p else None
+
+    def by_score(self) -> list[ClassEntry]:
+        """The classes, highest score first."""
+        return sorted(self.classes, key=lambda c: -c.score)
+
+    def entry(self, class_: str | int) -> ClassEntry:
+        """The class with this label or model output index."""
+        for c in self.classes:
+            if str(class_) in (c.label, str(c.index)):
+                return c
+        raise InputError(f"class {class_!r} was not explained in this folder (explained: "
+                         f"{', '.join(c.label for c in self.classes[:6])}{', ...' if len(self.classes) > 6 else ''})",
+                         self.path)
+
+    def map(self, method: str, class_: str | int, feature_resolution: bool = False) -> MapImage:
+        """``method``'s map of ``class_``: full resolution when written (unless ``feature_resolution``), else
+        feature resolution."""
+        if method not in self.methods:
+            raise InputError(f"method {method!r} is not in this folder (methods: {', '.join(self.methods)})",
+                             self.path)
+        entry = self.entry(class_)
+        full = self.path / fullres_name(method, entry.index, entry.label)
+        if entry.full_resolution and not feature_resolution and full.is_file():
+            return MapImage(method, entry, self._fullres(full), True, full)
+        data, affine = self._lowres(method)
+        return MapImage(method, entry, place(data[..., entry.position], affine), False,
+                        self.path / lowres_name(method))
+
+    def _read_lowres(self, method: str) -> tuple[np.ndarray, np.ndarray]:
+        import nibabel as nib
+
+        path = self.path / lowres_name(method)
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj, dtype=np.float32)
+        if data.ndim != 4 or data.shape[3] != len(self.classes):
+            raise InputError(f"expected a 4-D map with {len(self.classes)} classes, found shape {data.shape}", path)
+        return data, np.asarray(img.affine, dtype=np.float64)
+
+    @staticmethod
+    def _read_fullres(path: Path) -> Placed:
+        import nibabel as nib
+
+        img = nib.load(str(path))
+        return place(np.asarray(img.dataobj, dtype=np.float32), np.asarray(img.affine, dtype=np.float64))

@@ -1,0 +1,132 @@
+"""The dock widget of ``medcam3d view``: classes by score, a method per pane, CT window, map opacity and
+threshold, jump to a map's peak, 2-D slices or 3-D rendering. It only drives a :class:`~.app.Comparison`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from qtpy.QtGui import QFont
+from qtpy.QtWidgets import (
+    QAbstractItemView,
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QHBoxLayout,
+    QHeaderView,
+    QPushButton,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from .app import PANES, Comparison
+from .layers import WINDOWS, method_title
+
+__all__ = ["ComparisonWidget"]
+
+_COLUMNS = ("class", "score", "p", "full res.")
+
+
+def _spin(value: float, maximum: float, changed: Callable[[float], None]) -> QDoubleSpinBox:
+    box = QDoubleSpinBox()
+    box.setRange(0.0, maximum)
+    box.setSingleStep(0.05)
+    box.setDecimals(2)
+    box.setValue(value)
+    box.valueChanged.connect(changed)
+    return box
+
+
+class ComparisonWidget(QWidget):
+    """Controls for the two panes of ``comparison``.
+
+    Attributes (for scripts and tests): ``table`` (one row per class, highest score first; selecting a row shows
+    that class), ``method_boxes`` (left, right), ``window_box``, ``opacity_box``, ``threshold_box``,
+    ``peak_buttons`` (left, right), ``three_d``.
+    """
+
+    def __init__(self, comparison: Comparison, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.comparison = comparison
+        self.entries = comparison.folder.by_score()
+
+        self.table = QTableWidget(len(self.entries), len(_COLUMNS))
+        self.table.setHorizontalHeaderLabels(_COLUMNS)
+        self.table.verticalHeader().setVisible(False)
+        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        header = self.table.horizontalHeader()
+        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        bold = QFont()
+        bold.setBold(True)
+        for row, e in enumerate(self.entries):
+            cells = (e.label, f"{e.score:+.3f}", f"{e.probability:.3f}", "yes" if e.full_resolution else "")
+            for col, text in enumerate(cells):
+                item = QTableWidgetItem(text)
+                if e.predicted:
+                    item.setFont(bold)
+                item.setToolTip(f"{e.label} (output {e.index}): {'predicted' if e.predicted else 'not predicted'}; "
+                                f"{'full-resolution' if e.full_resolution else 'feature-resolution'} maps")
+                self.table.setItem(row, col, item)
+        scrollbar = self.table.verticalScrollBar().sizeHint().width()
+        self.table.setMinimumWidth(header.length() + scrollbar + 2 * self.table.frameWidth())  # labels in full
+        self.table.selectRow(self._row(comparison.entry.index))
+        self.table.itemSelectionChanged.connect(self._on_class)
+
+        self.method_boxes = []
+        for pane in range(2):
+            box = QComboBox()
+            for m in comparison.folder.methods:
+                box.addItem(method_title(m), m)
+            box.setCurrentIndex(box.findData(comparison.methods[pane]))
+            box.currentIndexChanged.connect(lambda _i, p=pane: self._on_method(p))
+            self.method_boxes.append(box)
+
+        self.window_box = QComboBox()
+        for w in WINDOWS:
+            self.window_box.addItem(w.replace("_", " "), w)
+        self.window_box.setCurrentIndex(self.window_box.findData(comparison.window))
+        self.window_box.currentIndexChanged.connect(lambda _i: comparison.set_window(self.window_box.currentData()))
+
+        self.opacity_box = _spin(comparison.opacity, 1.0, comparison.set_opacity)
+        self.threshold_box = _spin(comparison.threshold, 0.95, comparison.set_threshold)
+        self.threshold_box.setToolTip("show each map above this fraction of its peak")
+
+        self.peak_buttons = []
+        peaks = QHBoxLayout()
+        for pane, name in enumerate(PANES):
+            button = QPushButton(f"Jump to {name} peak")
+            button.setToolTip(f"move the slices and the camera to the maximum of the {name} pane's map")
+            button.clicked.connect(lambda _checked=False, p=pane: comparison.jump_to_peak(p))
+            peaks.addWidget(button)
+            self.peak_buttons.append(button)
+
+        self.three_d = QCheckBox("3-D rendering")
+        self.three_d.setChecked(comparison.viewer.dims.ndisplay == 3)
+        self.three_d.toggled.connect(lambda on: comparison.set_ndisplay(3 if on else 2))
+
+        form = QFormLayout()
+        for pane, box in zip(PANES, self.method_boxes, strict=True):
+            form.addRow(f"{pane} pane", box)
+        form.addRow("CT window", self.window_box)
+        form.addRow("map opacity", self.opacity_box)
+        form.addRow("map threshold", self.threshold_box)
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.table)
+        layout.addLayout(form)
+        layout.addLayout(peaks)
+        layout.addWidget(self.three_d)
+
+    def _row(self, class_index: int) -> int:
+        return next(r for r, e in enumerate(self.entries) if e.index == class_index)
+
+    def _on_class(self) -> None:
+        rows = self.table.selectionModel().selectedRows()
+        if rows:
+            self.comparison.show_class(self.entries[rows[0].row()].index)
+
+    def _on_method(self, pane: int) -> None:
+        self.comparison.set_method(pane, self.method_boxes[pane].currentData())

@@ -1,0 +1,346 @@
+"""The napari viewer and plugin (issue 6): geometry, layers, the dock widget, screenshots, reader, sample data,
+explain widget and ``medcam3d view``.
+
+Tests marked ``gui`` need napari, pytest-qt and an X server: run ``xvfb-run -a python -m pytest tests/test_viewer.py``
+(docs/viewer.md). Without a display they fail, saying so, rather than being skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from medcam3d.cli import main
+from medcam3d.config import load_config
+from medcam3d.data import LABELS, make_phantom, write_nifti
+from medcam3d.io import read_volume, write_map_like
+
+SHAPE = (24, 64, 64)  # a small phantom at the demo spacing: 120 x 160 x 160 mm
+SPACING = (5.0, 2.5, 2.5)
+LESION = "nodule_right_lung"
+# RAS mm -> the viewer's world (S, P, L) mm, written out by hand: S = z, P = -y, L = -x
+RAS_TO_SPL = np.array([[0, 0, 1, 0], [0, -1, 0, 0], [-1, 0, 0, 0], [0, 0, 0, 1]], dtype=float)
+SHIFT_MM = 40.0  # the planted Grad-CAM map lies this far towards the patient's left of the lesion
+
+
+@pytest.fixture(scope="session")
+def qapp_args():
+    """pytest-qt's QApplication arguments, overridden to fail (not skip, not abort) GUI tests without a display."""
+    if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        pytest.fail("this GUI test needs an X server: run it under `xvfb-run -a python -m pytest` (docs/viewer.md)")
+    return ["medcam3d-tests"]
+
+
+@pytest.fixture(scope="module")
+def untrained_config(tmp_path_factory) -> Path:
+    """The demo config with seeded random weights, so these tests do not depend on training."""
+    d = tmp_path_factory.mktemp("cfg")
+    torch.manual_seed(0)
+    cfg = load_config("demo_axialnet")
+    from medcam3d.models import build_model
+
+    torch.save(build_model(cfg.model).state_dict(), d / "random.pt")
+    shipped = "weights: package:medcam3d/weights/demo_axialnet.pt"
+    text = Path(cfg.path).read_text().replace(shipped, "weights: random.pt")
+    (d / "untrained.yaml").write_text(text)
+    return d / "untrained.yaml"
+
+
+@pytest.fixture(scope="module")
+def scan(tmp_path_factory) -> Path:
+    """A phantom with ONE planted lesion, written with its masks (``phantom_lesions.nii.gz``: bit k = LABELS[k])."""
+    d = tmp_path_factory.mktemp("scan")
+    ph = make_phantom(11, shape=SHAPE, spacing=SPACING, present={LESION: True}, prevalence=0.0)
+    write_nifti(ph, d / "phantom.nii.gz")
+    return d / "phantom.nii.gz"
+
+
+def lesion_world(scan: Path) -> np.ndarray:
+    """Centroid of the planted lesion in the viewer's world (S, P, L) mm, from the mask file and its affine."""
+    img = nib.load(str(scan.with_name("phantom_lesions.nii.gz")))
+    ijk = np.argwhere(np.asarray(img.dataobj) & (1 << LABELS.index(LESION))).mean(axis=0)
+    return (RAS_TO_SPL @ img.affine @ np.array([*ijk, 1.0]))[:3]
+
+
+def blob(volume, centre_ras: np.ndarray, sigma_mm: float) -> np.ndarray:
+    """A Gaussian in [0, 1] around ``centre_ras`` on the scan grid."""
+    idx = np.indices(volume.shape).reshape(3, -1)
+    ras = volume.affine[:3, :3] @ idx + volume.affine[:3, 3:]
+    d2 = ((ras - centre_ras[:, None]) ** 2).sum(axis=0)
+    return np.exp(-d2 / (2 * sigma_mm**2)).reshape(volume.shape).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, scan, untrained_config) -> Path:
+    """An output folder of `medcam3d explain` whose full-resolution maps of the lesion class are replaced by planted
+    ones: HiResCAM a tight blob on the lesion, Grad-CAM a broad blob 40 mm towards the patient's left."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    assert main(["explain", str(scan), "--config", str(untrained_config), "--out", str(out), "--quiet",
+                 "--full-res", LESION]) == 0
+    vol = read_volume(scan)
+    centre = np.linalg.inv(RAS_TO_SPL) @ np.array([*lesion_world(scan), 1.0])
+    left = centre[:3] - np.array([SHIFT_MM, 0.0, 0.0])  # RAS: x grows towards the patient's right
+    k = LABELS.index(LESION)
+    write_map_like(blob(vol, centre[:3], 5.0), vol, out / f"fullres_hirescam_{k:03d}_{LESION}.nii.gz")
+    write_map_like(blob(vol, left, 12.0), vol, out / f"fullres_gradcam_{k:03d}_{LESION}.nii.gz")
+    return out
+
+
+@pytest.fixture
+def app(make_napari_viewer, folder):
+    from medcam3d.viewer.app import open_viewer
+
+    return open_viewer(folder, class_=LESION, viewer=make_napari_viewer(show=True))
+
+
+def nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    img = nib.load(str(path))
+    return np.asarray(img.dataobj), img.affine
+
+
+def summary(folder: Path) -> dict:
+    return json.loads((folder / "summary.json").read_text())
+
+
+# --- without a GUI ----------------------------------------------------------------------------------------------------
+def test_importing_medcam3d_never_imports_qt_or_napari():
+    code = ("import medcam3d, medcam3d.viewer, medcam3d.viewer.command, medcam3d.cli, sys; "
+            "medcam3d.cli.build_parser(); "
+            "bad = [m for m in ('PyQt6', 'PyQt5', 'PySide6', 'qtpy', 'napari', 'vispy') if m in sys.modules]; "
+            "assert not bad, bad")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+
+
+def test_manifest_validates_and_points_at_importable_callables():
+    import npe2
+
+    import medcam3d.viewer
+
+    path = Path(medcam3d.viewer.__file__).with_name("napari.yaml")
+    manifest = npe2.PluginManifest.from_file(path)
+    assert manifest.name == "medcam3d"
+    assert npe2.PluginManifest.from_distribution("medcam3d").name == "medcam3d"  # the entry point is installed
+    manifest.validate_imports()
+    assert [s.key for s in manifest.contributions.sample_data] == ["demo"]
+    assert manifest.contributions.readers[0].accepts_directories
+
+
+def test_any_orientation_is_placed_in_the_spl_world_without_copying():
+    from medcam3d.viewer.geometry import place
+
+    # an array in RAS index order: i -> x, j -> y, k -> z
+    affine = np.array([[2.0, 0, 0, 10], [0, 3.0, 0, 20], [0, 0, 4.0, 30], [0, 0, 0, 1]])
+    array = np.arange(5 * 6 * 7, dtype=np.float32).reshape(5, 6, 7)
+    p = place(array, affine)
+    assert p.data.shape == (7, 6, 5) and np.shares_memory(p.data, array)
+    assert p.data[3, 2, 1] == array[1, 2, 3]
+    # S = 4k + 30, P = -(3j + 20), L = -(2i + 10)
+    assert np.allclose(p.affine, [[4, 0, 0, 30], [0, -3, 0, -20], [0, 0, -2, -10], [0, 0, 0, 1]])
+    # a phantom is stored in SPL order: nothing to transpose and positive voxel sizes
+    ph = make_phantom(0, shape=(12, 32, 32), spacing=SPACING, prevalence=0.0)
+    q = place(ph.hu, ph.affine)
+    assert q.axes == (0, 1, 2) and np.allclose(np.diag(q.affine)[:3], SPACING)
+
+
+def test_view_refuses_bad_input_with_exit_2(tmp_path, folder, capsys):
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (["view", str(tmp_path / "empty")], "not a medcam3d output folder"),
+        (["view", str(folder), "--screenshot", str(tmp_path / "shot.jpg")], ".png"),
+        (["view", str(folder), "--threshold", "1.5"], "--threshold"),
+    ]
+    for args, message in cases:
+        capsys.readouterr()
+        assert main(args) == 2, args
+        assert message in capsys.readouterr().err
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM")}
+    args = ["view", str(folder), "--screenshot", str(tmp_path / "s.png")]
+    r = subprocess.run([sys.executable, "-m", "medcam3d.cli", *args], capture_output=True, text=True, env=env,
+                       check=False)
+    assert r.returncode == 2 and "xvfb-run" in r.stderr and not (tmp_path / "s.png").exists()
+
+
+# --- the viewer -------------------------------------------------------------------------------------------------------
+@pytest.mark.gui
+def test_viewer_layers_names_and_affines(app, folder, scan):
+    v, k = app.viewer, LABELS.index(LESION)
+    assert [layer.name for layer in v.layers] == [
+        "left: CT", f"left: HiResCAM · {LESION}", "right: CT", f"right: Grad-CAM · {LESION}"]
+    assert v.canvas.grid.enabled and v.canvas.grid.stride == 2 and tuple(v.canvas.grid.shape) == (1, 2)
+    ct, ct_affine = nifti(scan)
+    for layer in (v.layers[0], v.layers[2]):
+        assert np.array_equal(layer.data, ct)  # the phantom is stored in (S, P, L) order: no transposition
+        assert np.allclose(layer.affine.affine_matrix, RAS_TO_SPL @ ct_affine)
+    for layer, method in ((v.layers[1], "hirescam"), (v.layers[3], "gradcam")):
+        data, affine = nifti(folder / f"fullres_{method}_{k:03d}_{LESION}.nii.gz")
+        assert np.array_equal(layer.data, data)
+        assert np.allclose(layer.affine.affine_matrix, RAS_TO_SPL @ affine)
+        assert layer.blending == "additive" and np.allclose(layer.colormap.map(np.array([0.0]))[0, :3], 0, atol=0.02)
+    assert v.dims.axis_labels == ("S", "P", "L")
+
+
+@pytest.mark.gui
+def test_choosing_a_class_in_the_widget_shows_its_maps(app, folder):
+    w, v = app.widget, app.viewer
+    classes = summary(folder)["classes"]
+    other = next(c for c in classes if not c["full_resolution"])
+    position = classes.index(other)
+    w.table.selectRow(next(r for r, e in enumerate(w.entries) if e.index == other["index"]))
+    for layer, method in ((v.layers[1], "hirescam"), (v.layers[3], "gradcam")):
+        data, affine = nifti(folder / f"lowres_{method}.nii.gz")
+        assert np.array_equal(layer.data, data[..., position])  # feature-resolution maps are in SPL order too
+        assert np.allclose(layer.affine.affine_matrix, RAS_TO_SPL @ affine)
+        assert layer.name.endswith(f"{other['label']} · feature resolution")
+    w.method_boxes[1].setCurrentIndex(w.method_boxes[1].findData("hirescam"))
+    assert np.array_equal(v.layers[3].data, v.layers[1].data) and v.layers[3].name.startswith("right: HiResCAM")
+    w.table.selectRow(next(r for r, e in enumerate(w.entries) if e.label == LESION))
+    data, _ = nifti(folder / f"fullres_hirescam_{LABELS.index(LESION):03d}_{LESION}.nii.gz")
+    assert np.array_equal(v.layers[3].data, data)
+    w.threshold_box.setValue(0.5)
+    assert v.layers[1].contrast_limits == pytest.approx([0.5 * data.max(), data.max()])
+    w.window_box.setCurrentIndex(w.window_box.findData("soft_tissue"))
+    assert v.layers[0].contrast_limits == pytest.approx([-160.0, 240.0])
+    w.three_d.setChecked(True)
+    assert v.dims.ndisplay == 3
+
+
+def brightest(image: np.ndarray) -> np.ndarray:
+    """(row, column) centroid of the pixels at >= 80 % of the image's maximum brightness."""
+    total = image[..., :3].astype(float).sum(axis=-1)
+    return np.argwhere(total >= 0.8 * total.max()).mean(axis=0)
+
+
+@pytest.mark.gui
+def test_screenshot_puts_the_hirescam_peak_on_the_lesion(app, scan):
+    from qtpy.QtWidgets import QApplication
+
+    comparison, v = app.comparison, app.viewer
+    width, height = 800, 400
+    lesion = lesion_world(scan)
+    app.widget.peak_buttons[0].click()
+    assert abs(v.dims.point[0] - lesion[0]) <= SPACING[0]  # the slice through the HiResCAM peak cuts the lesion
+    for layer in comparison.scan_layers:  # keep only the maps, to find them without the CT's help
+        layer.visible = False
+    overlays = v.canvas.overlays
+    for overlay in (overlays.text, overlays.scale_bar, *(m.name_overlay for m in comparison.map_layers)):
+        overlay.visible = False
+    QApplication.processEvents()
+    shot = comparison.screenshot((width, height))
+    assert shot.shape == (height, width, 4)
+    # where the lesion must appear, from the camera alone: pane centre + (world - camera centre) x zoom
+    camera = v.scene.camera
+    centre, zoom = np.asarray(camera.center)[-2:], camera.zoom
+    pane = np.array([height / 2, width / 4])
+    expected = pane + (lesion[1:] - centre) * zoom
+    assert np.linalg.norm(expected - pane) > 20  # off-centre, so this test can tell a misplaced map
+    left, right = shot[:, : width // 2], shot[:, width // 2 :]
+    assert np.linalg.norm(brightest(left) - expected) < 4.0 * zoom  # within 4 mm
+    shifted = expected + np.array([0.0, SHIFT_MM * zoom])  # the patient's left is to the right of the screen
+    assert np.linalg.norm(brightest(right) - shifted) < 8.0 * zoom
+    assert np.abs(left.astype(float) - right).mean() > 2.0  # the panes differ where the methods differ
+
+
+# --- the plugin -------------------------------------------------------------------------------------------------------
+@pytest.mark.gui
+def test_reader_opens_folders_and_maps(make_napari_viewer, folder, scan):
+    v = make_napari_viewer()
+    s = summary(folder)
+    top = max(s["classes"], key=lambda c: c["score"])
+    v.open(str(folder), plugin="medcam3d")
+    suffix = "" if top["full_resolution"] else " · feature resolution"
+    assert [layer.name for layer in v.layers] == ["CT", f"HiResCAM · {top['label']}{suffix}",
+                                                 f"Grad-CAM · {top['label']}{suffix}"]
+    ct, ct_affine = nifti(scan)
+    assert np.array_equal(v.layers["CT"].data, ct)
+    assert np.allclose(v.layers["CT"].affine.affine_matrix, RAS_TO_SPL @ ct_affine)
+    v.layers.clear()
+    k = LABELS.index(LESION)
+    v.open(str(folder / f"fullres_gradcam_{k:03d}_{LESION}.nii.gz"), plugin="medcam3d")
+    data, affine = nifti(folder / f"fullres_gradcam_{k:03d}_{LESION}.nii.gz")
+    assert [layer.name for layer in v.layers] == [f"Grad-CAM · {LESION}"]
+    assert np.array_equal(v.layers[0].data, data)
+    assert np.allclose(v.layers[0].affine.affine_matrix, RAS_TO_SPL @ affine)
+    v.layers.clear()
+    v.open(str(folder / "lowres_hirescam.nii.gz"), plugin="medcam3d")
+    low, low_affine = nifti(folder / "lowres_hirescam.nii.gz")
+    assert [layer.name for layer in v.layers] == [f"HiResCAM · {c['label']} · feature resolution" for c in s["classes"]]
+    assert [layer.visible for layer in v.layers] == [c is top for c in s["classes"]]
+    for position, layer in enumerate(v.layers):
+        assert np.array_equal(layer.data, low[..., position])
+        assert np.allclose(layer.affine.affine_matrix, RAS_TO_SPL @ low_affine)
+
+
+@pytest.mark.gui
+def test_sample_data_is_the_explained_demo_phantom(make_napari_viewer, monkeypatch, untrained_config):
+    import medcam3d.viewer.sample_data as sample
+
+    monkeypatch.setattr(sample, "DEMO_CONFIG", str(untrained_config))  # the trained demo weights may be absent
+    v = make_napari_viewer()
+    v.open_sample("medcam3d", "demo")
+    names = [layer.name for layer in v.layers]
+    assert names[0] == "CT" and names[-1] == "planted lesions" and len(names) == 4
+    assert names[1].startswith("HiResCAM · ") and names[2].startswith("Grad-CAM · ")
+    ph = make_phantom(sample.DEMO_SEED, present={n: True for n in sample.DEMO_LESIONS}, prevalence=0.0)
+    assert np.allclose(v.layers["CT"].data, ph.hu, atol=1e-3)
+    for layer in v.layers:
+        assert np.allclose(layer.affine.affine_matrix, RAS_TO_SPL @ ph.affine)  # maps are full resolution here
+    lesions = v.layers["planted lesions"].data
+    assert sorted(np.unique(lesions)) == [0, *sorted(LABELS.index(n) + 1 for n in sample.DEMO_LESIONS)]
+    assert np.array_equal(lesions == LABELS.index(LESION) + 1, ph.lesion_masks[LESION])
+
+
+@pytest.mark.gui
+def test_explain_widget_adds_the_maps_the_cli_writes(make_napari_viewer, qtbot, tmp_path, scan, folder,
+                                                     untrained_config):
+    from medcam3d.viewer.explain_widget import ExplainWidget
+
+    v = make_napari_viewer()
+    v.open(str(scan), plugin="medcam3d")
+    w = ExplainWidget(v)
+    assert w.layer_box.currentText() == "phantom"
+    w.config_box.setCurrentText(str(untrained_config))
+    w.out_edit.setText(str(tmp_path / "widget_out"))
+    stages = []
+    worker = w.run()
+    worker.yielded.connect(stages.append)
+    with qtbot.waitSignal(worker.finished, timeout=60_000):
+        pass
+    assert len(v.layers) == 3, w.status.text()
+    out = tmp_path / "widget_out"
+    for method in ("hirescam", "gradcam"):  # the same raw maps as `medcam3d explain` on the scan file
+        mine, _ = nifti(out / f"lowres_{method}.nii.gz")
+        cli, _ = nifti(folder / f"lowres_{method}.nii.gz")
+        assert np.allclose(mine, cli, atol=1e-5)
+    s = summary(out)
+    top = max(s["classes"], key=lambda c: c["score"])
+    for layer, method in zip(v.layers[1:], ("hirescam", "gradcam"), strict=True):
+        data, _ = nifti(out / f"fullres_{method}_{top['index']:03d}_{top['label']}.nii.gz")
+        assert np.array_equal(layer.data, data)
+        assert np.allclose(layer.affine.affine_matrix, v.layers["phantom"].affine.affine_matrix)
+    assert w.progress.value() == w.progress.maximum() and top["label"] in w.status.text()
+
+
+# --- medcam3d view --screenshot ---------------------------------------------------------------------------------------
+@pytest.mark.gui
+def test_view_command_writes_a_screenshot(mock_app_model, qtbot, tmp_path, folder, scan, capsys):
+    # mock_app_model: the viewers made by `main` register napari's actions in a throw-away application, as the
+    # make_napari_viewer fixture does
+    from PIL import Image
+
+    png = tmp_path / "view.png"
+    args = ["view", str(scan), "--maps", str(folder), "--class", LESION, "--screenshot", str(png),
+            "--size", "640", "320"]
+    assert main(args) == 0, capsys.readouterr().err
+    image = np.asarray(Image.open(png).convert("RGB"), dtype=float)
+    assert image.shape == (320, 640, 3)
+    assert image.std() > 20  # not blank
+    assert np.abs(image[:, :320] - image[:, 320:]).mean() > 1.0  # the HiResCAM and Grad-CAM panes differ
