@@ -50,7 +50,6 @@ __all__ = [
 SUMMARY = "summary.json"
 SCORES = "scores.csv"
 #: CT display windows: name -> (level, width) in HU
-#: CT display windows: name -> (level, width) in HU
 WINDOWS = {"lung": (-600.0, 1500.0), "soft_tissue": (40.0, 400.0)}
 
 
