@@ -1,7 +1,8 @@
 """Command line: ``medcam3d explain | demo | view | batch | report | evaluate``.
 
 A thin layer over the Python API (:mod:`medcam3d.pipeline` and friends). Exit codes: 0 success, 2 bad input or
-usage (one line naming the problem; nothing written), 1 internal error (with a hint to report it).
+usage (one line naming the problem; nothing written), 1 internal error (with a hint to report it), 3 (``batch``
+only) the run finished but some scans failed or manifest rows were bad.
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ if ! command -v xvfb-run >/dev/null 2>&1 || ! command -v chromium >/dev/null 2>&
     exit 1
   fi
 fi
-bash scripts/setup_env.sh "dev,napari,reports"
+bash scripts/setup_env.sh "dev,napari,reports,slurm,pdf"
 # shellcheck disable=SC1091
 . .venv/bin/activate
-export QT_API=pyqt6 PYTEST_QT_API=pyqt6
+export QT_API=pyqt6 PYTEST_QT_API=pyqt6 CI="${CI:-true}"
 xvfb-run -a python -m pytest -q "$@"

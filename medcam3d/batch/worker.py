@@ -1,0 +1,248 @@
+"""One scan of a batch: read -> explain -> organ shares -> output folder -> done marker; a small status record back.
+
+This module runs inside Dask workers (and in the plain loop of ``--shard``). It never imports dask at import time.
+A worker process keeps one :class:`medcam3d.pipeline.Session` per settings (module-level cache): the model is
+loaded by the first scan a process handles and reused for every later one. A process-wide lock runs one scan at a
+time per process (a model with hooks is not thread-safe), so a worker with several threads does not oversubscribe.
+
+Atomicity: :meth:`Session.write` builds the folder under a temporary name (``.<folder>.XXXXXXXX.partial``) beside
+its destination and renames it into place when complete; the ``.done`` marker is written (atomically) after
+that. A folder without a marker is complete but unconfirmed and is redone on the next run; a leftover temporary
+folder from a killed process is removed before its scan is processed again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+from .cohort import ScanTask
+
+__all__ = ["BatchSettings", "process_scan", "is_done", "DONE", "SCANS", "scan_dir", "read_done", "clear_sessions"]
+
+DONE = ".done"
+SCANS = "scans"
+
+_SESSIONS: dict[tuple[Any, ...], Any] = {}
+_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """What every task needs (small; pickled with each task).
+
+    Attributes:
+        out_dir: the batch folder (absolute; must be visible to every worker).
+        config: config path or shipped name (None: the embedded demo model); must be visible to every worker.
+        checkpoint: weights overriding the config's.
+        methods, classes, full_res: as ``medcam3d explain`` (None = its defaults).
+        device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` on the worker.
+        torch_threads: intra-op threads for torch on the worker (None: the worker's own thread count).
+        organ_codes: organ name -> label value of the organ label maps.
+        allow_resample: accept irregular DICOM series by resampling.
+        run_id: this run's id (recorded in the done markers).
+        fingerprint_sha: the batch folder's settings fingerprint (recorded in the done markers; a marker with
+            another fingerprint does not count as done).
+    """
+
+    out_dir: str
+    config: str | None = None
+    checkpoint: str | None = None
+    methods: tuple[str, ...] = ("hirescam", "gradcam")
+    classes: tuple[str, ...] | None = None
+    full_res: tuple[str, ...] | None = None
+    device: str = "auto"
+    torch_threads: int | None = None
+    organ_codes: tuple[tuple[str, int], ...] = ()
+    allow_resample: bool = False
+    run_id: str = ""
+    fingerprint_sha: str = ""
+
+    def session_key(self) -> tuple[Any, ...]:
+        return (self.config, self.checkpoint, self.methods, self.device, self.torch_threads)
+
+
+def scan_dir(out_dir: str | os.PathLike[str], task: ScanTask) -> Path:
+    return Path(out_dir) / SCANS / task.folder
+
+
+def is_done(folder: Path, fingerprint_sha: str | None = None) -> bool:
+    """A scan is finished iff its folder holds the done marker (written after the folder was renamed into place),
+    made with the given settings fingerprint when one is given."""
+    if fingerprint_sha is None:
+        return (folder / DONE).is_file()
+    d = read_done(folder)
+    return d is not None and d.get("fingerprint_sha") == fingerprint_sha
+
+
+def read_done(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((folder / DONE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_leftovers(scans: Path, folder: str) -> int:
+    """Delete temporary folders a killed process left for this scan (``.<folder>.XXXXXXXX.partial`` / ``.old``)."""
+    pat = re.compile(r"\." + re.escape(folder) + r"\.[a-z0-9_]{8}\.(partial|old)")
+    n = 0
+    try:
+        entries = list(scans.iterdir())
+    except OSError:
+        return 0
+    for p in entries:
+        if pat.fullmatch(p.name) and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+            n += 1
+    return n
+
+
+def clear_sessions() -> None:
+    """Forget the cached sessions of this process."""
+    with _LOCK:
+        _SESSIONS.clear()
+
+
+def _worker_threads() -> int | None:
+    try:
+        from distributed import get_worker
+
+        return int(get_worker().state.nthreads)
+    except (ImportError, ValueError, AttributeError):
+        return None
+
+
+def _worker_address() -> str | None:
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().address)
+    except (ImportError, ValueError, AttributeError):
+        return None
+
+
+def _set_threads(n: int | None) -> None:
+    import torch
+
+    if n and torch.get_num_threads() != int(n):
+        torch.set_num_threads(max(1, int(n)))
+
+
+def get_session(settings: BatchSettings) -> tuple[Any, bool]:
+    """This process's Session for ``settings`` and whether this call loaded it. Call with ``_LOCK`` held."""
+    key = settings.session_key()
+    if key in _SESSIONS:
+        return _SESSIONS[key], False
+    from ..pipeline import Session
+
+    _SESSIONS[key] = Session(settings.config, settings.checkpoint, settings.methods, settings.device)
+    return _SESSIONS[key], True
+
+
+def _organ_shares(session: Any, result: Any, organs: str, codes: dict[str, int]) -> dict[str, Any]:
+    from ..io import read_volume
+    from .organs import organ_fractions, shares_record
+
+    t0 = time.perf_counter()
+    lab_vol = read_volume(organs)
+    on_grid = session.preprocessor.preprocess_labels(lab_vol, like=result.grid)[0]  # [S, H, W]
+    exp = result.explanation
+    names, frac = organ_fractions(on_grid.as_tensor() if hasattr(on_grid, "as_tensor") else on_grid,
+                                  exp.map_size, codes)
+    raw = {m: exp.raw[m][0] for m in exp.methods}
+    rec = shares_record(raw, exp.classes, session.config.labels, names, frac, session.config.allowed_regions)
+    rec["codes"] = dict(codes)
+    rec["resolution"] = "feature"
+    rec["seconds"] = round(time.perf_counter() - t0, 4)
+    return rec
+
+
+def process_scan(task: ScanTask, settings: BatchSettings, attempt: int = 1) -> dict[str, Any]:
+    """Explain one scan into ``OUT/scans/<folder>/`` and return a small status record (never arrays).
+
+    The record: ``scan_id``, ``folder``, ``status`` (``done`` | ``skipped`` | ``failed``), ``error`` and
+    ``retryable`` (failed only: an :class:`InputError` is the scan's fault and not retried), ``seconds``,
+    ``model_loaded`` (this task loaded the model), ``pid``, ``host``, ``worker``, ``attempt``."""
+    t0 = time.perf_counter()
+    rec: dict[str, Any] = {"scan_id": task.scan_id, "folder": task.folder, "attempt": attempt, "pid": os.getpid(),
+                           "host": socket.gethostname(), "worker": _worker_address(), "model_loaded": False}
+    scans = Path(settings.out_dir) / SCANS
+    dest = scans / task.folder
+    if is_done(dest, settings.fingerprint_sha):
+        # finished by an earlier run (skipped), or by this run on a worker that died before Dask fetched the
+        # result, so that Dask computed the task again (done)
+        marker = read_done(dest) or {}
+        rec.update(status="done" if marker.get("run_id") == settings.run_id else "skipped", seconds=0.0,
+                   recovered=marker.get("run_id") == settings.run_id)
+        return rec
+    with _LOCK:
+        try:
+            remove_leftovers(scans, task.folder)
+            _set_threads(settings.torch_threads or _worker_threads())
+            session, loaded = get_session(settings)
+            rec["model_loaded"] = loaded
+            from ..pipeline import read_scan
+
+            volume, t_read = read_scan(task.path, allow_resample=settings.allow_resample)
+            result = session.explain_volume(volume, settings.classes, read_seconds=t_read)
+            extra: dict[str, Any] = {"batch": {"scan_id": task.scan_id, "folder": task.folder,
+                                               "run_id": settings.run_id}}
+            if task.organs:
+                extra["organ_shares"] = _organ_shares(session, result, task.organs, dict(settings.organ_codes))
+            session.write(result, dest, settings.classes, settings.full_res, extra=extra)
+            _fsync_dir(scans)
+            _write_json_atomic({
+                "scan_id": task.scan_id, "run_id": settings.run_id, "fingerprint_sha": settings.fingerprint_sha,
+                "attempt": attempt, "pid": os.getpid(),
+                "host": rec["host"], "worker": rec["worker"],
+                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }, dest / DONE)
+            rec["status"] = "done"
+        except InputError as e:
+            rec.update(status="failed", error=str(e), error_type="InputError", retryable=False)
+        except Exception as e:  # noqa: BLE001 - a scan's failure must not stop the cohort
+            tb = traceback.format_exception(type(e), e, e.__traceback__)
+            rec.update(status="failed", error=f"{type(e).__name__}: {e}", error_type=type(e).__name__,
+                       retryable=True, traceback="".join(tb[-6:])[-4000:])
+    rec["seconds"] = round(time.perf_counter() - t0, 4)
+    return rec
+
+
+def settings_dict(settings: BatchSettings) -> dict[str, Any]:
+    d = asdict(settings)
+    d["organ_codes"] = dict(settings.organ_codes)
+    return d

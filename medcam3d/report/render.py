@@ -1,0 +1,271 @@
+"""The cohort report: one self-contained HTML file (images embedded), optional PDF, and the (scan, class) table.
+
+Every text field goes through jinja2 autoescaping; the page carries no script and a Content-Security-Policy that
+forbids scripts and remote loads, so a scan id such as ``<script>alert(1)</script>`` is shown as text.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..errors import InputError
+from .collect import Cohort, collect, table_rows
+
+__all__ = ["ReportFiles", "write_report", "write_table", "render_html", "cohort_stats"]
+
+HTML_NAME = "cohort_report.html"
+PDF_NAME = "cohort_report.pdf"
+TABLE_NAME = "cohort_table"
+
+
+@dataclass
+class ReportFiles:
+    html: Path
+    csv: Path
+    parquet: Path | None = None
+    pdf: Path | None = None
+
+
+def _atomic_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return repr(v)
+    return str(v)
+
+
+def write_table(cols: Sequence[str], rows: Sequence[dict[str, Any]], stem: Path) -> tuple[Path, Path | None]:
+    """``<stem>.csv`` always; ``<stem>.parquet`` too when pyarrow is installed."""
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(cols)
+    for r in rows:
+        w.writerow([_fmt(r.get(c)) for c in cols])
+    csv_path = stem.with_suffix(".csv")
+    _atomic_bytes(csv_path, buf.getvalue().encode("utf-8"))
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        return csv_path, None
+    table = pa.Table.from_pylist([{c: r.get(c) for c in cols} for r in rows],
+                                 schema=_schema(pa, cols, rows)) if rows else pa.table({c: [] for c in cols})
+    pq_path = stem.with_suffix(".parquet")
+    fd, tmp = tempfile.mkstemp(dir=pq_path.parent, prefix=f".{pq_path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, pq_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return csv_path, pq_path
+
+
+def _schema(pa: Any, cols: Sequence[str], rows: Sequence[dict[str, Any]]) -> Any:
+    fields = []
+    for c in cols:
+        vals = [r.get(c) for r in rows if r.get(c) is not None]
+        if c in ("scan_id", "label", "certificate", "input_path"):
+            t = pa.string()
+        elif c in ("class_index", "predicted", "full_resolution") or (vals and all(isinstance(v, int) for v in vals)):
+            t = pa.int64()
+        else:
+            t = pa.float64()
+        fields.append(pa.field(c, t))
+    return pa.schema(fields)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# statistics
+# ---------------------------------------------------------------------------------------------------------------
+def _finite(xs: Sequence[Any]) -> list[float]:
+    return [float(x) for x in xs if x is not None and math.isfinite(float(x))]
+
+
+def _mean(xs: Sequence[Any]) -> float | None:
+    f = _finite(xs)
+    return sum(f) / len(f) if f else None
+
+
+def _median(xs: Sequence[Any]) -> float | None:
+    f = sorted(_finite(xs))
+    if not f:
+        return None
+    n = len(f)
+    return f[n // 2] if n % 2 else 0.5 * (f[n // 2 - 1] + f[n // 2])
+
+
+def cohort_stats(cohort: Cohort, rows: Sequence[dict[str, Any]], disagree_below: float,
+                 flag_outside: float) -> dict[str, Any]:
+    """Per-class numbers of the cohort pages."""
+    by_label: dict[str, list[dict[str, Any]]] = {lab: [] for lab in cohort.labels}
+    for r in rows:
+        by_label.setdefault(r["label"], []).append(r)
+    methods = cohort.methods
+    classes, disagreement, where = [], [], []
+    for lab in cohort.labels:
+        rs = by_label[lab]
+        pos = sum(r["predicted"] for r in rs)
+        classes.append({"label": lab, "n": len(rs), "positive": pos, "rate": pos / len(rs) if rs else None,
+                        "mean_score": _mean([r["score"] for r in rs]),
+                        "median_score": _median([r["score"] for r in rs]),
+                        "mean_probability": _mean([r["probability"] for r in rs]),
+                        "max_residual": max((abs(r["relative_residual"]) for r in rs
+                                             if r["relative_residual"] is not None), default=None)})
+        over = [r["top_overlap"] for r in rs if r["top_overlap"] is not None]
+        disagreement.append({"label": lab, "n": len(over), "median_l2": _median([r["l2"] for r in rs]),
+                             "mean_pearson": _mean([r["pearson"] for r in rs]), "mean_top_overlap": _mean(over),
+                             "disagree_rate": (sum(o < disagree_below for o in over) / len(over)) if over else None})
+        entry: dict[str, Any] = {"label": lab, "allowed": cohort.allowed.get(lab), "shares": {}, "outside": {},
+                                 "n": 0}
+        for m in methods:
+            entry["shares"][m] = [_mean([r.get(f"share_{m}_{o}") for r in rs]) for o in cohort.organs]
+            entry["outside"][m] = _mean([r.get(f"outside_allowed_{m}") for r in rs])
+        entry["n"] = sum(1 for r in rs if methods and r.get(f"share_{methods[0]}_{cohort.organs[0]}") is not None) \
+            if cohort.organs else 0
+        first = entry["outside"].get(methods[0]) if methods else None
+        entry["flagged"] = first is not None and first > flag_outside
+        where.append(entry)
+    where.sort(key=lambda e: (e["outside"].get(methods[0]) is None if methods else True,
+                              -(e["outside"].get(methods[0]) or 0.0) if methods else 0.0, e["label"]))
+    return {"classes": classes, "disagreement": disagreement, "where": where}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# HTML
+# ---------------------------------------------------------------------------------------------------------------
+def _env() -> Any:
+    try:
+        import jinja2
+    except ImportError:
+        raise InputError("the report needs jinja2: pip install 'medcam3d[reports]'") from None
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(Path(__file__).resolve().parent / "templates")),
+        autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+    )
+
+    def num(v: Any, fmt: str = ".3f") -> str:
+        if v is None or (isinstance(v, float) and not math.isfinite(v)):
+            return "–"
+        return format(v, fmt)
+
+    def pct(v: Any) -> str:
+        return "–" if v is None else f"{100 * v:.0f} %"
+
+    env.filters["num"] = num
+    env.filters["pct"] = pct
+    return env
+
+
+def _scan_sections(cohort: Cohort, max_scans: int, findings: int, montages: int, thumb_width: int) -> list[dict]:
+    from ..outputs import montage_name
+    from .plots import data_uri, thumbnail
+
+    out = []
+    for s in cohort.scans[:max_scans]:
+        cls = sorted(s.classes, key=lambda c: (-float(c.get("probability") or 0.0), c["index"]))
+        top = cls[:findings]
+        images = []
+        for c in sorted((c for c in s.classes if c.get("full_resolution")), key=lambda c: (-c["score"], c["index"])):
+            if len(images) >= montages:
+                break
+            p = s.folder / montage_name(int(c["index"]), c["label"])
+            if p.is_file():
+                images.append({"label": c["label"], "score": c["score"], "probability": c["probability"],
+                               "src": data_uri(thumbnail(p, thumb_width), "image/jpeg")})
+        inp = s.summary.get("input") or {}
+        out.append({"scan_id": s.scan_id, "anchor": f"scan-{s.folder.name}", "top": top, "images": images,
+                    "positives": [c["label"] for c in cls if c.get("predicted")],
+                    "shape": inp.get("shape"), "spacing": inp.get("spacing_mm"), "path": inp.get("path"),
+                    "shares": (s.summary.get("organ_shares") or {}).get("classes") or {}})
+    return out
+
+
+def render_html(cohort: Cohort, cols: Sequence[str], rows: Sequence[dict[str, Any]], *, title: str,
+                max_scans: int = 200, findings: int = 5, montages: int = 2, thumb_width: int = 900,
+                disagree_below: float = 0.5, flag_outside: float = 0.5, include_paths: bool = False) -> str:
+    from .plots import data_uri, disagreement_figure, organ_shares_figure, score_distribution
+
+    stats = cohort_stats(cohort, rows, disagree_below, flag_outside)
+    labels = cohort.labels
+    figures: dict[str, str] = {}
+    if rows:
+        scores = {lab: [r["score"] for r in rows if r["label"] == lab and r["score"] is not None] for lab in labels}
+        thr = cohort.model.get("threshold")
+        thr_score = math.log(thr / (1 - thr)) if isinstance(thr, (int, float)) and 0 < thr < 1 else None
+        figures["scores"] = data_uri(score_distribution(labels, scores, thr_score))
+        top = {lab: [r["top_overlap"] for r in rows if r["label"] == lab and r["top_overlap"] is not None]
+               for lab in labels}
+        if any(top.values()):
+            figures["overlap"] = data_uri(disagreement_figure(labels, top, "top-10 % overlap (1 = same locations)"))
+        if cohort.organs and cohort.methods:
+            for m in cohort.methods:
+                means = {e["label"]: [v if v is not None else 0.0 for v in e["shares"][m]] for e in stats["where"]}
+                if any(e["n"] for e in stats["where"]):
+                    figures[f"organs_{m}"] = data_uri(organ_shares_figure(labels, cohort.organs, means, m))
+    env = _env()
+    tpl = env.get_template("report.html.j2")
+    return tpl.render(
+        title=title, created=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), cohort=cohort,
+        stats=stats, figures=figures, scans=_scan_sections(cohort, max_scans, findings, montages, thumb_width),
+        n_rows=len(rows), max_scans=max_scans, disagree_below=disagree_below, flag_outside=flag_outside,
+        include_paths=include_paths, methods=cohort.methods, organs=cohort.organs,
+        has_shares=any(e["n"] for e in stats["where"]),
+    )
+
+
+def _weasyprint() -> Any:
+    try:
+        import weasyprint
+    except (ImportError, OSError):  # OSError: the package is there but its system libraries (pango) are not
+        raise InputError("--pdf needs weasyprint: pip install 'medcam3d[pdf]' (and its system libraries, "
+                         "e.g. Debian: apt-get install libpango-1.0-0 libpangoft2-1.0-0)") from None
+    return weasyprint
+
+
+def write_report(root: str | Path, *, html: str | Path | None = None, pdf: bool | str | Path = False,
+                 include_paths: bool = False, title: str | None = None, max_scans: int = 200, findings: int = 5,
+                 montages: int = 2, disagree_below: float = 0.5, flag_outside: float = 0.5) -> ReportFiles:
+    """Write ``cohort_report.html`` (or ``html``), ``cohort_table.csv`` (+ ``.parquet`` with pyarrow) and, with
+    ``pdf``, ``cohort_report.pdf`` (weasyprint) for the batch folder ``root``."""
+    weasyprint = _weasyprint() if pdf else None  # fail before writing anything
+    cohort = collect(root, include_paths=include_paths)
+    cols, rows = table_rows(cohort, include_paths=include_paths)
+    csv_path, pq_path = write_table(cols, rows, cohort.root / TABLE_NAME)
+    page = render_html(cohort, cols, rows, title=title or "medcam3d cohort report", max_scans=max_scans,
+                       findings=findings, montages=montages, disagree_below=disagree_below,
+                       flag_outside=flag_outside, include_paths=include_paths)
+    html_path = Path(html).expanduser().resolve() if html else cohort.root / HTML_NAME
+    html_path.parent.mkdir(parents=True, exist_ok=True)
+    files = ReportFiles(html_path, csv_path, pq_path)
+    pdf_path = None
+    if weasyprint is not None:
+        pdf_path = Path(pdf).expanduser().resolve() if not isinstance(pdf, bool) else html_path.with_suffix(".pdf")
+        data = weasyprint.HTML(string=page, base_url=str(cohort.root)).write_pdf()
+        _atomic_bytes(pdf_path, data)
+        files.pdf = pdf_path
+    _atomic_bytes(html_path, page.encode("utf-8"))
+    return files
