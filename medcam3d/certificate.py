@@ -208,8 +208,11 @@ def certify(
         head: ``"fx"`` or ``"rerun"``.
         checked: False when certification was switched off (kind ``"unchecked"``; residuals are NaN).
     """
-    s = scores.double()
-    s0 = baseline.double()
+    # evidence is small ([K] or [B, K]): decide on the CPU whatever device the maps were computed on
+    jac_diff, spat_var = jac_diff.detach().cpu(), spat_var.detach().cpu()
+    contribution, abs_contribution = contribution.detach().cpu(), abs_contribution.detach().cpu()
+    s = scores.detach().cpu().double()
+    s0 = baseline.detach().cpu().double()
     residual = s - s0 - contribution
     scale = s.abs() + s0.abs() + abs_contribution
     rel = _safe_ratio(residual.abs(), scale)

@@ -471,7 +471,9 @@ class Explainer:
                 with torch.no_grad():
                     baseline = self._scores(head(torch.zeros_like(hooked)), batch)[:, class_idx]
             else:
-                baseline = torch.full((batch, len(class_idx)), float("nan"), dtype=scores_all.dtype)
+                baseline = torch.full(
+                    (batch, len(class_idx)), float("nan"), dtype=scores_all.dtype, device=scores_all.device
+                )
             timings["probes"] = time.perf_counter() - t1
             t2 = time.perf_counter()
             raw_chunks: dict[str, list[Tensor]] = {m: [] for m in self.methods}
