@@ -11,12 +11,10 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pydicom
 import pytest
 import torch
-from pydicom.uid import generate_uid
+from scan_files import bad_inputs, phantom_to_dicom
 
-from bad_inputs import CT_SMALL, bad_inputs
 from medcam3d import Explainer
 from medcam3d.cli import main
 from medcam3d.config import load_config
@@ -171,33 +169,6 @@ def test_refuses_to_replace_a_foreign_folder(tmp_path, scan, untrained_config):
     assert [p.name for p in out.iterdir()] == ["thesis.docx"]
 
 
-def phantom_to_dicom(hu: np.ndarray, affine: np.ndarray, folder: Path) -> None:
-    """Write an SPL-ordered phantom [S, P, L] as an axial DICOM series (one file per slice), using pydicom's
-    CT_small.dcm as the template. DICOM patient coordinates are LPS."""
-    folder.mkdir(parents=True)
-    tmpl = pydicom.dcmread(CT_SMALL)
-    series = generate_uid()
-    ras_to_lps = np.diag([-1.0, -1.0, 1.0])
-    col_dir = ras_to_lps @ affine[:3, 2] / np.linalg.norm(affine[:3, 2])  # along columns (array axis 2)
-    row_dir = ras_to_lps @ affine[:3, 1] / np.linalg.norm(affine[:3, 1])  # down rows (array axis 1)
-    for k in range(hu.shape[0]):
-        ds = tmpl.copy()
-        origin = ras_to_lps @ (affine @ np.array([k, 0, 0, 1.0]))[:3]
-        ds.SeriesInstanceUID = series
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.InstanceNumber = k + 1
-        ds.Rows, ds.Columns = hu.shape[1], hu.shape[2]
-        ds.PixelSpacing = [float(np.linalg.norm(affine[:3, 1])), float(np.linalg.norm(affine[:3, 2]))]
-        ds.SliceThickness = float(np.linalg.norm(affine[:3, 0]))
-        ds.ImageOrientationPatient = [*map(float, col_dir), *map(float, row_dir)]
-        ds.ImagePositionPatient = [float(v) for v in origin]
-        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.PixelData = np.round(hu[k] + 1024).astype(np.int16).tobytes()
-        ds.save_as(folder / f"slice_{k:03d}.dcm")
-
-
 def test_dicom_folder_input(tmp_path, untrained_config):
     ph = make_phantom(12, shape=SHAPE, spacing=SPACING, prevalence=0.0)
     phantom_to_dicom(ph.hu, ph.affine, tmp_path / "dicom")
@@ -256,7 +227,7 @@ def test_every_bad_input_exits_2_and_writes_nothing(tmp_path, untrained_config, 
 
 
 def test_internal_error_exits_1_with_a_hint(monkeypatch, scan, untrained_config, tmp_path, capsys):
-    import medcam3d.pipeline as pipeline
+    from medcam3d import pipeline
 
     def broken(*a, **k):
         raise ZeroDivisionError("boom")

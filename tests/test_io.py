@@ -18,8 +18,8 @@ import pydicom
 import pydicom.data
 import pytest
 import SimpleITK as sitk
+from scan_files import CT5N, CT_SMALL, bad_inputs, copy_series, save_nifti
 
-from bad_inputs import CT5N, CT_SMALL, bad_inputs, copy_series, save_nifti
 from medcam3d.errors import InputError
 from medcam3d.io import (
     Volume,

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from scan_files import phantom_to_dicom
 from test_batch import SHAPE, SPACING, make_configs
-from test_cli import phantom_to_dicom
 
 from medcam3d.cli import main
 from medcam3d.data import make_phantom, write_nifti

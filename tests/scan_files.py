@@ -1,4 +1,4 @@
-"""Shared test data: malformed scans of every kind (used by the IO and command-line tests)."""
+"""Shared test data: scans written as files -- malformed scans of every kind, phantoms as DICOM series."""
 
 from __future__ import annotations
 
@@ -125,3 +125,30 @@ def bad_inputs(tmp: Path) -> dict[str, tuple[Path, str]]:
     shutil.copy(CT_SMALL, d / "one_slice" / "only.dcm")
     cases["DICOM folder with one 2-D slice"] = (d / "one_slice", "is a single 2-D slice")
     return cases
+
+
+def phantom_to_dicom(hu: np.ndarray, affine: np.ndarray, folder: Path) -> None:
+    """Write an SPL-ordered phantom [S, P, L] as an axial DICOM series (one file per slice), using pydicom's
+    CT_small.dcm as the template. DICOM patient coordinates are LPS."""
+    folder.mkdir(parents=True)
+    tmpl = pydicom.dcmread(CT_SMALL)
+    series = generate_uid()
+    ras_to_lps = np.diag([-1.0, -1.0, 1.0])
+    col_dir = ras_to_lps @ affine[:3, 2] / np.linalg.norm(affine[:3, 2])  # along columns (array axis 2)
+    row_dir = ras_to_lps @ affine[:3, 1] / np.linalg.norm(affine[:3, 1])  # down rows (array axis 1)
+    for k in range(hu.shape[0]):
+        ds = tmpl.copy()
+        origin = ras_to_lps @ (affine @ np.array([k, 0, 0, 1.0]))[:3]
+        ds.SeriesInstanceUID = series
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = k + 1
+        ds.Rows, ds.Columns = hu.shape[1], hu.shape[2]
+        ds.PixelSpacing = [float(np.linalg.norm(affine[:3, 1])), float(np.linalg.norm(affine[:3, 2]))]
+        ds.SliceThickness = float(np.linalg.norm(affine[:3, 0]))
+        ds.ImageOrientationPatient = [*map(float, col_dir), *map(float, row_dir)]
+        ds.ImagePositionPatient = [float(v) for v in origin]
+        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.PixelData = np.round(hu[k] + 1024).astype(np.int16).tobytes()
+        ds.save_as(folder / f"slice_{k:03d}.dcm")
