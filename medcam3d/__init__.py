@@ -22,15 +22,15 @@ from .methods import METHODS, register_method
 __version__ = "0.1.0"
 
 __all__ = [
-    "Explainer",
-    "explain",
-    "Explanation",
-    "Certificate",
-    "InputError",
     "METHODS",
-    "register_method",
+    "Certificate",
     "ChannelsFirst",
     "ChannelsLast",
+    "Explainer",
+    "Explanation",
+    "InputError",
     "SlicesAsBatch",
     "__version__",
+    "explain",
+    "register_method",
 ]

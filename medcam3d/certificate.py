@@ -30,14 +30,14 @@ from .heatmaps import normalize
 
 __all__ = [
     "Certificate",
-    "jacobian_difference",
-    "spatial_variation",
+    "certify",
     "contribution_sums",
     "default_tolerance",
-    "certify",
     "disagreement",
+    "jacobian_difference",
     "l2_distance",
     "pearson",
+    "spatial_variation",
     "top_overlap",
 ]
 

@@ -11,13 +11,14 @@ import argparse
 import importlib
 import sys
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from . import __version__
 from .errors import InputError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["build_parser", "main"]
 
 EXPLAIN_EXAMPLES = """examples:
   medcam3d explain scan.nii.gz                       # embedded demo model, all classes, outputs in ./scan_medcam3d

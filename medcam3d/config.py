@@ -40,21 +40,22 @@ from __future__ import annotations
 import inspect
 import math
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from .errors import InputError
 
 __all__ = [
+    "TOP_LEVEL_KEYS",
     "Config",
-    "load_config",
     "available_configs",
+    "instantiate_transform",
+    "load_config",
     "resolve_package_path",
     "resolve_transform",
-    "instantiate_transform",
-    "TOP_LEVEL_KEYS",
 ]
 
 TOP_LEVEL_KEYS = (
@@ -97,7 +98,7 @@ def _yaml_load(text: str, where: Path | str) -> Any:
 
     _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
     try:
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - SafeLoader subclass
+        return yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark is not None else ""
@@ -108,7 +109,7 @@ def _yaml_load(text: str, where: Path | str) -> Any:
 # --- paths ------------------------------------------------------------------------------------------------------
 def resolve_package_path(spec: str, where: Path | str | None = None) -> Path:
     """``"package:PKG/rel/path"`` -> the file inside the installed package ``PKG`` (need not exist yet)."""
-    rest = spec[len(_PACKAGE_PREFIX):] if spec.startswith(_PACKAGE_PREFIX) else spec
+    rest = spec.removeprefix(_PACKAGE_PREFIX)
     pkg, _, rel = rest.partition("/")
     if not pkg or not rel:
         raise InputError(f"package path {spec!r} must look like 'package:PKG/relative/path'", where)
@@ -151,18 +152,23 @@ def _locate(path_or_name: str | os.PathLike[str]) -> Path:
 def resolve_transform(name: Any, where: Path | str | None = None, item: str = "") -> type:
     """The ``monai.transforms`` array-transform class called ``name`` (or ``monai.transforms.NAME``)."""
     import monai.transforms as mt
-    from monai.transforms import InvertibleTransform, MapTransform, Randomizable, Transform
+    from monai.transforms import (
+        InvertibleTransform,
+        MapTransform,
+        Randomizable,
+        Transform,
+    )
 
     if not isinstance(name, str) or not name:
         raise InputError(f"{item}_target_ must be a transform name, got {name!r}", where)
-    short = name[len("monai.transforms."):] if name.startswith("monai.transforms.") else name
+    short = name.removeprefix("monai.transforms.")
     cls = getattr(mt, short, None) if "." not in short else None
     if not inspect.isclass(cls) or not issubclass(cls, Transform):
         raise InputError(f"{item}unknown transform {name!r} (expected a class of monai.transforms, e.g. "
                          "Orientation, Spacing, ScaleIntensityRange, ResizeWithPadOrCrop)", where)
     if issubclass(cls, MapTransform):
         raise InputError(f"{item}{short} is a dictionary transform; use the array version "
-                         f"({short[:-1] if short.endswith('d') else short})", where)
+                         f"({short.removesuffix('d')})", where)
     if cls.__module__ not in _ALLOWED_MODULES or short in _REFUSED:
         raise InputError(f"{item}transform {short} ({cls.__module__}) is not allowed in preprocessing; use spatial, "
                          "crop/pad, intensity or utility array transforms", where)
@@ -208,7 +214,7 @@ def instantiate_transform(spec: Mapping[str, Any], where: Path | str | None = No
         sig.bind(**args)
     except TypeError as e:
         raise InputError(f"{item}{cls.__name__}: bad arguments ({e})", where) from None
-    if "lazy" in args and args["lazy"]:
+    if args.get("lazy"):
         raise InputError(f"{item}{cls.__name__}: lazy resampling is not supported", where)
     try:
         return cls(**args)
@@ -259,7 +265,7 @@ class Config:
 
     # construction ------------------------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, data: Any, path: str | os.PathLike[str] | None = None) -> "Config":
+    def from_dict(cls, data: Any, path: str | os.PathLike[str] | None = None) -> Config:
         """Validate a parsed config (``path`` is used in messages and to resolve relative weights)."""
         where: Path | str = Path(path) if path is not None else "<config>"
         if not isinstance(data, Mapping):
@@ -374,7 +380,9 @@ class Config:
         config's ``labels``, ``target_layer`` and ``layout`` on it (``medcam3d_*`` instance attributes).
 
         Raises :class:`InputError` naming the config if the weights file is missing."""
-        from .models import build_model  # lazy: models sit in a lower layer but are heavy to import
+        from .models import (
+            build_model,  # lazy: models sit in a lower layer but are heavy to import
+        )
 
         wp = self.weights_path
         if wp is not None and not wp.exists():

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.fx
@@ -405,7 +406,7 @@ class Explainer:
         return _RerunHead(self.model, self.layer)
 
     # -- context manager ------------------------------------------------------------------------------------
-    def __enter__(self) -> "Explainer":
+    def __enter__(self) -> Explainer:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -129,7 +130,7 @@ class Explanation:
         return disagreement(self._raw(a, None), self._raw(b, None), fraction)
 
     # -- housekeeping ----------------------------------------------------------------------------------------
-    def to(self, device: torch.device | str) -> "Explanation":
+    def to(self, device: torch.device | str) -> Explanation:
         """A copy with every tensor moved to ``device``."""
 
         def mv(t: Any) -> Any:
@@ -143,7 +144,7 @@ class Explanation:
             gradients=mv(self.gradients),
         )
 
-    def cpu(self) -> "Explanation":
+    def cpu(self) -> Explanation:
         return self.to("cpu")
 
     def __repr__(self) -> str:

@@ -12,13 +12,13 @@ A map with no positive evidence (constant after ReLU) becomes all zeros, never N
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["normalize", "upsample", "to_heatmap", "iter_heatmaps"]
+__all__ = ["iter_heatmaps", "normalize", "to_heatmap", "upsample"]
 
 _MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
 

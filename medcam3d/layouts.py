@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .errors import InputError
 
-__all__ = ["Layout", "ChannelsFirst", "SlicesAsBatch", "ChannelsLast", "resolve_layout"]
+__all__ = ["ChannelsFirst", "ChannelsLast", "Layout", "SlicesAsBatch", "resolve_layout"]
 
 
 @runtime_checkable

@@ -18,28 +18,28 @@ Methods are registered by name in :data:`METHODS`; :func:`register_method` adds 
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 __all__ = [
-    "Method",
     "METHODS",
-    "register_method",
-    "get_method",
-    "hirescam",
-    "gradcam",
+    "Method",
     "cam",
+    "get_method",
+    "gradcam",
     "gradcampp",
-    "xgradcam",
+    "hirescam",
     "layercam",
+    "register_method",
+    "xgradcam",
 ]
 
 Method = Callable[[Tensor, Tensor], Tensor]
 """``method(activations [B, F, *S], gradients [B, K, F, *S]) -> raw [B, K, *S]``."""
 
-METHODS: Dict[str, Method] = {}
+METHODS: dict[str, Method] = {}
 
 _EPS = 1e-12
 

@@ -24,27 +24,28 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
 from .errors import InputError
 
 __all__ = [
-    "SUMMARY",
     "SCORES",
+    "SUMMARY",
     "WINDOWS",
     "class_stem",
-    "lowres_name",
     "fullres_name",
+    "lowres_name",
     "montage_name",
     "output_folder",
-    "write_scores_csv",
-    "write_json",
-    "to_spl",
     "render_montage",
+    "to_spl",
+    "write_json",
+    "write_scores_csv",
 ]
 
 SUMMARY = "summary.json"

@@ -11,11 +11,12 @@ import hashlib
 import json
 import platform
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ from .outputs import (
 )
 from .preprocess import Preprocessor
 
-__all__ = ["DEFAULT_CONFIG", "Session", "ScanResult", "select_classes", "explain_scan", "read_scan", "resolve_device"]
+__all__ = ["DEFAULT_CONFIG", "ScanResult", "Session", "explain_scan", "read_scan", "resolve_device", "select_classes"]
 
 DEFAULT_CONFIG = "demo_axialnet"
 DEFAULT_METHODS = ("hirescam", "gradcam")

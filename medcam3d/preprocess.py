@@ -20,7 +20,8 @@ network-grid voxels along (S, H, W) before any crop/pad; otherwise :class:`Input
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -87,7 +88,7 @@ class Preprocessor:
         self._label_transforms: list[Any] | None = None
 
     @classmethod
-    def from_config(cls, cfg: "Config") -> "Preprocessor":
+    def from_config(cls, cfg: Config) -> Preprocessor:
         """The preprocessing of a :class:`~medcam3d.config.Config`."""
         return cls(cfg.preprocessing, input_size=cfg.input_size, min_size=cfg.min_size, where=cfg.where)
 

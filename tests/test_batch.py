@@ -226,7 +226,11 @@ def test_command_line_errors_write_nothing(tmp_path, cohort, configs, capsys):
 
 
 def test_slurm_yaml_to_cluster_kwargs(tmp_path, monkeypatch):
-    from medcam3d.batch.slurm import read_slurm_config, slurm_cluster_kwargs, start_slurm_cluster
+    from medcam3d.batch.slurm import (
+        read_slurm_config,
+        slurm_cluster_kwargs,
+        start_slurm_cluster,
+    )
 
     f = tmp_path / "slurm.yaml"
     f.write_text("jobs: 3\ncores: 8\nprocesses: 2\nmemory: 32GB\nwalltime: '02:00:00'\nqueue: cpu\naccount: rad\n"

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from core_nets import ConvFC, ConvMLP, TinyAxial
 from torch import nn
 
-from core_nets import ConvFC, ConvMLP, TinyAxial
 from medcam3d import explain
 
 captum_attr = pytest.importorskip("captum.attr")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from core_nets import ConvFC, ConvGAP, ConvMLP, Identity8, TinyAxial
 from torch import nn
 
-from core_nets import ConvFC, ConvGAP, ConvMLP, Identity8, TinyAxial
 from medcam3d import Explainer, InputError, explain
 from medcam3d.heatmaps import normalize
 

@@ -21,13 +21,13 @@ import csv
 import hashlib
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from ..errors import InputError
 
-__all__ = ["ScanTask", "BadRow", "read_cohort", "read_manifest", "scan_folder", "folder_name", "shard", "parse_shard"]
+__all__ = ["BadRow", "ScanTask", "folder_name", "parse_shard", "read_cohort", "read_manifest", "scan_folder", "shard"]
 
 SCAN_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 _ID_NAMES = ("scan_id", "id", "scan", "case_id", "name")

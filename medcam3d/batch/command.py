@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import InputError
 
-__all__ = ["register", "cmd_batch"]
+__all__ = ["cmd_batch", "register"]
 
 EXAMPLES = """examples:
   medcam3d batch cohort.csv --out audit/                        # embedded Dask cluster, CPU workers

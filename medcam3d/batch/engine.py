@@ -25,18 +25,36 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 from ..errors import InputError
 from .cohort import BadRow, ScanTask, read_cohort, shard
-from .worker import SCANS, BatchSettings, process_scan, read_done, scan_dir, settings_dict
+from .worker import (
+    SCANS,
+    BatchSettings,
+    process_scan,
+    read_done,
+    scan_dir,
+    settings_dict,
+)
 
-__all__ = ["EngineOptions", "BatchResult", "run_batch", "run_loop", "run_dask", "local_cluster",
-           "default_workers", "FAILURES", "BATCH_FILE", "fingerprint"]
+__all__ = [
+    "BATCH_FILE",
+    "FAILURES",
+    "BatchResult",
+    "EngineOptions",
+    "default_workers",
+    "fingerprint",
+    "local_cluster",
+    "run_batch",
+    "run_dask",
+    "run_loop",
+]
 
 FAILURES = "failures.jsonl"
 BATCH_FILE = "medcam3d_batch.json"

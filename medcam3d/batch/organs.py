@@ -19,7 +19,8 @@ Allowed regions (the AxialNet paper's idea: a lung finding should rest on the lu
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -29,7 +29,7 @@ from typing import Any
 from ..errors import InputError
 from .cohort import ScanTask
 
-__all__ = ["BatchSettings", "process_scan", "is_done", "DONE", "SCANS", "scan_dir", "read_done", "clear_sessions"]
+__all__ = ["DONE", "SCANS", "BatchSettings", "clear_sessions", "is_done", "process_scan", "read_done", "scan_dir"]
 
 DONE = ".done"
 SCANS = "scans"

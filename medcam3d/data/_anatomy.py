@@ -16,7 +16,7 @@ import numpy as np
 
 from ._grid import REF_FOV_MM, Grid, smooth_field
 
-__all__ = ["RIGHT", "LEFT", "Anatomy", "Heart", "Lung", "Scene", "draw_anatomy", "lung_cavity", "build_scene"]
+__all__ = ["LEFT", "RIGHT", "Anatomy", "Heart", "Lung", "Scene", "build_scene", "draw_anatomy", "lung_cavity"]
 
 RIGHT, LEFT = -1, 1
 """Sign of patient-frame x on the patient's right and left."""

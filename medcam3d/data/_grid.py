@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["REF_FOV_MM", "FOV_CENTRE_RAS", "Grid", "smooth_field"]
+__all__ = ["FOV_CENTRE_RAS", "REF_FOV_MM", "Grid", "smooth_field"]
 
 REF_FOV_MM: tuple[float, float, float] = (300.0, 320.0, 320.0)
 """Extent in mm (inferior→superior, anterior→posterior, right→left) of the reference field of view."""

@@ -20,8 +20,8 @@ from ._grid import REF_FOV_MM
 __all__ = [
     "LABELS",
     "PAINT_ORDER",
-    "Lesion",
     "HeartChange",
+    "Lesion",
     "Marker",
     "draw_lesions",
     "draw_marker",

@@ -12,7 +12,15 @@ import numpy as np
 
 from ..errors import InputError
 from .nifti import atomic_write, write_nifti
-from .phantoms import DEFAULT_SHAPE, LABELS, Phantom, PhantomSpec, draw_labels, draw_spec, render
+from .phantoms import (
+    DEFAULT_SHAPE,
+    LABELS,
+    Phantom,
+    PhantomSpec,
+    draw_labels,
+    draw_spec,
+    render,
+)
 
 __all__ = ["PhantomDataset", "make_dataset"]
 

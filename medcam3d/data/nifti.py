@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import InputError
 from .phantoms import LABELS, MARKER_BIT, ORGAN_CODES, Phantom
 
-__all__ = ["write_nifti", "nifti_stem"]
+__all__ = ["nifti_stem", "write_nifti"]
 
 _INT16 = np.iinfo(np.int16)
 

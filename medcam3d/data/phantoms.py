@@ -40,22 +40,30 @@ from scipy import ndimage
 from ..errors import InputError
 from ._anatomy import LEFT, RIGHT, Anatomy, build_scene, draw_anatomy
 from ._grid import REF_FOV_MM, Grid
-from ._lesions import LABELS, PAINT_ORDER, HeartChange, Lesion, Marker, draw_lesions, draw_marker
+from ._lesions import (
+    LABELS,
+    PAINT_ORDER,
+    HeartChange,
+    Lesion,
+    Marker,
+    draw_lesions,
+    draw_marker,
+)
 
 __all__ = [
-    "LABELS",
-    "ORGANS",
-    "ORGAN_CODES",
-    "MARKER_BIT",
     "BLUR_REACH",
     "DEFAULT_SHAPE",
+    "LABELS",
+    "MARKER_BIT",
+    "ORGANS",
+    "ORGAN_CODES",
+    "CleverHans",
     "Phantom",
     "PhantomSpec",
-    "CleverHans",
     "draw_labels",
     "draw_spec",
-    "render",
     "make_phantom",
+    "render",
 ]
 
 ORGANS: tuple[str, ...] = ("body", "right_lung", "left_lung", "heart", "spine", "ribs")

@@ -12,24 +12,38 @@ from __future__ import annotations
 from .dicom import SeriesInfo, list_series
 from .dicom_export import write_parametric_map
 from .readers import read_volume
-from .volume import LPS_TO_RAS, Volume, affine_to_itk, check_min_size, itk_to_affine, spacing_from_affine
-from .writers import atomic_path, lowres_affine, read_lowres_labels, write_lowres_maps, write_map_like, write_nifti
+from .volume import (
+    LPS_TO_RAS,
+    Volume,
+    affine_to_itk,
+    check_min_size,
+    itk_to_affine,
+    spacing_from_affine,
+)
+from .writers import (
+    atomic_path,
+    lowres_affine,
+    read_lowres_labels,
+    write_lowres_maps,
+    write_map_like,
+    write_nifti,
+)
 
 __all__ = [
-    "Volume",
-    "read_volume",
-    "list_series",
+    "LPS_TO_RAS",
     "SeriesInfo",
+    "Volume",
+    "affine_to_itk",
+    "atomic_path",
     "check_min_size",
     "itk_to_affine",
-    "affine_to_itk",
-    "spacing_from_affine",
-    "LPS_TO_RAS",
-    "write_nifti",
-    "write_map_like",
+    "list_series",
     "lowres_affine",
-    "write_lowres_maps",
     "read_lowres_labels",
-    "atomic_path",
+    "read_volume",
+    "spacing_from_affine",
+    "write_lowres_maps",
+    "write_map_like",
+    "write_nifti",
     "write_parametric_map",
 ]

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from ..errors import InputError
 from .volume import Volume, itk_to_affine
 
-__all__ = ["itk_quiet", "first_line", "itk_image_checks", "volume_from_itk"]
+__all__ = ["first_line", "itk_image_checks", "itk_quiet", "volume_from_itk"]
 
 
 @contextmanager

@@ -36,7 +36,7 @@ from ._itk import itk_quiet as _itk_quiet
 from ._itk import volume_from_itk as _volume_from_itk
 from .volume import Volume, itk_to_affine
 
-__all__ = ["SeriesInfo", "list_series", "read_dicom_folder", "read_dicom_file", "is_dicom_file"]
+__all__ = ["SeriesInfo", "is_dicom_file", "list_series", "read_dicom_file", "read_dicom_folder"]
 
 
 @dataclass

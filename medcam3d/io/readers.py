@@ -35,7 +35,7 @@ from ._itk import first_line, itk_quiet, volume_from_itk
 from .dicom import is_dicom_file, read_dicom_file, read_dicom_folder
 from .volume import Volume
 
-__all__ = ["read_volume", "NIFTI_SUFFIXES", "ITK_SUFFIXES"]
+__all__ = ["ITK_SUFFIXES", "NIFTI_SUFFIXES", "read_volume"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -155,10 +155,10 @@ def _check_dims(shape: tuple[int, ...], p: Path) -> None:
 
 _SPACING_FIELDS = {
     # MetaImage: "ElementSpacing = 1 1 2"; NRRD: "spacings: 1 1 2" (NRRD files usually use "space directions")
-    ".mha": re.compile(rb"^\s*ElementSpacing\s*=\s*(.*)$", re.M),
-    ".mhd": re.compile(rb"^\s*ElementSpacing\s*=\s*(.*)$", re.M),
-    ".nrrd": re.compile(rb"^spacings:\s*(.*)$", re.M),
-    ".nhdr": re.compile(rb"^spacings:\s*(.*)$", re.M),
+    ".mha": re.compile(rb"^\s*ElementSpacing\s*=\s*(.*)$", re.MULTILINE),
+    ".mhd": re.compile(rb"^\s*ElementSpacing\s*=\s*(.*)$", re.MULTILINE),
+    ".nrrd": re.compile(rb"^spacings:\s*(.*)$", re.MULTILINE),
+    ".nhdr": re.compile(rb"^spacings:\s*(.*)$", re.MULTILINE),
 }
 
 

@@ -11,20 +11,21 @@ places where LPS is turned into RAS (negate the first two world axes) and back.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from os import PathLike
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from ..errors import InputError
 
 __all__ = [
+    "LPS_TO_RAS",
     "Volume",
+    "affine_to_itk",
     "check_min_size",
     "itk_to_affine",
-    "affine_to_itk",
-    "LPS_TO_RAS",
     "spacing_from_affine",
     "validate_affine",
 ]
@@ -145,7 +146,7 @@ class Volume:
         return MetaTensor(t, affine=torch.from_numpy(self.affine.copy()), meta=meta)
 
     @classmethod
-    def from_metatensor(cls, mt: Any, source: str | None = None) -> "Volume":
+    def from_metatensor(cls, mt: Any, source: str | None = None) -> Volume:
         """A Volume from a MONAI ``MetaTensor`` ``[1, *spatial]`` or ``[*spatial]`` (3 spatial axes).
 
         An LPS MetaTensor (``meta["space"] == "LPS"``, as MONAI's ITK reader can make) is converted to RAS."""

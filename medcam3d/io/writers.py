@@ -20,9 +20,10 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -30,13 +31,13 @@ from ..errors import InputError
 from .volume import Volume, validate_affine
 
 __all__ = [
-    "atomic_path",
-    "write_nifti",
-    "write_map_like",
-    "lowres_affine",
-    "write_lowres_maps",
-    "read_lowres_labels",
     "EXTENSION_CODE",
+    "atomic_path",
+    "lowres_affine",
+    "read_lowres_labels",
+    "write_lowres_maps",
+    "write_map_like",
+    "write_nifti",
 ]
 
 #: NIfTI extension code used for medcam3d's JSON comment (6 = NIFTI_ECODE_COMMENT).

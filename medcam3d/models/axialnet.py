@@ -28,7 +28,12 @@ from torch import Tensor, nn
 
 from ..errors import InputError
 from ..layouts import SlicesAsBatch
-from .resnet import _is_tracing, load_torchvision_resnet_weights, resnet_feature_size, resnet_features
+from .resnet import (
+    _is_tracing,
+    load_torchvision_resnet_weights,
+    resnet_feature_size,
+    resnet_features,
+)
 
 __all__ = ["AxialNet", "final_conv", "load_resnet18_weights"]
 

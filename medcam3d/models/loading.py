@@ -37,14 +37,14 @@ from ..layouts import resolve_layout
 from .resnet import _mismatch_message
 
 __all__ = [
-    "TRUSTED_FACTORY_MODULES",
-    "read_state_dict",
-    "load_checkpoint",
-    "resolve_weights",
-    "build_model",
-    "load_model_spec",
-    "load_demo",
     "DEMO_MODEL",
+    "TRUSTED_FACTORY_MODULES",
+    "build_model",
+    "load_checkpoint",
+    "load_demo",
+    "load_model_spec",
+    "read_state_dict",
+    "resolve_weights",
 ]
 
 #: Modules whose plain functions may be used as ``_target_`` (classes must subclass ``nn.Module`` instead).

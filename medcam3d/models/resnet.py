@@ -32,13 +32,13 @@ from torch import Tensor, nn
 from ..errors import InputError
 
 __all__ = [
-    "BasicBlock",
     "RESNET_LAYERS",
-    "resnet_features",
-    "resnet_feature_size",
-    "resnet_layer_strides",
+    "BasicBlock",
     "conv_out_size",
     "load_torchvision_resnet_weights",
+    "resnet_feature_size",
+    "resnet_features",
+    "resnet_layer_strides",
 ]
 
 #: Blocks per stage of the BasicBlock ResNets.
@@ -181,17 +181,17 @@ def load_torchvision_resnet_weights(
         InputError: unreadable file, missing/unexpected keys or shape mismatches (for instance ImageNet weights
             into a backbone of width != 64).
     """
-    from .loading import read_state_dict  # local import: loading imports the model modules
+    from .loading import (
+        read_state_dict,  # local import: loading imports the model modules
+    )
 
     path = None if isinstance(source, Mapping) else Path(source)
     state = read_state_dict(path) if path is not None else dict(source)
     where = str(path) if path is not None else "resnet state_dict"
     mapped: dict[str, Tensor] = {}
     for key, value in state.items():
-        if key.startswith("module."):
-            key = key[len("module.") :]
-        if key.startswith("features."):
-            key = key[len("features.") :]
+        key = key.removeprefix("module.")
+        key = key.removeprefix("features.")
         head, _, rest = key.partition(".")
         if head == "fc":
             continue

@@ -23,9 +23,15 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from ..errors import InputError
-from .resnet import _conv, _is_tracing, conv_out_size, resnet_feature_size, resnet_features
+from .resnet import (
+    _conv,
+    _is_tracing,
+    conv_out_size,
+    resnet_feature_size,
+    resnet_features,
+)
 
-__all__ = ["ResNet34v", "DenseNet121v", "CAMNet3d", "densenet_feature_size"]
+__all__ = ["CAMNet3d", "DenseNet121v", "ResNet34v", "densenet_feature_size"]
 
 
 def _sizes(input_size: int | Sequence[int], spatial_dims: int) -> tuple[int, ...]:

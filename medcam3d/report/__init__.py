@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["write_report", "collect", "table_rows"]
+__all__ = ["collect", "table_rows", "write_report"]
 
 
 def write_report(*args: Any, **kwargs: Any) -> Any:

@@ -17,8 +17,15 @@ from typing import Any
 
 from ..errors import InputError
 
-__all__ = ["ScanEntry", "Cohort", "collect", "table_rows", "TABLE_COLUMNS", "NONDETERMINISTIC_COLUMNS",
-           "redact_paths"]
+__all__ = [
+    "NONDETERMINISTIC_COLUMNS",
+    "TABLE_COLUMNS",
+    "Cohort",
+    "ScanEntry",
+    "collect",
+    "redact_paths",
+    "table_rows",
+]
 
 SCANS = "scans"
 DONE = ".done"

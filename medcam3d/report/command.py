@@ -7,7 +7,7 @@ from typing import Any
 
 from ..errors import InputError
 
-__all__ = ["register", "cmd_report"]
+__all__ = ["cmd_report", "register"]
 
 EXAMPLES = """examples:
   medcam3d report audit/                      # audit/cohort_report.html + audit/cohort_table.csv

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import base64
 import io
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-__all__ = ["data_uri", "score_distribution", "disagreement_figure", "organ_shares_figure", "thumbnail"]
+__all__ = ["data_uri", "disagreement_figure", "organ_shares_figure", "score_distribution", "thumbnail"]
 
 _META = {"Software": None}
 

@@ -10,15 +10,16 @@ import csv
 import math
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ..errors import InputError
 from .collect import Cohort, collect, table_rows
 
-__all__ = ["ReportFiles", "write_report", "write_table", "render_html", "cohort_stats"]
+__all__ = ["ReportFiles", "cohort_stats", "render_html", "write_report", "write_table"]
 
 HTML_NAME = "cohort_report.html"
 PDF_NAME = "cohort_report.pdf"
@@ -207,7 +208,12 @@ def _scan_sections(cohort: Cohort, max_scans: int, findings: int, montages: int,
 def render_html(cohort: Cohort, cols: Sequence[str], rows: Sequence[dict[str, Any]], *, title: str,
                 max_scans: int = 200, findings: int = 5, montages: int = 2, thumb_width: int = 900,
                 disagree_below: float = 0.5, flag_outside: float = 0.5, include_paths: bool = False) -> str:
-    from .plots import data_uri, disagreement_figure, organ_shares_figure, score_distribution
+    from .plots import (
+        data_uri,
+        disagreement_figure,
+        organ_shares_figure,
+        score_distribution,
+    )
 
     stats = cohort_stats(cohort, rows, disagree_below, flag_outside)
     labels = cohort.labels
