@@ -35,7 +35,9 @@ Definitions (the edge cases are part of the definitions and are tested):
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+import warnings
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,19 +46,19 @@ from torch import Tensor
 
 __all__ = [
     "IOU_THRESHOLDS",
-    "auroc",
+    "allowed_region_score",
+    "area_under_curve",
     "as_tensor",
+    "auroc",
+    "best_threshold_iou",
     "block_fractions",
     "chance_share",
-    "relevance_mass",
-    "allowed_region_score",
-    "relevance_rank_accuracy",
-    "pointing_game",
     "iou_curve",
-    "best_threshold_iou",
+    "pointing_game",
+    "relevance_mass",
+    "relevance_rank_accuracy",
     "spearman",
     "ssim",
-    "area_under_curve",
 ]
 
 #: The paper's IoU thresholds: 0.02, 0.04, ..., 0.98 (49 values).
@@ -231,7 +233,6 @@ def pointing_game(values: Any, mask: Any, ties: str = "fraction") -> Tensor:
     if ties not in ("fraction", "any", "all"):
         raise ValueError(f"ties={ties!r}: expected 'fraction', 'any' or 'all'")
     v, m, lead = _split(values, mask, "pointing_game")
-    n = v.shape[0]
     m = _bool_mask(m, "pointing_game")
     top = v.amax(1, keepdim=True)
     at_max = v == top  # [L, N]
@@ -259,12 +260,11 @@ def iou_curve(heatmap: Any, mask: Any, thresholds: Sequence[float] = IOU_THRESHO
         float64 ``[..., T]``; NaN where both the binarised map and the mask are empty.
     """
     v, m, lead = _split(heatmap, mask, "iou_curve")
-    n = v.shape[0]
     m = _bool_mask(m, "iou_curve")
     t = torch.as_tensor(list(thresholds), dtype=torch.float64)
     n_mask = int(m.sum())
-    out = torch.empty((n, t.numel()), dtype=torch.float64)
-    for i in range(n):
+    out = torch.empty((v.shape[0], t.numel()), dtype=torch.float64)
+    for i in range(v.shape[0]):
         row = v[i]
         all_sorted = torch.sort(row).values
         in_sorted = torch.sort(row[m]).values
@@ -298,7 +298,8 @@ def best_threshold_iou(
                                       "n_validation": n_val, "n_test": n_test}
     if n_val == 0:
         return result
-    with np.errstate(invalid="ignore"), _quiet_nanmean():
+    with warnings.catch_warnings():  # an all-NaN column is a legitimate NaN here ("Mean of empty slice")
+        warnings.simplefilter("ignore", RuntimeWarning)
         mean_val = np.nanmean(val, axis=0)
         mean_test = np.nanmean(tst, axis=0) if tst.size else np.full(len(thresholds), math.nan)
     if not np.isfinite(mean_val).any():
@@ -307,20 +308,6 @@ def best_threshold_iou(
     result.update(threshold=float(thresholds[idx]), index=idx, validation=float(mean_val[idx]),
                   test=float(mean_test[idx]))
     return result
-
-
-class _quiet_nanmean:
-    """Silence numpy's 'Mean of empty slice' warning (an all-NaN column is a legitimate NaN here)."""
-
-    def __enter__(self) -> None:
-        import warnings
-
-        self._ctx = warnings.catch_warnings()
-        self._ctx.__enter__()
-        warnings.simplefilter("ignore", RuntimeWarning)
-
-    def __exit__(self, *exc: Any) -> None:
-        self._ctx.__exit__(*exc)
 
 
 # ----------------------------------------------------------------------------------------------------------------
