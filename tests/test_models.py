@@ -526,10 +526,5 @@ def test_load_checkpoint_refuses_pickled_objects(tmp_path: Path) -> None:
 
 
 def test_load_demo_reports_missing_demo() -> None:
-    import importlib.resources
-
-    weights = importlib.resources.files("medcam3d").joinpath("weights")
-    if weights.joinpath("demo_axialnet.pt").is_file():
-        pytest.skip("the demo model is installed")
-    with pytest.raises(InputError, match="demo model 'demo_axialnet' is not installed"):
-        load_demo()
+    with pytest.raises(InputError, match="demo model 'no_such_demo' is not installed"):
+        load_demo("no_such_demo")
