@@ -25,8 +25,8 @@ import time
 from medcam3d.evaluate.phantoms import PhantomSource
 from medcam3d.evaluate.report import update_section
 from medcam3d.evaluate.reproduce import (
-    RESULTS,
     RESULTS_HEADER,
+    add_common_args,
     command_of,
     demo_model,
     results_section,
@@ -72,8 +72,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=16, help="phantoms (default 16)")
     ap.add_argument("--seed", type=int, default=2, help="phantom dataset seed (default 2)")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    ap.add_argument("--results", default=str(RESULTS), help="markdown file to update (default docs/results.md)")
+    add_common_args(ap, small_model=False)
     args = ap.parse_args()
     started = time.perf_counter()
     set_threads(args.threads)

@@ -25,8 +25,8 @@ from medcam3d.data import LABELS
 from medcam3d.evaluate.phantoms import PhantomSource
 from medcam3d.evaluate.report import update_section
 from medcam3d.evaluate.reproduce import (
-    RESULTS,
     RESULTS_HEADER,
+    add_common_args,
     command_of,
     demo_model,
     phantom_resnet,
@@ -70,13 +70,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=40, help="phantoms per model (default 40)")
     ap.add_argument("--seed", type=int, default=0, help="phantom dataset seed (default 0)")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    ap.add_argument("--skip-resnet", action="store_true", help="only the demo AxialNet")
     ap.add_argument("--retrain", action="store_true", help="retrain the small ResNet-34v-style model")
-    ap.add_argument("--train-n", type=int, default=600, help="training phantoms of the small model (default 600)")
-    ap.add_argument("--epochs", type=int, default=12, help="training epochs of the small model (default 12)")
-    ap.add_argument("--max-minutes", type=float, default=10.0, help="training budget of the small model (10)")
-    ap.add_argument("--results", default=str(RESULTS), help="markdown file to update (default docs/results.md)")
+    add_common_args(ap)
     args = ap.parse_args()
     started = time.perf_counter()
     set_threads(args.threads)

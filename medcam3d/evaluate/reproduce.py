@@ -12,6 +12,7 @@ results file.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -30,7 +31,7 @@ from .phantoms import ConfigGrid, DirectGrid
 from .small_models import SMALL_SHAPE, PhantomResNet34v, train_phantom_resnet
 from .suite import ModelUnderTest
 
-__all__ = ["CACHE", "REPO", "RESULTS", "RESULTS_HEADER", "command_of", "demo_model", "phantom_resnet", "results_section", "set_threads"]
+__all__ = ["CACHE", "REPO", "RESULTS", "RESULTS_HEADER", "add_common_args", "command_of", "demo_model", "phantom_resnet", "results_section", "set_threads"]
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "docs" / "results.md"
@@ -51,6 +52,18 @@ def set_threads(n: int) -> int:
     if n > 0:
         torch.set_num_threads(n)
     return torch.get_num_threads()
+
+
+def add_common_args(ap: argparse.ArgumentParser, small_model: bool = True) -> None:
+    """The options every reproduction script shares: ``--threads``, ``--results`` and, for scripts that also run the
+    small ResNet-34v-style model, ``--skip-resnet --train-n --epochs --max-minutes`` (its training settings)."""
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    if small_model:
+        ap.add_argument("--skip-resnet", action="store_true", help="only the demo AxialNet")
+        ap.add_argument("--train-n", type=int, default=600, help="training phantoms of the small model (default 600)")
+        ap.add_argument("--epochs", type=int, default=12, help="training epochs of the small model (default 12)")
+        ap.add_argument("--max-minutes", type=float, default=10.0, help="training budget of the small model (10)")
+    ap.add_argument("--results", default=str(RESULTS), help="markdown file to update (default docs/results.md)")
 
 
 def command_of(argv: list[str] | None = None) -> str:
