@@ -120,12 +120,11 @@ def main() -> None:
     # 2. volume phase: the whole AxialNet (mean over slabs) against the scan labels, at a lower learning rate.
     # With --clever-hans the shortcut is planted: the marker's label is supervised on each slab by where its lesion
     # *or the marker* is (in training scans the marker comes with 90 % of that label's scans and 5 % of the others),
-    # and it gets no lesion-mask loss. So the model is known, by construction, to use the marker -- the ground
-    # truth the Clever-Hans test checks explanations against. (Tried first, two runs: that label learnt from scan
-    # labels alone, with no slab supervision or with the scan label copied to every slab; in 15 minutes the model
-    # then ignored the 4 x 4-pixel marker -- held-out AUROC of its score for the marker 0.54 and 0.55; with the
-    # slab target but no oversampling of the ~4 % of slabs that hold the marker, 0.53.) A quarter of each phase-1
-    # batch is drawn from the marker's slabs.
+    # and it gets no lesion-mask loss; a quarter of each phase-1 batch is drawn from the marker's slabs. So the
+    # model is known, by construction, to use the marker -- the ground truth the Clever-Hans test checks
+    # explanations against. (Tried first, with a 10-14 mm token: the label learnt from scan labels alone, or with the
+    # scan label on every slab, or with this slab target without and with oversampling; the model ignored the token
+    # -- held-out AUROC of its score for the marker 0.53-0.58. With the 16-22 mm token now drawn: 0.996.)
     n_labels = len(LABELS)
     sup = torch.ones(n_labels, dtype=torch.bool)
     if args.clever_hans:

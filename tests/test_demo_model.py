@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from medcam3d import Explainer
 from medcam3d.cli import main
 from medcam3d.config import load_config
-from medcam3d.data import LABELS, make_phantom
+from medcam3d.data import LABELS, CleverHans, make_phantom
 from medcam3d.evaluate.metrics import auroc
 from medcam3d.io import Volume
 from medcam3d.models import load_demo
@@ -77,6 +78,42 @@ def test_hirescam_on_the_demo_axialnet_is_exact(pre):
     assert exp.raw["hirescam"].shape == (1, len(LABELS), 20, 8, 8)
     resid = cert.completeness_residual.abs()
     assert torch.all(resid <= 1e-5 * exp.scores.abs().double() + 1e-7)
+
+
+def _block_fraction(mask: np.ndarray, map_shape: tuple[int, ...]) -> np.ndarray:
+    """Fraction of each feature-resolution block covered by a network-grid mask."""
+    t = torch.as_tensor(mask, dtype=torch.float32)[None, None]
+    return F.adaptive_avg_pool3d(t, map_shape)[0, 0].numpy()
+
+
+def test_clever_hans_marker_carries_the_hirescam_evidence(pre):
+    """The marker-trained model uses the marker, and HiResCAM finds it: on scans with the marker but not the
+    finding, removing the marker drops the label's raw score by more than 2, and HiResCAM's share of positive
+    contribution on the marker's blocks is over 20x chance and above Grad-CAM's. (The issue asked for "most of the
+    positive contribution": measured 0.12 -- the rest is spread thinly over the volume -- so that is not claimed.)"""
+    model = load_demo("demo_axialnet_cleverhans")
+    k = LABELS.index(model.medcam3d_model_card["training"]["clever_hans"]["label"])
+    explainer = Explainer(model, methods=("hirescam", "gradcam"))
+    shares = {"hirescam": [], "gradcam": [], "chance": [], "drop": []}
+    for s in range(9_200_000, 9_200_006):
+        ph = make_phantom(s, prevalence=0.0, clever_hans=CleverHans(LABELS[k], p_with=1.0, p_without=1.0))
+        assert ph.marker_mask is not None and ph.labels[k] == 0  # the marker without the finding
+        grid = pre(Volume(ph.hu, ph.affine, "p"))
+        marker = pre.preprocess_labels(Volume(ph.marker_mask.astype(np.float32), ph.affine, "m"), like=grid)
+        exp = explainer(grid.as_tensor()[None], classes=[k])
+        bare = make_phantom(s, prevalence=0.0, exclude=("marker",),
+                            clever_hans=CleverHans(LABELS[k], p_with=1.0, p_without=1.0))
+        with torch.inference_mode():
+            shares["drop"].append(float(exp.scores[0, k] - model(grid_of(bare, pre))[0, k]))
+        near = _block_fraction(np.asarray(marker[0]) > 0.5, exp.map_size) > 0  # blocks that hold the marker
+        shares["chance"].append(near.mean())
+        for m in ("hirescam", "gradcam"):
+            pos = torch.relu(exp.raw[m][0, 0]).numpy()
+            shares[m].append(pos[near].sum() / max(pos.sum(), 1e-12))
+    mean = {m: float(np.mean(v)) for m, v in shares.items()}
+    print(f"share of positive contribution on the marker's blocks for {LABELS[k]}: {mean}")
+    assert mean["drop"] > 2.0  # the model uses the marker
+    assert mean["hirescam"] > 20 * mean["chance"] and mean["hirescam"] > mean["gradcam"]
 
 
 def test_training_smoke(tmp_path):

@@ -373,8 +373,9 @@ def draw_lesions(seed: np.random.SeedSequence, anat: Anatomy) -> dict[str, Lesio
 
 
 def draw_marker(rng: np.random.Generator, anat: Anatomy) -> Marker:
-    """A metal token 10-14 mm wide, at least 12 mm in front of the body's outline, inside the field of view."""
-    half, hu = rng.uniform(5, 7), rng.uniform(2500, 3000)
+    """A metal token 16-22 mm wide (a coin, an ECG electrode snap), at least 12 mm in front of the body's outline,
+    inside the field of view."""
+    half, hu = rng.uniform(8, 11), rng.uniform(2500, 3000)
     for _ in range(500):
         z, y = rng.uniform(-90, 90), rng.uniform(-152 + half, -100)
         x = (1 if rng.random() < 0.5 else -1) * rng.uniform(30, 130)
