@@ -35,6 +35,7 @@ import shlex
 import sys
 from typing import Any
 
+from ..argtypes import int_at_least, probability
 from ..errors import InputError
 
 __all__ = ["build_suite", "cmd_evaluate", "command_line", "register"]
@@ -48,36 +49,6 @@ EXAMPLES = """examples:
   medcam3d evaluate --config my.yaml --model my.pt --out eval/ --fills air soft_tissue blur --steps 10
   medcam3d evaluate --model demo_axialnet_cleverhans.pt --clever-hans nodule_right_lung --out eval_ch/
 """
-
-
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
-    return v
-
-
-def _nonneg(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
-    return v
-
-
-def _probability(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not between 0 and 1")
-    return v
 
 
 def build_suite(args: argparse.Namespace) -> tuple[Any, Any, Any]:
@@ -151,8 +122,8 @@ def register(subparsers: Any) -> None:
                                           "evaluation suite on synthetic chest-CT phantoms.",
                               epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (evaluation.json, evaluation.md, step_by_step.png)")
-    p.add_argument("--phantoms", type=_positive, default=4, help="number of phantoms (default 4)")
-    p.add_argument("--seed", type=_nonneg, default=0, help="phantom dataset seed; case i is seed (S, i) (default 0)")
+    p.add_argument("--phantoms", type=int_at_least(1), default=4, help="number of phantoms (default 4)")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="phantom dataset seed; case i is seed (S, i) (default 0)")
     p.add_argument("--config", help="YAML config (default: the embedded demo model's)")
     p.add_argument("--model", metavar="CHECKPOINT", help="weights file overriding the config's")
     p.add_argument("--methods", nargs="+", default=["hirescam", "gradcam"], metavar="METHOD",
@@ -161,27 +132,27 @@ def register(subparsers: Any) -> None:
                    help=f"parts to run (default all: {' '.join(PARTS)})")
     p.add_argument("--classes", nargs="+", metavar="CLASS",
                    help="'present' (default: each phantom's shown labels), 'all', or labels")
-    p.add_argument("--prevalence", type=_probability, default=0.3, help="probability of each label (default 0.3)")
+    p.add_argument("--prevalence", type=probability, default=0.3, help="probability of each label (default 0.3)")
     p.add_argument("--present", nargs="+", metavar="LABEL", help="labels shown on every phantom")
     p.add_argument("--clever-hans", metavar="LABEL",
                    help="put the spurious marker on every phantom (the marker-trained model's label)")
     p.add_argument("--no-removal", action="store_true", help="skip the score change when lesions are removed")
     p.add_argument("--fills", nargs="+", default=["air"], choices=FILLS, metavar="FILL",
                    help="perturbation fills: air soft_tissue blur (default: air)")
-    p.add_argument("--steps", type=_positive, default=8, help="perturbation steps T (default 8)")
-    p.add_argument("--perturbation-scans", type=_nonneg, default=2,
+    p.add_argument("--steps", type=int_at_least(1), default=8, help="perturbation steps T (default 8)")
+    p.add_argument("--perturbation-scans", type=int_at_least(0), default=2,
                    help="phantoms with perturbation curves (default 2)")
-    p.add_argument("--batch-size", type=_positive, default=8, help="inputs per forward pass (default 8)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=8, help="inputs per forward pass (default 8)")
     p.add_argument("--randomisation", nargs="*", default=["cascading", "independent"],
                    choices=("cascading", "independent"), metavar="MODE",
                    help="randomisation modes (default: cascading independent)")
-    p.add_argument("--randomisation-scans", type=_nonneg, default=2,
+    p.add_argument("--randomisation-scans", type=int_at_least(0), default=2,
                    help="phantoms with randomisation curves (default 2)")
-    p.add_argument("--depth", type=_nonneg, default=2,
+    p.add_argument("--depth", type=int_at_least(0), default=2,
                    help="group layers for randomisation by this many name parts (0: every layer; default 2)")
     p.add_argument("--figure-label", metavar="LABEL", help="label of the step-by-step figure")
     p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N")
-    p.add_argument("--threads", type=_nonneg, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int_at_least(0), default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="print nothing")
     p.set_defaults(func=cmd_evaluate)
 

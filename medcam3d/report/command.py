@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..argtypes import probability
 from ..errors import InputError
 
 __all__ = ["cmd_report", "register"]
@@ -14,16 +15,6 @@ EXAMPLES = """examples:
   medcam3d report audit/ --pdf                # also audit/cohort_report.pdf (extra: pdf, weasyprint)
   medcam3d report audit/ --out /tmp/r.html --max-scans 50 --montages 1
 """
-
-
-def _fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not between 0 and 1")
-    return v
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -53,9 +44,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-scans", type=int, default=200, help="scans with their own section (default 200)")
     p.add_argument("--findings", type=int, default=5, help="top findings listed per scan (default 5)")
     p.add_argument("--montages", type=int, default=2, help="montages embedded per scan (default 2)")
-    p.add_argument("--disagree-below", type=_fraction, default=0.5,
+    p.add_argument("--disagree-below", type=probability, default=0.5,
                    help="a scan's methods disagree when their top-10%% overlap is below this (default 0.5)")
-    p.add_argument("--flag-outside", type=_fraction, default=0.5,
+    p.add_argument("--flag-outside", type=probability, default=0.5,
                    help="flag classes whose mean positive contribution outside allowed organs exceeds this (0.5)")
     p.add_argument("--include-paths", action="store_true",
                    help="show input paths and unredacted error messages (off by default: paths may identify patients)")
