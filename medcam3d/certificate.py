@@ -34,9 +34,12 @@ __all__ = [
     "contribution_sums",
     "default_tolerance",
     "disagreement",
+    "gradient_stats",
     "jacobian_difference",
+    "jacobian_sketch_difference",
     "l2_distance",
     "pearson",
+    "secant_residual",
     "spatial_variation",
     "top_overlap",
 ]
@@ -65,23 +68,71 @@ def jacobian_difference(reference: Tensor, probe: Tensor) -> Tensor:
     return _safe_ratio(num, den)
 
 
+def jacobian_sketch_difference(reference: Tensor, probe: Tensor) -> Tensor:
+    """Relative difference ``max|v·J_probe − v·J_ref| / max|v·J_ref|`` of one combination ``v`` of the class
+    Jacobians (the explainer scales each class to unit gradient before combining, so no class hides behind a
+    larger one). Args: ``[B, F, *S]`` each. Returns: a 0-d tensor (0 when both are zero)."""
+    return _safe_ratio((probe - reference).abs().amax(), reference.abs().amax())
+
+
+def secant_residual(gradients: Tensor, probes: list[Tensor], probe_scores: list[Tensor], baseline: Tensor) -> Tensor:
+    """Per-class secant test of affinity at each probe point ``P``: ``s(P) − s(0) − Σ ∂s/∂A|_A ⊙ P``.
+
+    For an affine head ``s(P) = s(0) + J·P`` exactly, with ``J`` the Jacobian at the real activations; any
+    curvature between 0 and ``P`` shows up here. Costs no backward pass (the head is evaluated at ``P`` anyway).
+
+    Args:
+        gradients: ``[B, k, F, *S]`` Jacobian rows at the real activations.
+        probes: probe activations, each ``[B, F, *S]`` (volume layout).
+        probe_scores: ``s(P)`` of the k classes for each probe, each ``[B, k]``.
+        baseline: ``s(0)``, ``[B, k]``.
+    Returns: ``[k]`` float64, the largest residual over samples and probes relative to
+    ``|s(P)| + |s(0)| + Σ|∂s/∂A ⊙ P|``.
+    """
+    out = torch.zeros(gradients.shape[1], dtype=torch.float64)
+    s0 = baseline.detach().double().cpu()
+    for p, sp in zip(probes, probe_scores):
+        lin, mag = contribution_sums(p, gradients)
+        sp = sp.detach().double().cpu()
+        res = (sp - s0 - lin.cpu()).abs()
+        rel = _safe_ratio(res, sp.abs() + s0.abs() + mag.cpu())
+        out = torch.maximum(out, rel.amax(dim=0))
+    return out
+
+
 def spatial_variation(gradients: Tensor) -> Tensor:
     """How far the gradient is from constant over space, ``max|g − mean_space g| / max|g|`` per class.
 
     Zero for a global-average-pool + linear head. Args: ``[B, K, F, *S]``. Returns: ``[K]``."""
-    dims = tuple(range(3, gradients.ndim))
-    dev = (gradients - gradients.mean(dim=dims, keepdim=True)).abs()
-    return _safe_ratio(_per_class_max(dev), _per_class_max(gradients.abs()))
+    return gradient_stats(gradients)[0]
+
+
+def gradient_stats(gradients: Tensor) -> tuple[Tensor, Tensor]:
+    """``(spatial_variation, max|g|)`` per class from one min/max pass and one mean pass over the gradients
+    (``max|g − m| = max(max g − m, m − min g)``, so no ``[B, K, F, *S]`` temporary is made).
+
+    Args: ``[B, K, F, *S]``. Returns: two ``[K]`` tensors."""
+    flat = gradients.flatten(3)  # [B, K, F, N]
+    lo, hi = torch.aminmax(flat, dim=3)
+    mean = flat.mean(dim=3)
+    dev = torch.maximum(hi - mean, mean - lo)
+    scale = torch.maximum(hi, -lo)
+    scale_k = _per_class_max(scale)
+    return _safe_ratio(_per_class_max(dev), scale_k), scale_k
 
 
 def contribution_sums(activations: Tensor, gradients: Tensor) -> tuple[Tensor, Tensor]:
-    """``(Σ g ⊙ A, Σ |g ⊙ A|)`` over features and space, accumulated in float64.
+    """``(Σ g ⊙ A, Σ |g ⊙ A|)`` over features and space.
 
-    The first is the sum of the HiResCAM map; the second the scale of its rounding error.
-    Args: activations ``[B, F, *S]``, gradients ``[B, K, F, *S]``. Returns: two ``[B, K]`` float64 tensors."""
-    prod = gradients.double() * activations.double().unsqueeze(1)
-    flat = prod.flatten(2)
-    return flat.sum(dim=2), flat.abs().sum(dim=2)
+    The first is the sum of the HiResCAM map, computed as a float64 matrix product (it is compared with
+    ``s − s(0)`` at a tolerance of 1000 float32 epsilons); the second, the scale of its rounding error, as
+    ``Σ |g| |A|`` in the gradients' dtype. Args: activations ``[B, F, *S]``, gradients ``[B, K, F, *S]``.
+    Returns: two ``[B, K]`` float64 tensors."""
+    g = gradients.flatten(2)  # [B, K, F*S]
+    a = activations.flatten(1).unsqueeze(2)  # [B, F*S, 1]
+    signed = torch.bmm(g.double(), a.double())[..., 0]
+    magnitude = torch.bmm(g.abs(), a.abs().to(g.dtype))[..., 0].double()
+    return signed, magnitude
 
 
 def default_tolerance(dtype: torch.dtype) -> float:
@@ -98,7 +149,9 @@ class Certificate:
         classes: the K explained class indices.
         per_class: kind per explained class, ``list[str]`` of length K.
         jacobian_difference: ``[K]`` largest relative Jacobian difference between the real activations and the
-            probe points.
+            probe points. With ``jacobian_test="sketch"`` it is measured along one random, class-scaled
+            combination of the K Jacobians (one backward pass per probe) and every class carries that value;
+            when the sketch differs, the explainer compares every class on its own.
         spatial_variation: ``[K]`` relative deviation of the gradient from its spatial mean.
         baseline: ``[B, K]`` head output at zero activations, ``s(0)`` (the bias ``b`` for an affine head).
         completeness_residual: ``[B, K]`` ``s − s(0) − Σ HiResCAM`` (≈ 0 for an affine head).
@@ -107,6 +160,9 @@ class Certificate:
         n_probes: number of random probe points.
         head: how the head was evaluated: ``"fx"`` (traced head only) or ``"rerun"`` (model re-run with the
             explained layer's output replaced).
+        probe_residual: ``[K]`` largest relative secant residual ``s(P) − s(0) − Σ ∂s/∂A ⊙ P`` over the probe
+            points (0 up to rounding for an affine head; per class, no backward pass).
+        jacobian_test: ``"sketch"`` or ``"per-class"`` (see ``jacobian_difference``).
     """
 
     kind: str
@@ -120,6 +176,8 @@ class Certificate:
     tolerance: float
     n_probes: int
     head: str
+    probe_residual: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+    jacobian_test: str = "per-class"
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -133,8 +191,11 @@ class Certificate:
             return "Not checked: certification was switched off, so nothing is proven about these maps."
         jd = float(self.jacobian_difference.max()) if self.jacobian_difference.numel() else 0.0
         rr = float(self.relative_residual.abs().max()) if self.relative_residual.numel() else 0.0
+        pr = float(self.probe_residual.max()) if self.probe_residual.numel() else 0.0
+        how = "a random combination of the classes" if self.jacobian_test == "sketch" else "every class"
         ev = (
-            f"max relative Jacobian difference over {self.n_probes} random probe points {jd:.2e}, "
+            f"max relative Jacobian difference over {self.n_probes} random probe points {jd:.2e} ({how}), "
+            f"max relative secant residual at those points {pr:.2e}, "
             f"max relative completeness residual {rr:.2e} (tolerance {self.tolerance:.1e})"
         )
         if self.kind == "cam":
@@ -173,6 +234,8 @@ class Certificate:
             "tolerance": self.tolerance,
             "n_probes": self.n_probes,
             "head": self.head,
+            "probe_residual": self.probe_residual.tolist(),
+            "jacobian_test": self.jacobian_test,
             "notes": list(self.notes),
         }
 
@@ -192,6 +255,8 @@ def certify(
     n_probes: int,
     head: str,
     checked: bool = True,
+    probe_residual: Tensor | None = None,
+    jacobian_test: str = "per-class",
 ) -> Certificate:
     """Decide the certificate from the evidence.
 
@@ -207,6 +272,8 @@ def certify(
         n_probes: number of probe points used.
         head: ``"fx"`` or ``"rerun"``.
         checked: False when certification was switched off (kind ``"unchecked"``; residuals are NaN).
+        probe_residual: ``[K]`` secant residuals at the probe points (:func:`secant_residual`); default zeros.
+        jacobian_test: ``"sketch"`` or ``"per-class"``, how ``jac_diff`` was measured.
     """
     # evidence is small ([K] or [B, K]): decide on the CPU whatever device the maps were computed on
     jac_diff, spat_var = jac_diff.detach().cpu(), spat_var.detach().cpu()
@@ -217,7 +284,10 @@ def certify(
     scale = s.abs() + s0.abs() + abs_contribution
     rel = _safe_ratio(residual.abs(), scale)
     complete = (rel <= tolerance).all(dim=0)  # [K]
-    affine = (jac_diff <= tolerance) & complete
+    if probe_residual is None:
+        probe_residual = torch.zeros_like(jac_diff, dtype=torch.float64)
+    probe_residual = probe_residual.detach().cpu()
+    affine = (jac_diff <= tolerance) & complete & (probe_residual <= tolerance)
     constant = spat_var <= tolerance
     per_class = ["cam" if a and c else "affine-head" if a else "none" for a, c in zip(affine.tolist(), constant.tolist())]
     kind = "none" if "none" in per_class else "affine-head" if "affine-head" in per_class else "cam"
@@ -225,6 +295,7 @@ def certify(
         per_class = ["unchecked"] * len(per_class)
         kind = "unchecked"
         jac_diff = torch.full_like(jac_diff, math.nan)
+        probe_residual = torch.full_like(probe_residual, math.nan)
     return Certificate(
         kind=kind,
         classes=list(classes),
@@ -237,6 +308,8 @@ def certify(
         tolerance=tolerance,
         n_probes=n_probes,
         head=head,
+        probe_residual=probe_residual,
+        jacobian_test=jacobian_test,
     )
 
 

@@ -12,8 +12,9 @@ For each model this prints, measured in this run on this machine:
         per class (pytorch-grad-cam's scheme; fills every parameter's .grad),
       - ``monai.GradCAM``: one ``GradCAM(...)(x, class_idx=k)`` call per class,
       - ``captum.LayerGradCam``: one ``attribute(x, target=k)`` call per class (when Captum is installed),
-    timed on ``--baseline-classes`` classes and scaled linearly to all classes (each class repeats the same
-    work; use ``--baseline-classes 80`` to time every class), and medcam3d's speed-up over each.
+    timed on ``--baseline-classes`` classes and scaled to all classes (MONAI and Captum repeat the whole call per
+    class, so linearly; hooks+backward as one forward + M backwards; use ``--baseline-classes 80`` to time every
+    class), and medcam3d's speed-up over each.
 
 Usage: python scripts/bench_explain.py [--quick] [--models resnet18_3d axialnet] [--baseline-classes 3]
 """
@@ -29,6 +30,9 @@ import torch
 from torch import nn
 
 from medcam3d import Explainer
+
+
+BASELINES = ("hooks", "monai", "captum")
 
 
 def timed(fn: Callable[[], object], repeat: int) -> float:
@@ -78,25 +82,36 @@ def build(name: str, classes: int, quick: bool) -> tuple[nn.Module, str, torch.T
     raise SystemExit(f"unknown model {name}")
 
 
-def per_class_hooks_backward(model: nn.Module, layer: nn.Module, x: torch.Tensor, classes: list[int]) -> None:
-    """pytorch-grad-cam's scheme: hooks, one forward, one full backward per class (parameter grads filled)."""
+def per_class_hooks_backward(
+    model: nn.Module, layer: nn.Module, x: torch.Tensor, classes: list[int]
+) -> tuple[float, float]:
+    """pytorch-grad-cam's scheme: hooks, one forward, one full backward per class (parameter grads filled).
+
+    Returns: (seconds for the one forward pass, seconds per class for the backward passes), so that the total for
+    M classes is ``forward + M * per_class`` (the forward is not repeated per class)."""
     store: dict[str, torch.Tensor] = {}
     h1 = layer.register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
     h2 = layer.register_full_backward_hook(lambda m, gi, go: store.__setitem__("g", go[0]))
     try:
+        t0 = time.perf_counter()
         out = model(x)
+        t_forward = time.perf_counter() - t0
+        t0 = time.perf_counter()
         for k in classes:
             model.zero_grad(set_to_none=True)
             out[:, k].sum().backward(retain_graph=True)
             a, g = store["a"].detach(), store["g"]
             _ = (g * a).sum(1)  # HiResCAM map
+        return t_forward, (time.perf_counter() - t0) / len(classes)
     finally:
         h1.remove()
         h2.remove()
         model.zero_grad(set_to_none=True)
 
 
-def bench_model(name: str, classes: int, quick: bool, baseline_classes: int, repeat: int) -> None:
+def bench_model(
+    name: str, classes: int, quick: bool, baseline_classes: int, repeat: int, which: tuple[str, ...] = BASELINES
+) -> None:
     model, layer_name, x = build(name, classes, quick)
     layer = model.get_submodule(layer_name)
     n_params = sum(p.numel() for p in model.parameters())
@@ -116,10 +131,17 @@ def bench_model(name: str, classes: int, quick: bool, baseline_classes: int, rep
         f"{exp.certificate.head}) {t_exp:9.2f} s   ratio to inference {t_exp / t_inf:5.2f}x"
     )
     sub = list(range(min(baseline_classes, classes)))
-    baselines: dict[str, Callable[[], None]] = {
-        "hooks+backward (pytorch-grad-cam scheme)": lambda: per_class_hooks_backward(model, layer, x, sub),
-    }
+    if "hooks" in which:
+        t_fwd, t_bwd = per_class_hooks_backward(model, layer, x, sub)
+        total = t_fwd + classes * t_bwd
+        print(
+            f"{'hooks+backward (pytorch-grad-cam scheme)':40s} {t_fwd:9.2f} s forward + {t_bwd:.2f} s/class x "
+            f"{classes} = {total:9.1f} s (timed {len(sub)} classes)   medcam3d speed-up {total / t_exp:7.1f}x"
+        )
+    baselines: dict[str, Callable[[], None]] = {}
     try:
+        if "monai" not in which:
+            raise ImportError
         from monai.visualize import GradCAM
 
         cam = GradCAM(nn_module=model, target_layers=layer_name)
@@ -132,6 +154,8 @@ def bench_model(name: str, classes: int, quick: bool, baseline_classes: int, rep
     except ImportError:
         pass
     try:
+        if "captum" not in which:
+            raise ImportError
         from captum.attr import LayerGradCam
 
         lgc = LayerGradCam(model, layer)
@@ -166,13 +190,15 @@ def main() -> None:
     ap.add_argument("--baseline-classes", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="smaller inputs (minutes less, same comparison)")
+    ap.add_argument("--baselines", nargs="+", choices=BASELINES, default=list(BASELINES),
+                    help="which per-class baselines to time (a full-size AxialNet run may need them one at a time)")
     args = ap.parse_args()
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
         f"device cpu"
     )
     for name in args.models:
-        bench_model(name, args.classes, args.quick, args.baseline_classes, args.repeat)
+        bench_model(name, args.classes, args.quick, args.baseline_classes, args.repeat, tuple(args.baselines))
 
 
 if __name__ == "__main__":

@@ -85,6 +85,8 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=120)
     ap.add_argument("--slab-steps", type=int, default=1300, help="phase 1: steps on single slabs")
     ap.add_argument("--slab-batch", type=int, default=48, help="slabs per phase-1 step")
+    ap.add_argument("--slab-margin", type=float, default=0.0,
+                    help="phase 1: logit margin a lesion slab must clear (its logit minus this enters the BCE)")
     ap.add_argument("--lr", type=float, default=3e-3, help="phase-1 peak learning rate (one-cycle)")
     ap.add_argument("--volume-steps", type=int, default=200, help="phase 2: steps on whole volumes")
     ap.add_argument("--batch", type=int, default=4, help="volumes per phase-2 step")
@@ -162,7 +164,11 @@ def main() -> None:
         xb = xb * (1 + 0.05 * torch.randn(1)) + 0.02 * torch.randn(1)
         feats = model.features(xb)  # [N, C, h, w]
         per_slab = model.fc(model.conv2d(feats)).flatten(1)  # [N, L]
-        loss = F.binary_cross_entropy_with_logits(per_slab, slab_y[idx], pos_weight=slab_pos_weight)
+        # a lesion slab's logit must clear a margin: AxialNet averages 20 slab scores, so one lesion slab has to
+        # stand out far more than a per-slab classifier needs (--slab-margin; 0 = plain per-slab BCE)
+        target = slab_y[idx]
+        loss = F.binary_cross_entropy_with_logits(per_slab - args.slab_margin * target, target,
+                                                  pos_weight=slab_pos_weight)
         mt = torch.roll(masks[idx], (dy, dx), (2, 3))[:, sup].float()
         loss = loss + args.aux_weight * F.binary_cross_entropy_with_logits(
             aux(feats)[:, sup], mt, pos_weight=torch.tensor(args.aux_pos_weight))
@@ -212,6 +218,7 @@ def main() -> None:
             "prevalence": args.prevalence,
             "train_seeds": [base, base + args.n_train - 1],
             "slab_phase": {"steps": args.slab_steps, "batch_slabs": args.slab_batch, "peak_lr": args.lr,
+                           "margin": args.slab_margin,
                            "minutes": round(t_slab / 60, 2)},
             "volume_phase": {"steps": args.volume_steps, "batch_volumes": args.batch, "lr": args.volume_lr},
             "minutes_data": round(t_data / 60, 2),

@@ -395,3 +395,92 @@ def test_disagreement_metrics_on_explanation():
     assert all(v.shape == (2, 3) for v in d.values())
     same = exp.disagreement("hirescam", "hirescam")
     assert torch.allclose(same["l2"], torch.zeros(2, 3)) and torch.all(same["top_overlap"] == 1)
+
+
+# --------------------------------------------------------------------------------------- certificate: sketch + secant
+class MixedHead(nn.Module):
+    """conv -> ReLU (``act``) -> flatten -> [Linear (classes 0-2, affine) | FC-ReLU-FC (classes 3-4, not affine)]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+        self.act = nn.ReLU()
+        self.lin = nn.Linear(3 * 16, 3)
+        self.fc1 = nn.Linear(3 * 16, 6)
+        self.fc2 = nn.Linear(6, 2)
+
+    def forward(self, x):
+        a = torch.flatten(self.act(self.conv(x)), 1)
+        return torch.cat([self.lin(a), self.fc2(torch.relu(self.fc1(a)))], dim=1)
+
+
+@pytest.mark.parametrize("jacobian", ["sketch", "per-class"])
+def test_certificate_per_class_on_a_mixed_head(jacobian):
+    """Affine classes are certified, the non-affine ones are not -- with one Jacobian sketch per probe or per class."""
+    exp = explain(seeded(MixedHead(), seed=3), rand(2, 1, 4, 4, seed=1), "act", jacobian=jacobian)
+    cert = exp.certificate
+    assert cert.per_class == ["affine-head"] * 3 + ["none"] * 2
+    assert cert.kind == "none" and cert.jacobian_test == jacobian
+    # the evidence is per class either way: the sketch's failure triggers the per-class comparison
+    assert float(cert.jacobian_difference[:3].max()) < 1e-5
+    assert float(cert.jacobian_difference[3:].min()) > 1e-2
+    assert float(cert.probe_residual[:3].max()) < 1e-5
+    assert float(cert.probe_residual[3:].min()) > 1e-3
+    if jacobian == "sketch":
+        assert any("Jacobians compared per class" in n for n in cert.notes)
+
+
+@pytest.mark.parametrize("jacobian", ["sketch", "per-class"])
+def test_certificate_modes_agree_on_affine_heads(jacobian):
+    for net, x, kind in [
+        (seeded(ConvFC(nd=3, size=4)), rand(2, 2, 4, 4, 4), "affine-head"),
+        (seeded(ConvGAP(nd=2)), rand(2, 1, 5, 5), "cam"),
+        (seeded(TinyAxial(hw=6, feats=4, classes=3, slice_weights=3), seed=2), rand(2, 1, 9, 6, 6), "affine-head"),
+    ]:
+        kw = {} if isinstance(net, TinyAxial) else {"target_layer": "act"}
+        cert = Explainer(net, jacobian=jacobian, **kw)(x).certificate
+        assert cert.kind == kind, (type(net).__name__, cert.kind)
+        assert float(cert.jacobian_difference.max()) < 1e-5
+        assert float(cert.probe_residual.max()) < 1e-5
+        assert not cert.notes
+
+
+def test_secant_residual_hand_computed():
+    """s(P) = Σ P² is not affine: with the gradient 2A taken at A, the secant residual at P is
+    |s(P) − s(0) − Σ 2A⊙P| = |Σ P² − 2 A·P| relative to |s(P)| + |s(0)| + Σ|2A⊙P|."""
+    from medcam3d.certificate import secant_residual
+
+    a = torch.tensor([[[1.0, 2.0]]])  # [B=1, F=1, S=2]
+    p = torch.tensor([[[3.0, -1.0]]])
+    g = (2 * a).unsqueeze(1)  # [B, K=1, F, S]
+    sp = (p**2).sum().reshape(1, 1)  # 10
+    r = secant_residual(g, [p], [sp], torch.zeros(1, 1))
+    # Σ 2A⊙P = 2*3 + 4*(-1) = 2; residual |10 - 0 - 2| = 8; scale 10 + 0 + (6 + 4) = 20
+    assert r.tolist() == [pytest.approx(0.4)]
+    # an affine s(P) = 2A·P + 1 (the same Jacobian everywhere) has zero residual
+    lin = ((2 * a) * p).sum().reshape(1, 1) + 1.0
+    assert secant_residual(g, [p], [lin], torch.ones(1, 1)).tolist() == [0.0]
+
+
+def test_jacobian_option_is_checked():
+    with pytest.raises(InputError, match="jacobian must be"):
+        Explainer(seeded(ConvFC(nd=2)), "act", jacobian="fast")
+
+
+def test_certificate_reductions_match_their_definitions():
+    """The one-pass forms used for speed equal the textbook formulas."""
+    from medcam3d.certificate import contribution_sums, gradient_stats, spatial_variation
+
+    g = rand(2, 3, 4, 5, 6, seed=11)  # [B, K, F, *S]
+    a = rand(2, 4, 5, 6, seed=12)
+    signed, magnitude = contribution_sums(a, g)
+    prod = g.double() * a.double().unsqueeze(1)
+    assert torch.allclose(signed, prod.flatten(2).sum(2), rtol=0, atol=1e-12)
+    assert torch.allclose(magnitude, prod.abs().flatten(2).sum(2), rtol=1e-6)
+    variation, gmax = gradient_stats(g)
+    dev = (g - g.mean(dim=(3, 4), keepdim=True)).abs().transpose(0, 1).flatten(1).amax(1)
+    scale = g.abs().transpose(0, 1).flatten(1).amax(1)
+    assert torch.allclose(gmax, scale) and torch.allclose(variation, dev / scale)
+    assert torch.equal(spatial_variation(g), variation)
+    const = torch.ones(1, 2, 3, 4, 4)  # constant over space: GAP + FC gradients
+    assert spatial_variation(const).tolist() == [0.0, 0.0]

@@ -58,8 +58,8 @@ PARTS = ("exactness", "ground_truth", "localisation", "perturbation", "randomisa
 
 #: Model passes per (scan, class), as stated in the output (T = perturbation steps, G = layer groups).
 COSTS = {
-    "explanation": "1 forward pass + 1 batched head backward per scan (all classes at once), plus n_probes head-only "
-                   "evaluations for the certificate",
+    "explanation": "1 forward pass + 1 batched head backward per scan (all classes at once), plus for the "
+                   "certificate n_probes + 1 head-only evaluations and n_probes single head backwards",
     "exactness": "0 extra passes",
     "ground_truth": "0 extra passes for the shares; 1 forward pass per (scan, removed lesion or marker)",
     "localisation": "0 extra passes",
