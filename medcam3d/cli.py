@@ -63,7 +63,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         stages("reading scan", advance=False)
         volume, t_read = read_scan(args.scan, args.series_uid, args.allow_resample)
         stages("loading model")
-        session = Session(args.config, args.model, args.methods, args.device)
+        session = Session(args.config, args.model, args.methods, args.device, map_geometry=args.map_geometry)
         stages("explaining")
         result = session.explain_volume(volume, args.classes, read_seconds=t_read)
         stages("writing")
@@ -106,7 +106,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     stages = _Stages(4, args.quiet)
     try:
         stages("loading demo model", advance=False)
-        session = Session(None, None, args.methods, args.device)
+        session = Session(None, None, args.methods, args.device, map_geometry=args.map_geometry)
         stages("making a synthetic phantom")
         present = {"nodule_right_lung": True, "pleural_effusion_left": True, "cardiomegaly": True}
         phantom = make_phantom(args.seed, present=present, prevalence=0.0)
@@ -133,6 +133,10 @@ def _add_explain_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", nargs="+", default=["hirescam", "gradcam"], metavar="METHOD",
                    help="methods to compute (hirescam gradcam gradcampp xgradcam layercam; cam on GAP+FC heads)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N")
+    p.add_argument("--map-geometry", choices=["field", "receptive"], default="field",
+                   help="where feature-resolution cells go on the scan: field (the field of view divided evenly, the "
+                        "paper's convention; default) or receptive (the cells' receptive-field centres, which the "
+                        "model declares; AxialNet does)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or printed result")
 
 

@@ -589,6 +589,8 @@ class Explainer:
                 f"is certified {cert.kind!r}; use 'hirescam' (it equals CAM on such heads) or 'gradcam'"
             )
         timings["total"] = time.perf_counter() - t0
+        declare = getattr(self.model, "medcam3d_map_geometry", None)
+        geometry = declare(tuple(x.shape[2:]), tuple(volume.shape[2:])) if callable(declare) else None
         return Explanation(
             scores=scores_all.detach(),
             classes=class_idx,
@@ -600,6 +602,7 @@ class Explainer:
             activations=volume.detach() if self.keep_gradients else None,
             gradients=torch.cat(keep, dim=1) if self.keep_gradients else None,
             timings=timings,
+            geometry=geometry,
         )
 
     # -- pieces ---------------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ import torch
 from torch import Tensor
 
 from .certificate import Certificate, disagreement
+from .errors import InputError
+from .geometry import GEOMETRIES, MapGeometry
 from .heatmaps import iter_heatmaps, to_heatmap
 
 __all__ = ["Explanation"]
@@ -31,6 +33,8 @@ class Explanation:
         activations: ``[B, F, *map_spatial]`` explained-layer activations (only with ``keep_gradients=True``).
         gradients: ``[B, K, F, *map_spatial]`` ``∂s_k/∂A`` (only with ``keep_gradients=True``).
         timings: seconds spent per stage.
+        geometry: where the model's explained cells sit on the input grid (receptive-field centres), when the
+            model declares it (``medcam3d_map_geometry``); see :mod:`medcam3d.geometry`.
     """
 
     scores: Tensor
@@ -43,6 +47,7 @@ class Explanation:
     activations: Tensor | None = None
     gradients: Tensor | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    geometry: MapGeometry | None = None
 
     # -- naming ---------------------------------------------------------------------------------------------
     @property
@@ -83,6 +88,20 @@ class Explanation:
         return self.scores[:, self.classes]
 
     # -- maps -----------------------------------------------------------------------------------------------
+    def map_geometry(self, kind: str = "field") -> MapGeometry:
+        """Cell centres on the input grid: ``"field"`` (the field of view divided evenly, the paper's display
+        convention) or ``"receptive"`` (the receptive-field centres the model declares)."""
+        if kind == "field":
+            return MapGeometry.field(self.map_size, self.input_size)
+        if kind == "receptive":
+            if self.geometry is None:
+                raise InputError(
+                    "map geometry 'receptive': the model declares no medcam3d_map_geometry (where its explained "
+                    "cells sit on the input); use 'field'"
+                )
+            return self.geometry
+        raise InputError(f"map geometry must be one of {', '.join(GEOMETRIES)}, got {kind!r}")
+
     def _raw(self, method: str, classes: Sequence[int | str] | None) -> Tensor:
         if method not in self.raw:
             raise KeyError(f"method {method!r} was not computed (computed: {', '.join(self.raw)})")
@@ -98,6 +117,7 @@ class Explanation:
         classes: Sequence[int | str] | None = None,
         dtype: torch.dtype | None = None,
         upsample: bool = True,
+        geometry: str = "field",
     ) -> Tensor:
         """Display heatmaps ``[B, K, *size]`` in [0, 1]: ReLU, min-max over the whole map, n-linear upsampling
         (``align_corners=False``) to ``size`` (default: the input's spatial size).
@@ -108,9 +128,14 @@ class Explanation:
             classes: subset of explained classes (indices or labels); default all K.
             dtype: output dtype, e.g. ``torch.float16`` to halve memory.
             upsample: False keeps feature resolution.
+            geometry: ``"field"`` (default; the paper's convention) or ``"receptive"`` (cells at the receptive-field
+                centres the model declares; :meth:`map_geometry`).
         """
         target = (size or self.input_size) if upsample else None
-        return to_heatmap(self._raw(method, classes), target, dtype)
+        geo = self.map_geometry(geometry) if target is not None else None
+        if geo is not None and geo.kind == "receptive" and tuple(target) != tuple(self.input_size):
+            geo = geo.rescaled(self.input_size, target)
+        return to_heatmap(self._raw(method, classes), target, dtype, geo)
 
     def iter_heatmaps(
         self,
@@ -118,10 +143,15 @@ class Explanation:
         size: Sequence[int] | None = None,
         chunk: int = 1,
         dtype: torch.dtype | None = None,
+        geometry: str = "field",
     ) -> Iterator[tuple[list[int], Tensor]]:
         """Like :meth:`heatmap` but ``chunk`` classes at a time: yields ``(class_indices, [B, k, *size])`` so that
         K full-resolution volumes never sit in memory together."""
-        for sl, hm in iter_heatmaps(self._raw(method, None), size or self.input_size, chunk, dtype):
+        target = size or self.input_size
+        geo = self.map_geometry(geometry)
+        if geo.kind == "receptive" and tuple(target) != tuple(self.input_size):
+            geo = geo.rescaled(self.input_size, target)
+        for sl, hm in iter_heatmaps(self._raw(method, None), target, chunk, dtype, geo):
             yield self.classes[sl], hm
 
     def disagreement(self, a: str = "hirescam", b: str = "gradcam", fraction: float = 0.1) -> dict[str, Tensor]:

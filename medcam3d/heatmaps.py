@@ -4,7 +4,8 @@ Following Draelos & Carin (and the AxialNet authors' code), a raw map ``[B, K, *
 
 1. ReLU (keep the positive evidence for the class),
 2. min-max normalisation over the *whole* map of each (sample, class) -- never per slice,
-3. n-linear upsampling (linear / bilinear / trilinear, ``align_corners=False``) to the input grid.
+3. n-linear upsampling (linear / bilinear / trilinear, ``align_corners=False``) to the input grid -- or, on
+   request, with the cells at their receptive-field centres (:mod:`medcam3d.geometry`).
 
 Normalising before upsampling keeps values in [0, 1] (n-linear interpolation is a convex combination).
 A map with no positive evidence (constant after ReLU) becomes all zeros, never NaN.
@@ -17,6 +18,8 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .geometry import MapGeometry, resample
 
 __all__ = ["iter_heatmaps", "normalize", "to_heatmap", "upsample"]
 
@@ -42,30 +45,40 @@ def normalize(raw: Tensor, relu: bool = True) -> Tensor:
     return out.reshape(x.shape)
 
 
-def upsample(maps: Tensor, size: Sequence[int]) -> Tensor:
+def upsample(maps: Tensor, size: Sequence[int], geometry: MapGeometry | None = None) -> Tensor:
     """n-linear upsampling (``align_corners=False``) of ``[B, K, *S]`` to ``[B, K, *size]``.
 
+    With a ``"receptive"`` :class:`~medcam3d.geometry.MapGeometry` the cells are placed at their receptive-field
+    centres instead of dividing the field of view evenly (see :mod:`medcam3d.geometry`).
     Interpolates in at least float32 and returns that dtype (callers cast for storage)."""
     size = tuple(int(s) for s in size)
     nd = maps.ndim - 2
     if len(size) != nd:
         raise ValueError(f"size {size} has {len(size)} axes but the maps have {nd} spatial axes")
+    if geometry is not None and geometry.kind != "field":
+        return resample(maps, size, geometry)
     if tuple(maps.shape[2:]) == size:
         return maps
     x = maps if maps.dtype in (torch.float32, torch.float64) else maps.float()
     return F.interpolate(x, size=size, mode=_MODES[nd], align_corners=False)
 
 
-def to_heatmap(raw: Tensor, size: Sequence[int] | None = None, dtype: torch.dtype | None = None) -> Tensor:
+def to_heatmap(
+    raw: Tensor, size: Sequence[int] | None = None, dtype: torch.dtype | None = None, geometry: MapGeometry | None = None
+) -> Tensor:
     """``normalize`` then ``upsample`` (when ``size`` is given): ``[B, K, *S] -> [B, K, *size]`` in [0, 1]."""
     out = normalize(raw)
     if size is not None:
-        out = upsample(out, size).clamp_(0.0, 1.0)
+        out = upsample(out, size, geometry).clamp_(0.0, 1.0)
     return out if dtype is None else out.to(dtype)
 
 
 def iter_heatmaps(
-    raw: Tensor, size: Sequence[int] | None, chunk: int = 1, dtype: torch.dtype | None = None
+    raw: Tensor,
+    size: Sequence[int] | None,
+    chunk: int = 1,
+    dtype: torch.dtype | None = None,
+    geometry: MapGeometry | None = None,
 ) -> Iterator[tuple[slice, Tensor]]:
     """Heatmaps ``chunk`` classes at a time, so K full-size volumes never sit in memory together.
 
@@ -75,4 +88,4 @@ def iter_heatmaps(
     k = raw.shape[1]
     for start in range(0, k, chunk):
         sl = slice(start, min(start + chunk, k))
-        yield sl, to_heatmap(raw[:, sl], size, dtype)
+        yield sl, to_heatmap(raw[:, sl], size, dtype, geometry)

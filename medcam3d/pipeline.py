@@ -25,7 +25,8 @@ from .config import Config, load_config
 from .errors import InputError
 from .explainer import Explainer
 from .explanation import Explanation
-from .io import Volume, lowres_affine, read_volume, write_lowres_maps, write_map_like
+from .geometry import GEOMETRIES
+from .io import Volume, read_volume, write_lowres_maps, write_map_like
 from .outputs import (
     SCORES,
     SUMMARY,
@@ -160,6 +161,9 @@ class Session:
         checkpoint: weights file overriding the config's ``weights``.
         methods: methods to compute (HiResCAM and Grad-CAM by default).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+        map_geometry: where feature-resolution cells go on the scan: ``"field"`` (the field of view divided evenly,
+            the paper's convention) or ``"receptive"`` (the receptive-field centres the model declares; AxialNet
+            does). Used for full-resolution heatmaps and the low-resolution maps' affine.
     """
 
     def __init__(
@@ -168,7 +172,11 @@ class Session:
         checkpoint: str | Path | None = None,
         methods: Sequence[str] = DEFAULT_METHODS,
         device: str | torch.device = "auto",
+        map_geometry: str = "field",
     ) -> None:
+        if map_geometry not in GEOMETRIES:
+            raise InputError(f"map geometry must be one of {', '.join(GEOMETRIES)}, got {map_geometry!r}")
+        self.map_geometry = map_geometry
         cfg = config if isinstance(config, Config) else load_config(config or DEFAULT_CONFIG)
         if checkpoint is not None:
             cp = Path(checkpoint).expanduser().resolve()
@@ -249,7 +257,8 @@ class Session:
         grid_shape = tuple(int(s) for s in result.grid.shape[1:])
         pos = [exp.index(c) for c in explained]
         map_shape = exp.map_size
-        map_affine = lowres_affine(grid_affine, grid_shape, map_shape) if len(map_shape) == 3 else None
+        geometry = exp.map_geometry(self.map_geometry)  # InputError when the model declares no receptive geometry
+        map_affine = grid_affine @ geometry.index_affine().numpy() if len(map_shape) == 3 else None
         written: list[str] = []
         with output_folder(out_dir) as tmp:
             rows = [
@@ -265,13 +274,13 @@ class Session:
             for m in exp.methods:
                 maps = exp.raw[m][0, pos]
                 write_lowres_maps(maps, grid_affine, grid_shape, tmp / lowres_name(m), labels=[labels[c] for c in explained],
-                                  description=f"medcam3d {m} signed raw maps")
+                                  description=f"medcam3d {m} signed raw maps", map_affine=map_affine)
                 written.append(lowres_name(m))
             for c in fr:
                 step(f"full resolution: {labels[c]}")
                 on_scan: dict[str, np.ndarray] = {}
                 for m in exp.methods:
-                    hm = exp.heatmap(m, size=grid_shape, classes=[c])[0]  # [1, S, H, W] on the network grid
+                    hm = exp.heatmap(m, size=grid_shape, classes=[c], geometry=self.map_geometry)[0]  # [1, S, H, W]
                     back = self.preprocessor.invert(hm, result.grid)[0]
                     name = fullres_name(m, c, labels[c])
                     write_map_like(back, result.volume, tmp / name, description=f"medcam3d {m} heatmap {labels[c]}"[:79])
@@ -300,6 +309,7 @@ class Session:
     ) -> dict[str, Any]:
         cfg, exp, vol = self.config, result.explanation, result.volume
         cert = exp.certificate
+        geo = exp.map_geometry(self.map_geometry)
         dis = exp.disagreement(exp.methods[0], exp.methods[1]) if len(exp.methods) > 1 else None
         per_class = []
         for c in explained:
@@ -364,6 +374,8 @@ class Session:
             },
             "map_shape": list(exp.map_size),
             "map_affine": map_affine.tolist() if map_affine is not None else None,
+            "map_geometry": {"kind": self.map_geometry, "offset_voxels": list(geo.offset),
+                             "stride_voxels": list(geo.stride)},
             "methods": list(exp.methods),
             "device": str(self.device),
             "versions": _versions(),

@@ -193,6 +193,7 @@ def write_lowres_maps(
     *,
     labels: Sequence[str] | None = None,
     description: str | None = None,
+    map_affine: Any | None = None,
 ) -> Path:
     """Write all classes' feature-resolution maps as one 4-D NIfTI ``(x, y, z, K)``.
 
@@ -204,7 +205,10 @@ def write_lowres_maps(
         labels: K class names, stored in the order of ``maps`` as JSON ``{"medcam3d": {"axis_3": "class",
             "labels": [...]}}`` in a NIfTI comment extension (read back with :func:`read_lowres_labels`).
 
-    NIfTI volume ``k`` (4th axis) is ``maps[k]``; its affine is :func:`lowres_affine`.
+        map_affine: the maps' own affine (map index -> RAS mm), e.g. from the cells' receptive-field centres
+            (:class:`medcam3d.geometry.MapGeometry`); default :func:`lowres_affine` (the field divided evenly).
+
+    NIfTI volume ``k`` (4th axis) is ``maps[k]``.
     """
     p = _check_nifti_path(path)
     m = _to_numpy(maps)
@@ -212,7 +216,10 @@ def write_lowres_maps(
         raise InputError(f"maps have shape {m.shape}; expected [K, *map_shape] with 3 spatial axes", p)
     if labels is not None and len(labels) != m.shape[0]:
         raise InputError(f"{len(labels)} labels for {m.shape[0]} maps", p)
-    affine = lowres_affine(grid_affine, grid_shape, m.shape[1:])
+    if map_affine is None:
+        affine = lowres_affine(grid_affine, grid_shape, m.shape[1:])
+    else:
+        affine = validate_affine(map_affine, "map_affine")
     data = np.moveaxis(m.astype(np.float32, copy=False), 0, -1)  # (x, y, z, K)
     comment = {"medcam3d": {"axis_3": "class", "labels": list(labels) if labels is not None else None,
                             "grid_shape": [int(s) for s in grid_shape]}}

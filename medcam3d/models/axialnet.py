@@ -27,6 +27,7 @@ from os import PathLike
 from torch import Tensor, nn
 
 from ..errors import InputError
+from ..geometry import MapGeometry, conv_chain_geometry
 from ..layouts import SlicesAsBatch
 from .resnet import (
     _is_tracing,
@@ -123,6 +124,14 @@ class AxialNet(nn.Module):
             self.medcam3d_labels = labels
         if pretrained_path is not None:
             load_resnet18_weights(self, pretrained_path)
+
+    def medcam3d_map_geometry(self, input_size: Sequence[int], map_size: Sequence[int]) -> MapGeometry:
+        """Where the explained cells ``[S/3, h, w]`` sit on the input ``[S, H, W]``: slice group t is centred on
+        slice 3t + 1; in-plane, the receptive-field centres of the ResNet and the four unpadded 3x3 convolutions
+        (for feature stride s: pixel s (i + 4), e.g. 32 i + 128 of 420 at the paper's size)."""
+        chain = [m for name, m in self.features.named_modules() if "downsample" not in name]
+        offset, stride = conv_chain_geometry([*chain, *self.conv2d], nd=2)
+        return MapGeometry((1.0, *offset), (3.0, *stride), "receptive")
 
     def check_input(self, x: Tensor) -> None:
         """Raise :class:`InputError` unless ``x`` is ``[B, 1, S, H, W]`` with S a multiple of 3 and (H, W) equal to

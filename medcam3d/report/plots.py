@@ -47,7 +47,7 @@ def score_distribution(labels: Sequence[str], scores: dict[str, list[float]], th
     rng = np.random.default_rng(0)
     data = [np.asarray(scores.get(lab, []), float) for lab in labels]
     pos = np.arange(len(labels))[::-1]
-    ax.boxplot([d if d.size else np.array([np.nan]) for d in data], positions=pos, vert=False, widths=0.6,
+    ax.boxplot([d if d.size else np.array([np.nan]) for d in data], positions=pos, orientation="horizontal", widths=0.6,
                showfliers=False)
     for p, d in zip(pos, data):
         if d.size:
@@ -68,7 +68,7 @@ def disagreement_figure(labels: Sequence[str], values: dict[str, list[float]], w
     fig, ax = plt.subplots(figsize=(9, _height(len(labels))))
     pos = np.arange(len(labels))[::-1]
     data = [np.asarray(values.get(lab, []), float) for lab in labels]
-    ax.boxplot([d if d.size else np.array([np.nan]) for d in data], positions=pos, vert=False, widths=0.6)
+    ax.boxplot([d if d.size else np.array([np.nan]) for d in data], positions=pos, orientation="horizontal", widths=0.6)
     ax.set_yticks(pos, labels, fontsize=8)
     ax.set_xlabel(what)
     ax.set_title(f"HiResCAM vs Grad-CAM: {what}")
