@@ -28,7 +28,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["GEOMETRIES", "MapGeometry", "conv_chain_geometry", "interpolation_matrix", "resample"]
+__all__ = [
+    "GEOMETRIES",
+    "MapGeometry",
+    "assignment_matrix",
+    "cell_fractions",
+    "conv_chain_geometry",
+    "interpolation_matrix",
+    "resample",
+]
 
 GEOMETRIES = ("field", "receptive")
 
@@ -115,6 +123,33 @@ def resample(maps: Tensor, size: Sequence[int], geometry: MapGeometry) -> Tensor
         w = interpolation_matrix(x.shape[2 + d], size[d], geometry.offset[d], geometry.stride[d])
         x = torch.movedim(torch.tensordot(x, w.to(x.device, x.dtype), dims=([2 + d], [1])), -1, 2 + d)
     return x.contiguous()
+
+
+def assignment_matrix(n_map: int, n_in: int, offset: float, stride: float) -> Tensor:
+    """``[n_map, n_in]`` 0/1 matrix giving each input voxel to the cell whose centre is nearest (a voxel exactly
+    halfway goes to the upper cell; voxels beyond the first/last centre go to the edge cell). For the field
+    geometry with ``n_in`` a multiple of ``n_map`` the cells are the even blocks ``[i f, (i + 1) f)``."""
+    pos = (torch.arange(n_in, dtype=torch.float64) - offset) / stride
+    idx = torch.floor(pos + 0.5).clamp(0, n_map - 1).long()
+    m = torch.zeros(n_map, n_in, dtype=torch.float64)
+    m[idx, torch.arange(n_in)] = 1.0
+    return m
+
+
+def cell_fractions(mask: Tensor, map_size: Sequence[int], geometry: MapGeometry) -> Tensor:
+    """Fraction of each cell's voxels (those nearest its centre, :func:`assignment_matrix`) inside ``mask``.
+
+    Args: ``mask`` ``[..., *in_size]`` (bool or float in [0, 1]; leading axes are kept), ``map_size`` the map's
+    spatial size. Returns: ``[..., *map_size]`` float64 in [0, 1]."""
+    nd = len(map_size)
+    x = mask.to(torch.float64)
+    count = torch.ones((), dtype=torch.float64)
+    for d in range(nd):
+        axis = x.ndim - nd + d
+        a = assignment_matrix(int(map_size[d]), x.shape[axis], geometry.offset[d], geometry.stride[d]).to(x.device)
+        x = torch.movedim(torch.tensordot(x, a, dims=([axis], [1])), -1, axis)
+        count = count.unsqueeze(-1) * a.sum(1)  # voxels per cell, an outer product over axes
+    return x / count.to(x.device).clamp(min=1.0)
 
 
 def _tuple(v: int | Sequence[int], nd: int) -> tuple[int, ...]:

@@ -285,36 +285,68 @@ def test_shards_run_their_slice_and_organ_shares_are_right(reference, cohort):
     assert ids == [everything[0::2], everything[1::2]]
     assert all(r["worker"] is None for run in runs for r in run if "status" in r)  # no engine
     assert sorted(p.name for p in (reference / "scans").iterdir()) == everything
-    # organ shares against an independent computation: the phantom grid has the network spacing, so each scan voxel
-    # is one network-grid voxel; find its map voxel through the low-resolution map's affine (nibabel only)
     for sid in everything[:2]:
-        folder = reference / "scans" / sid
+        check_organ_shares(reference / "scans" / sid, cohort["dir"] / f"{sid}_organs.nii.gz")
+
+
+def check_organ_shares(folder: Path, organs_path: Path) -> None:
+    """Organ shares against an independent computation: the phantom grid has the network spacing, so each scan
+    voxel is one network-grid voxel; find its map voxel -- the cell whose centre is nearest, clamped at the edges --
+    through the low-resolution map's affine (nibabel only), whatever map geometry the run used."""
+    summary = json.loads((folder / "summary.json").read_text())
+    low = nib.load(str(folder / "lowres_hirescam.nii.gz"))
+    raw = np.maximum(np.asarray(low.dataobj, dtype=np.float64), 0.0)  # [s, h, w, K] (x, y, z, class)
+    organs_img = nib.load(str(organs_path))
+    lab = np.asarray(organs_img.dataobj).astype(int)
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in lab.shape], indexing="ij"), -1).reshape(-1, 3)
+    world = organs_img.affine @ np.c_[ijk, np.ones(len(ijk))].T
+    # floor(x + 0.5): a voxel exactly halfway between two centres goes to the upper cell
+    m = np.floor((np.linalg.inv(low.affine) @ world)[:3].T + 0.5 + 1e-9).astype(int)
+    m = np.clip(m, 0, np.array(raw.shape[:3]) - 1)
+    # network-grid voxels per map voxel: the scan covers only part of the padded network grid, so count each cell's
+    # voxels over the whole grid, with the cell centres the summary records (offset + stride * index)
+    geo = summary["map_geometry"]
+    net = summary["network_grid"]["shape"]
+    gijk = np.stack(np.meshgrid(*[np.arange(n) for n in net], indexing="ij"), -1).reshape(-1, 3)
+    pos = (gijk - np.array(geo["offset_voxels"])) / np.array(geo["stride_voxels"])
+    gm = np.clip(np.floor(pos + 0.5 + 1e-9).astype(int), 0, np.array(raw.shape[:3]) - 1)
+    count = np.zeros(raw.shape[:3])
+    np.add.at(count, tuple(gm.T), 1)
+    labels_in_order = [c["label"] for c in summary["classes"]]
+    shares = summary["organ_shares"]
+    assert shares["organs"] == [*ORGAN_CODES, "unlabelled"]
+    for k, label in enumerate(labels_in_order):
+        total = raw[..., k].sum()
+        per_voxel = raw[m[:, 0], m[:, 1], m[:, 2], k] / count[m[:, 0], m[:, 1], m[:, 2]]
+        got = shares["classes"][label]["hirescam"]
+        if total == 0:
+            assert all(v is None for v in got.values())
+            continue
+        for organ, code in ORGAN_CODES.items():
+            expected = per_voxel[lab.reshape(-1) == code].sum() / total
+            assert got[organ] == pytest.approx(expected, abs=2e-6), (folder.name, label, organ)
+        assert sum(got.values()) == pytest.approx(1.0, abs=1e-5)
+        allowed = shares["classes"][label]["allowed"]
+        outside = shares["classes"][label]["outside_allowed"]["hirescam"]
+        assert outside == pytest.approx(1.0 - sum(got[o] for o in allowed), abs=1e-5)
+
+
+def test_receptive_map_geometry_in_batch(tmp_path, cohort, configs):
+    """--map-geometry receptive: the organ shares use the cells nearest each receptive-field centre (AxialNet's
+    cells are 8 network voxels apart in-plane, not 16) and agree with the independent computation."""
+    out = tmp_path / "batch"
+    assert main(["batch", str(cohort["good"]), "--out", str(out), "--config", str(configs["untrained"]),
+                 "--shard", "0/2", "--map-geometry", "receptive", *BATCH_ARGS]) == 0
+    done = sorted(p for p in (out / "scans").iterdir() if p.is_dir())
+    assert done
+    for folder in done[:2]:
         summary = json.loads((folder / "summary.json").read_text())
-        low = nib.load(str(folder / "lowres_hirescam.nii.gz"))
-        raw = np.maximum(np.asarray(low.dataobj, dtype=np.float64), 0.0)  # [s, h, w, K] (x, y, z, class)
-        organs_img = nib.load(str(cohort["dir"] / f"{sid}_organs.nii.gz"))
-        lab = np.asarray(organs_img.dataobj).astype(int)
-        ijk = np.stack(np.meshgrid(*[np.arange(n) for n in lab.shape], indexing="ij"), -1).reshape(-1, 3)
-        world = organs_img.affine @ np.c_[ijk, np.ones(len(ijk))].T
-        m = np.rint((np.linalg.inv(low.affine) @ world)[:3].T).astype(int)
-        block = 3 * 16 * 16  # network voxels per map voxel
-        labels_in_order = [c["label"] for c in summary["classes"]]
-        shares = summary["organ_shares"]
-        assert shares["organs"] == [*ORGAN_CODES, "unlabelled"]
-        for k, label in enumerate(labels_in_order):
-            total = raw[..., k].sum()
-            per_voxel = raw[m[:, 0], m[:, 1], m[:, 2], k] / block
-            got = shares["classes"][label]["hirescam"]
-            if total == 0:
-                assert all(v is None for v in got.values())
-                continue
-            for organ, code in ORGAN_CODES.items():
-                expected = per_voxel[lab.reshape(-1) == code].sum() / total
-                assert got[organ] == pytest.approx(expected, abs=2e-6), (sid, label, organ)
-            assert sum(got.values()) == pytest.approx(1.0, abs=1e-5)
-            allowed = shares["classes"][label]["allowed"]
-            outside = shares["classes"][label]["outside_allowed"]["hirescam"]
-            assert outside == pytest.approx(1.0 - sum(got[o] for o in allowed), abs=1e-5)
+        assert summary["map_geometry"]["kind"] == "receptive"
+        assert summary["map_geometry"]["stride_voxels"] == [3.0, 8.0, 8.0]
+        assert summary["organ_shares"]["map_geometry"] == "receptive"
+        check_organ_shares(folder, cohort["dir"] / f"{folder.name}_organs.nii.gz")
+    fp = json.loads((out / "medcam3d_batch.json").read_text())["fingerprint"]
+    assert fp["map_geometry"] == "receptive"
 
 
 def test_a_rerun_with_other_settings_is_refused(reference, cohort, configs, capsys):

@@ -104,3 +104,15 @@ def test_receptive_geometry_needs_a_declaration():
         exp.heatmap("hirescam", geometry="receptive")
     with pytest.raises(InputError, match="map geometry must be one of"):
         exp.heatmap("hirescam", geometry="middle")
+
+
+def test_cell_fractions_field_blocks_and_receptive_cells():
+    from medcam3d.geometry import cell_fractions
+
+    mask = torch.rand(2, 6, 12, 8, generator=torch.Generator().manual_seed(3)) > 0.5
+    field = cell_fractions(mask, (3, 4, 2), MapGeometry.field((3, 4, 2), (6, 12, 8)))
+    ref = F.avg_pool3d(mask.double().unsqueeze(1), kernel_size=(2, 3, 4)).squeeze(1)  # even blocks
+    assert torch.allclose(field, ref)
+    # receptive cells centred at 2 and 6 of 10 voxels: cell 0 owns 0-3 (4 voxels), cell 1 owns 4-9 (6 voxels)
+    line = torch.tensor([1, 0, 0, 0, 1, 1, 1, 0, 0, 0], dtype=torch.bool)
+    assert cell_fractions(line, (2,), MapGeometry((2.0,), (4.0,))).tolist() == [0.25, 0.5]

@@ -100,7 +100,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         methods=tuple(args.methods), classes=tuple(args.classes) if args.classes else None,
         full_res=tuple(args.full_res) if args.full_res else None, device=args.device,
         torch_threads=args.torch_threads, organ_codes=_organ_codes(args.organ_codes),
-        allow_resample=args.allow_resample,
+        allow_resample=args.allow_resample, map_geometry=args.map_geometry,
     )
     result = run_batch(args.cohort, args.out, settings, engine, shard_spec=shard_spec, retries=args.retries,
                        redo=args.redo, quiet=args.quiet, report=not args.no_report)
@@ -131,6 +131,8 @@ def register(subparsers: Any) -> None:
                    help="JSON/YAML {organ name: label value} of the organ label maps (default: the phantoms' codes, "
                         "medcam3d.data.ORGAN_CODES)")
     p.add_argument("--allow-resample", action="store_true", help="accept irregular DICOM series by resampling")
+    p.add_argument("--map-geometry", choices=["field", "receptive"], default="field",
+                   help="as in medcam3d explain; also where the organ shares' blocks lie (default: field)")
     g = p.add_argument_group("where it runs")
     g.add_argument("--workers", type=int,
                    help="embedded cluster: CPU worker processes (default: one per core up to 4, then cores/2, <= 8)")

@@ -25,19 +25,23 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..geometry import MapGeometry, cell_fractions
+
 __all__ = ["UNLABELLED", "organ_fractions", "organ_shares", "shares_record"]
 
 UNLABELLED = "unlabelled"
 
 
 def organ_fractions(labels: torch.Tensor | np.ndarray, map_shape: Sequence[int],
-                    codes: Mapping[str, int]) -> tuple[list[str], torch.Tensor]:
+                    codes: Mapping[str, int], geometry: MapGeometry | None = None) -> tuple[list[str], torch.Tensor]:
     """Per map voxel, the fraction of its block in each organ.
 
     Args:
         labels: ``[S, H, W]`` integer-valued label map on the network grid.
         map_shape: the raw maps' spatial size ``(s, h, w)``.
         codes: organ name -> label value.
+        geometry: with a ``"receptive"`` geometry a map voxel's block is the network-grid voxels nearest its
+            receptive-field centre (:func:`medcam3d.geometry.cell_fractions`); default the even blocks above.
 
     Returns:
         (names, fractions): ``names`` = the organs in ``codes`` order, then ``"unlabelled"``; ``fractions`` float64
@@ -50,8 +54,11 @@ def organ_fractions(labels: torch.Tensor | np.ndarray, map_shape: Sequence[int],
     out = []
     covered = torch.zeros((), dtype=torch.float64)
     for name in names:
-        ind = (lab == int(codes[name])).to(torch.float32)[None, None]
-        frac = torch.nn.functional.adaptive_avg_pool3d(ind, tuple(int(s) for s in map_shape))[0, 0]
+        if geometry is not None and geometry.kind != "field":
+            frac = cell_fractions(lab == int(codes[name]), map_shape, geometry)
+        else:
+            ind = (lab == int(codes[name])).to(torch.float32)[None, None]
+            frac = torch.nn.functional.adaptive_avg_pool3d(ind, tuple(int(s) for s in map_shape))[0, 0]
         out.append(frac.to(torch.float64))
         covered = covered + out[-1]
     out.append((1.0 - covered).clamp_min(0.0))

@@ -51,6 +51,8 @@ class BatchSettings:
         torch_threads: intra-op threads for torch on the worker (None: the worker's own thread count).
         organ_codes: organ name -> label value of the organ label maps.
         allow_resample: accept irregular DICOM series by resampling.
+        map_geometry: ``field`` | ``receptive``, as ``medcam3d explain --map-geometry`` (also used for the organ
+            shares' blocks).
         run_id: this run's id (recorded in the done markers).
         fingerprint_sha: the batch folder's settings fingerprint (recorded in the done markers; a marker with
             another fingerprint does not count as done).
@@ -66,11 +68,12 @@ class BatchSettings:
     torch_threads: int | None = None
     organ_codes: tuple[tuple[str, int], ...] = ()
     allow_resample: bool = False
+    map_geometry: str = "field"
     run_id: str = ""
     fingerprint_sha: str = ""
 
     def session_key(self) -> tuple[Any, ...]:
-        return (self.config, self.checkpoint, self.methods, self.device, self.torch_threads)
+        return (self.config, self.checkpoint, self.methods, self.device, self.torch_threads, self.map_geometry)
 
 
 def scan_dir(out_dir: str | os.PathLike[str], task: ScanTask) -> Path:
@@ -169,7 +172,8 @@ def get_session(settings: BatchSettings) -> tuple[Any, bool]:
         return _SESSIONS[key], False
     from ..pipeline import Session
 
-    _SESSIONS[key] = Session(settings.config, settings.checkpoint, settings.methods, settings.device)
+    _SESSIONS[key] = Session(settings.config, settings.checkpoint, settings.methods, settings.device,
+                             map_geometry=settings.map_geometry)
     return _SESSIONS[key], True
 
 
@@ -181,12 +185,14 @@ def _organ_shares(session: Any, result: Any, organs: str, codes: dict[str, int])
     lab_vol = read_volume(organs)
     on_grid = session.preprocessor.preprocess_labels(lab_vol, like=result.grid)[0]  # [S, H, W]
     exp = result.explanation
+    geometry = exp.map_geometry(session.map_geometry)
     names, frac = organ_fractions(on_grid.as_tensor() if hasattr(on_grid, "as_tensor") else on_grid,
-                                  exp.map_size, codes)
+                                  exp.map_size, codes, geometry)
     raw = {m: exp.raw[m][0] for m in exp.methods}
     rec = shares_record(raw, exp.classes, session.config.labels, names, frac, session.config.allowed_regions)
     rec["codes"] = dict(codes)
     rec["resolution"] = "feature"
+    rec["map_geometry"] = session.map_geometry
     rec["seconds"] = round(time.perf_counter() - t0, 4)
     return rec
 
