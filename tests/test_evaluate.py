@@ -530,3 +530,48 @@ def test_demo_model_end_to_end(tmp_path):
                     "## Parameter randomisation", "## Costs"):
         assert heading in md
     assert r["figure"]["label"] == "nodule_right_lung"
+
+
+def test_block_fractions_with_receptive_geometry():
+    from medcam3d.geometry import MapGeometry
+
+    mask = torch.zeros(10, dtype=torch.bool)
+    mask[[0, 4, 5, 6]] = True
+    # cells centred at voxels 2 and 6: cell 0 owns voxels 0-3, cell 1 owns 4-9 (edge cells own what lies beyond)
+    assert M.block_fractions(mask, (2,), MapGeometry((2.0,), (4.0,))).tolist() == [0.25, 0.5]
+    # field geometry is the even blocks
+    assert M.block_fractions(mask, (2,), MapGeometry.field((2,), (10,))).tolist() == pytest.approx([0.4, 0.4])
+
+
+def test_suite_receptive_geometry_moves_the_heatmap_and_the_blocks():
+    """On the demo AxialNet, the suite's map geometry decides where cells lie: the ground-truth share equals the
+    relevance mass over the voxels nearest each receptive-field centre (computed here with numpy)."""
+    from medcam3d.evaluate.reproduce import demo_model
+    from medcam3d.evaluate.suite import SuiteOptions, evaluate
+    from medcam3d.evaluate.phantoms import PhantomSource
+    from medcam3d import Explainer
+
+    mut, grid = demo_model()
+    source = PhantomSource(grid, 1, 5, prevalence=0.0, present={"cardiomegaly": True})
+    results = {g: evaluate(mut, source, SuiteOptions(parts=("ground_truth", "localisation"), removal=False,
+                                                     map_geometry=g)) for g in ("field", "receptive")}
+    assert results["receptive"]["options"]["map_geometry"] == "receptive"
+    case = source.case(0)
+    exp = Explainer(mut.model, mut.target_layer, layout=mut.layout)(case.x)
+    k = mut.labels.index("cardiomegaly")
+    mask = case.lesions["cardiomegaly"].numpy()
+    pos = np.maximum(exp.raw["hirescam"][0, k].numpy(), 0)
+    shares = {}
+    for g in ("field", "receptive"):
+        geo = exp.map_geometry(g)
+        idx = [np.clip(np.floor((np.arange(n) - o) / s + 0.5), 0, m - 1).astype(int)
+               for n, o, s, m in zip(mask.shape, geo.offset, geo.stride, exp.map_size)]
+        inside = np.zeros(exp.map_size)
+        count = np.zeros(exp.map_size)
+        cells = np.ix_(*idx)
+        np.add.at(inside, tuple(np.broadcast_arrays(*cells)), mask.astype(float))
+        np.add.at(count, tuple(np.broadcast_arrays(*cells)), 1.0)
+        shares[g] = (pos * inside / count).sum() / pos.sum()
+        got = results[g]["cases"][0]["ground_truth"]["cardiomegaly"]["share"]["hirescam"]
+        assert got == pytest.approx(shares[g], abs=1e-6)
+    assert abs(shares["field"] - shares["receptive"]) > 1e-3  # the geometry matters on AxialNet

@@ -91,6 +91,7 @@ def build_suite(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         fills=tuple(args.fills), steps=args.steps, perturbation_scans=args.perturbation_scans,
         batch_size=args.batch_size, randomisation=tuple(args.randomisation), randomisation_depth=args.depth or None,
         randomisation_scans=args.randomisation_scans, figure_label=args.figure_label, seed=args.seed, device=device,
+        map_geometry=args.map_geometry,
     )
     try:
         options.check()
@@ -151,6 +152,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--depth", type=int_at_least(0), default=2,
                    help="group layers for randomisation by this many name parts (0: every layer; default 2)")
     p.add_argument("--figure-label", metavar="LABEL", help="label of the step-by-step figure")
+    p.add_argument("--map-geometry", choices=["field", "receptive"], default="field",
+                   help="where feature cells lie for shares, localisation heatmaps and a/(a+b): field (the paper's "
+                        "convention; default) or receptive (the receptive-field centres the model declares)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int_at_least(0), default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="print nothing")

@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..geometry import MapGeometry, cell_fractions
+
 __all__ = [
     "IOU_THRESHOLDS",
     "allowed_region_score",
@@ -118,7 +120,7 @@ def _bool_mask(mask: Tensor, what: str) -> Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def block_fractions(mask: Any, map_shape: Sequence[int]) -> Tensor:
+def block_fractions(mask: Any, map_shape: Sequence[int], geometry: MapGeometry | None = None) -> Tensor:
     """Per map voxel, the fraction of its block of grid voxels that lies inside ``mask``.
 
     Adaptive average pooling of the mask's indicator: exact blocks when the grid is a whole multiple of the map
@@ -128,10 +130,14 @@ def block_fractions(mask: Any, map_shape: Sequence[int]) -> Tensor:
     Args:
         mask: ``[*S]`` bool (or 0/1) on the network grid, 1-3 axes.
         map_shape: the maps' spatial size ``s`` (same number of axes).
+        geometry: with a ``"receptive"`` :class:`~medcam3d.geometry.MapGeometry` a map voxel's block is the grid
+            voxels nearest its receptive-field centre (:func:`medcam3d.geometry.cell_fractions`).
 
     Returns:
         float64 ``[*s]`` in [0, 1].
     """
+    if geometry is not None and geometry.kind != "field":
+        return cell_fractions(as_tensor(mask, torch.float32), tuple(int(n) for n in map_shape), geometry)
     m = as_tensor(mask, torch.float32)
     shape = tuple(int(n) for n in map_shape)
     if m.ndim != len(shape) or not 1 <= m.ndim <= 3:

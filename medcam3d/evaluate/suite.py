@@ -92,6 +92,9 @@ class SuiteOptions:
         figure_label: the label of the figure (default: the first phantom's first present label).
         seed: seed of random orders and re-initialisations.
         device: ``"cpu"``, ``"cuda"``...
+        map_geometry: ``"field"`` (the paper's convention) or ``"receptive"`` (cells at the receptive-field centres
+            the model declares): where feature cells lie for the ground-truth shares, the localisation heatmaps
+            and the allowed-region score.
     """
 
     methods: tuple[str, ...] = ("hirescam", "gradcam")
@@ -112,6 +115,7 @@ class SuiteOptions:
     figure_label: str | None = None
     seed: int = 0
     device: str = "cpu"
+    map_geometry: str = "field"
 
     def check(self) -> None:
         """Raise ValueError for unknown parts, fills, orders or modes."""
@@ -125,6 +129,8 @@ class SuiteOptions:
                 raise ValueError(f"{name}: unknown {bad[0]!r} (choose from {', '.join(allowed)})")
         if self.steps < 1:
             raise ValueError("steps must be >= 1")
+        if self.map_geometry not in ("field", "receptive"):
+            raise ValueError(f"map_geometry: unknown {self.map_geometry!r} (choose from field, receptive)")
         if not 0.0 < self.validation_fraction < 1.0:
             raise ValueError("validation_fraction must be in (0, 1)")
 
@@ -269,6 +275,7 @@ def evaluate(
             raw = {m: exp.raw[m][0] for m in opt.methods}  # [M, *s]
             map_shape = tuple(exp.map_size)
             grid_shape = tuple(case.x.shape[2:])
+            geo = exp.map_geometry(opt.map_geometry)
             present = [lab for lab in case.labels if lab in labels and lab in case.lesions]
             if opt.classes == "present":
                 chosen = list(present)
@@ -300,7 +307,7 @@ def evaluate(
                 timings["exactness"] += time.perf_counter() - t0
 
             # -- ground truth -----------------------------------------------------------------------------------------
-            fractions = {lab: block_fractions(case.lesions[lab], map_shape) for lab in present}
+            fractions = {lab: block_fractions(case.lesions[lab], map_shape, geo) for lab in present}
             if "ground_truth" in opt.parts:
                 t0 = time.perf_counter()
                 gt: dict[str, Any] = {}
@@ -317,7 +324,7 @@ def evaluate(
                     gt[lab] = entry
                 rec["ground_truth"] = gt
                 if case.marker is not None:
-                    frac_m = block_fractions(case.marker, map_shape)
+                    frac_m = block_fractions(case.marker, map_shape, geo)
                     mk: dict[str, Any] = {"chance": chance_share(frac_m), "share": {}}
                     for m in opt.methods:
                         vals = relevance_mass(raw[m], frac_m)  # [M]
@@ -338,7 +345,7 @@ def evaluate(
                     mask = case.lesions[lab]
                     entry = {}
                     for m in opt.methods:
-                        heat = to_heatmap(raw[m][None, [k]], grid_shape)[0, 0]
+                        heat = to_heatmap(raw[m][None, [k]], grid_shape, geometry=geo)[0, 0]
                         curve = iou_curve(heat, mask)
                         iou.setdefault(lab, {}).setdefault(m, []).append((i, curve.tolist()))
                         entry[m] = {
@@ -358,7 +365,7 @@ def evaluate(
                     for o in organs:
                         if o in case.organs:
                             region |= case.organs[o]
-                    frac = block_fractions(region, map_shape)
+                    frac = block_fractions(region, map_shape, geo)
                     k = labels.index(lab)
                     allowed[lab] = {m: _f(allowed_region_score(raw[m][k], frac)) for m in opt.methods}
                 rec["allowed_region"] = allowed
