@@ -529,7 +529,7 @@ class Explainer:
                         if self.jacobian == "per-class":
                             jd.append(self._per_class_jacobian(g, probes, probe_scores, chunk, batch))
                         else:
-                            # one random, class-scaled combination of the K Jacobians (see jacobian_sketch)
+                            # one random, class-scaled combination of the K Jacobians (see jacobian_sketch_difference)
                             scale = gmax.double().cpu()
                             coef[sl] = z[sl] / torch.where(scale > 0, scale, torch.ones_like(scale))
                             part = torch.einsum("k,bk...->b...", coef[sl].to(g.device, g.dtype), g)
