@@ -110,6 +110,13 @@ class Explanation:
             return r
         return r[:, [self.index(c) for c in classes]]
 
+    def _display_geometry(self, kind: str, size: Sequence[int]) -> MapGeometry:
+        """:meth:`map_geometry` on an output grid of ``size`` covering the input's field of view."""
+        geo = self.map_geometry(kind)
+        if geo.kind == "receptive" and tuple(size) != tuple(self.input_size):
+            geo = geo.rescaled(self.input_size, size)
+        return geo
+
     def heatmap(
         self,
         method: str,
@@ -132,9 +139,7 @@ class Explanation:
                 centres the model declares; :meth:`map_geometry`).
         """
         target = (size or self.input_size) if upsample else None
-        geo = self.map_geometry(geometry) if target is not None else None
-        if geo is not None and geo.kind == "receptive" and tuple(target) != tuple(self.input_size):
-            geo = geo.rescaled(self.input_size, target)
+        geo = self._display_geometry(geometry, target) if target is not None else None
         return to_heatmap(self._raw(method, classes), target, dtype, geo)
 
     def iter_heatmaps(
@@ -148,9 +153,7 @@ class Explanation:
         """Like :meth:`heatmap` but ``chunk`` classes at a time: yields ``(class_indices, [B, k, *size])`` so that
         K full-resolution volumes never sit in memory together."""
         target = size or self.input_size
-        geo = self.map_geometry(geometry)
-        if geo.kind == "receptive" and tuple(target) != tuple(self.input_size):
-            geo = geo.rescaled(self.input_size, target)
+        geo = self._display_geometry(geometry, target)
         for sl, hm in iter_heatmaps(self._raw(method, None), target, chunk, dtype, geo):
             yield self.classes[sl], hm
 

@@ -26,12 +26,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
     "GEOMETRIES",
     "MapGeometry",
     "assignment_matrix",
+    "block_fractions",
     "cell_fractions",
     "conv_chain_geometry",
     "interpolation_matrix",
@@ -150,6 +152,19 @@ def cell_fractions(mask: Tensor, map_size: Sequence[int], geometry: MapGeometry)
         x = torch.movedim(torch.tensordot(x, a, dims=([axis], [1])), -1, axis)
         count = count.unsqueeze(-1) * a.sum(1)  # voxels per cell, an outer product over axes
     return x / count.to(x.device).clamp(min=1.0)
+
+
+def block_fractions(mask: Tensor, map_size: Sequence[int], geometry: MapGeometry | None = None) -> Tensor:
+    """Per map cell, the fraction of its block of input voxels inside ``mask`` (``[*in_size]``, 1-3 axes).
+
+    ``"field"`` geometry (or None): adaptive average pooling -- the even blocks when the input is a whole multiple
+    of the map, overlapping near-equal windows otherwise. ``"receptive"``: the voxels nearest each cell's centre
+    (:func:`cell_fractions`). Returns: float64 ``[*map_size]`` in [0, 1]."""
+    size = tuple(int(n) for n in map_size)
+    if geometry is not None and geometry.kind != "field":
+        return cell_fractions(mask, size, geometry)
+    pool = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[mask.ndim]
+    return pool(mask.to(torch.float32)[None, None], size)[0, 0].to(torch.float64)
 
 
 def _tuple(v: int | Sequence[int], nd: int) -> tuple[int, ...]:

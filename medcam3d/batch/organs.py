@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..geometry import MapGeometry, cell_fractions
+from ..geometry import MapGeometry, block_fractions
 
 __all__ = ["UNLABELLED", "organ_fractions", "organ_shares", "shares_record"]
 
@@ -54,12 +54,7 @@ def organ_fractions(labels: torch.Tensor | np.ndarray, map_shape: Sequence[int],
     out = []
     covered = torch.zeros((), dtype=torch.float64)
     for name in names:
-        if geometry is not None and geometry.kind != "field":
-            frac = cell_fractions(lab == int(codes[name]), map_shape, geometry)
-        else:
-            ind = (lab == int(codes[name])).to(torch.float32)[None, None]
-            frac = torch.nn.functional.adaptive_avg_pool3d(ind, tuple(int(s) for s in map_shape))[0, 0]
-        out.append(frac.to(torch.float64))
+        out.append(block_fractions(lab == int(codes[name]), map_shape, geometry))
         covered = covered + out[-1]
     out.append((1.0 - covered).clamp_min(0.0))
     return names + [UNLABELLED], torch.stack(out)

@@ -41,10 +41,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ..geometry import MapGeometry, cell_fractions
+from ..geometry import MapGeometry
+from ..geometry import block_fractions as geometry_block_fractions
 
 __all__ = [
     "IOU_THRESHOLDS",
@@ -136,14 +136,11 @@ def block_fractions(mask: Any, map_shape: Sequence[int], geometry: MapGeometry |
     Returns:
         float64 ``[*s]`` in [0, 1].
     """
-    if geometry is not None and geometry.kind != "field":
-        return cell_fractions(as_tensor(mask, torch.float32), tuple(int(n) for n in map_shape), geometry)
     m = as_tensor(mask, torch.float32)
     shape = tuple(int(n) for n in map_shape)
     if m.ndim != len(shape) or not 1 <= m.ndim <= 3:
         raise ValueError(f"block_fractions: mask of shape {tuple(m.shape)} and map_shape {shape} need 1-3 equal axes")
-    pool = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[m.ndim]
-    return pool(m[None, None], shape)[0, 0].to(torch.float64)
+    return geometry_block_fractions(m, shape, geometry)
 
 
 def chance_share(fraction: Any) -> float:
