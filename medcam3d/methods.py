@@ -24,7 +24,9 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "DEFAULT_METHODS",
     "METHODS",
+    "METHOD_TITLES",
     "Method",
     "cam",
     "get_method",
@@ -32,6 +34,7 @@ __all__ = [
     "gradcampp",
     "hirescam",
     "layercam",
+    "method_title",
     "register_method",
     "xgradcam",
 ]
@@ -40,6 +43,15 @@ Method = Callable[[Tensor, Tensor], Tensor]
 """``method(activations [B, F, *S], gradients [B, K, F, *S]) -> raw [B, K, *S]``."""
 
 METHODS: dict[str, Method] = {}
+
+DEFAULT_METHODS: tuple[str, ...] = ("hirescam", "gradcam")
+"""The methods computed when none are named: the faithful one and the one it is compared with."""
+
+METHOD_TITLES: dict[str, str] = {
+    "hirescam": "HiResCAM", "gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "xgradcam": "XGrad-CAM",
+    "layercam": "LayerCAM", "cam": "CAM",
+}
+"""How each built-in method is written for people."""
 
 _EPS = 1e-12
 
@@ -60,6 +72,11 @@ def get_method(name: str) -> Method:
         return METHODS[name]
     except KeyError:
         raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}") from None
+
+
+def method_title(method: str) -> str:
+    """How a method is written for people (``"hirescam"`` -> ``"HiResCAM"``; unknown names unchanged)."""
+    return METHOD_TITLES.get(method, method)
 
 
 def _spatial_dims(gradients: Tensor) -> tuple[int, ...]:
