@@ -1,7 +1,8 @@
 """What is proven about a set of maps: the faithfulness certificate, and method-disagreement metrics.
 
-Pure tensor functions plus the :class:`Certificate` record. The explainer feeds them gradients of the head
-(everything after the explained layer) taken at the real activations and at random probe points.
+Pure tensor code (torch only): the :class:`Certificate` record, the evidence it is decided from, and the
+:class:`Prober` that gathers that evidence from gradients of the head (everything after the explained layer) taken
+at the real activations and at random probe points.
 
 Certificate kinds (Draelos & Carin, Section 4):
 
@@ -14,14 +15,21 @@ Certificate kinds (Draelos & Carin, Section 4):
 * ``"unchecked"`` -- certification was switched off.
 
 Evidence: the largest relative difference between the Jacobian at the real activations and at the probe points,
-the completeness residual ``s − s(0) − Σ HiResCAM`` per (sample, class), and the spatial variation of the gradient.
+the secant residual at those points, the completeness residual ``s − s(0) − Σ HiResCAM`` per (sample, class), and
+the spatial variation of the gradient.
+
+How it is gathered: the explainer draws :func:`probe_points`, evaluates the head there and hands a
+:class:`ProbedHead` (gradients at the real activations and at the probe points) to a :class:`Prober`. The prober is
+fed the real gradients a chunk of classes at a time (:meth:`Prober.add`), as the maps are computed, and
+:meth:`Prober.finish` turns what it collected into one :class:`Evidence` record, which :func:`certify` decides.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -30,6 +38,9 @@ from .heatmaps import normalize
 
 __all__ = [
     "Certificate",
+    "Evidence",
+    "ProbedHead",
+    "Prober",
     "certify",
     "contribution_sums",
     "default_tolerance",
@@ -39,6 +50,7 @@ __all__ = [
     "jacobian_sketch_difference",
     "l2_distance",
     "pearson",
+    "probe_points",
     "secant_residual",
     "spatial_variation",
     "top_overlap",
@@ -243,74 +255,299 @@ class Certificate:
         return f"Certificate(kind={self.kind!r}, classes={len(self.classes)}, head={self.head!r})"
 
 
-def certify(
-    classes: list[int],
-    jac_diff: Tensor,
-    spat_var: Tensor,
-    scores: Tensor,
-    baseline: Tensor,
-    contribution: Tensor,
-    abs_contribution: Tensor,
-    tolerance: float,
-    n_probes: int,
-    head: str,
-    checked: bool = True,
-    probe_residual: Tensor | None = None,
-    jacobian_test: str = "per-class",
-) -> Certificate:
+@dataclass
+class Evidence:
+    """Everything :func:`certify` decides from (K explained classes, B samples).
+
+    Attributes:
+        classes: the K explained class indices.
+        scores: ``[B, K]`` raw scores ``s`` of the explained classes.
+        baseline: ``[B, K]`` head output at zero activations ``s(0)`` (NaN when unchecked).
+        contribution: ``[B, K]`` ``Σ ∂s/∂A ⊙ A`` (the HiResCAM sums), float64.
+        abs_contribution: ``[B, K]`` ``Σ |∂s/∂A ⊙ A|``, the scale of the sums' rounding error.
+        jacobian_difference: ``[K]`` max relative Jacobian difference over the probe points.
+        spatial_variation: ``[K]`` spatial variation of the gradient at the real activations.
+        probe_residual: ``[K]`` secant residuals at the probe points (:func:`secant_residual`).
+        tolerance: relative tolerance of the decisions.
+        n_probes: number of probe points used.
+        head: how the head was evaluated, ``"fx"`` or ``"rerun"``.
+        checked: False when certification was switched off (kind ``"unchecked"``).
+        jacobian_test: ``"sketch"`` or ``"per-class"``, how ``jacobian_difference`` was measured.
+        notes: remarks carried onto the certificate.
+    """
+
+    classes: list[int]
+    scores: Tensor
+    baseline: Tensor
+    contribution: Tensor
+    abs_contribution: Tensor
+    jacobian_difference: Tensor
+    spatial_variation: Tensor
+    probe_residual: Tensor
+    tolerance: float
+    n_probes: int
+    head: str
+    checked: bool = True
+    jacobian_test: str = "per-class"
+    notes: list[str] = field(default_factory=list)
+
+
+def certify(evidence: Evidence) -> Certificate:
     """Decide the certificate from the evidence.
 
-    Args:
-        classes: K explained class indices.
-        jac_diff: ``[K]`` max relative Jacobian difference over the probe points.
-        spat_var: ``[K]`` spatial variation of the gradient at the real activations.
-        scores: ``[B, K]`` raw scores ``s`` of the explained classes.
-        baseline: ``[B, K]`` head output at zero activations ``s(0)``.
-        contribution: ``[B, K]`` ``Σ ∂s/∂A ⊙ A`` (the HiResCAM sums).
-        abs_contribution: ``[B, K]`` ``Σ |∂s/∂A ⊙ A|``.
-        tolerance: relative tolerance.
-        n_probes: number of probe points used.
-        head: ``"fx"`` or ``"rerun"``.
-        checked: False when certification was switched off (kind ``"unchecked"``; residuals are NaN).
-        probe_residual: ``[K]`` secant residuals at the probe points (:func:`secant_residual`); default zeros.
-        jacobian_test: ``"sketch"`` or ``"per-class"``, how ``jac_diff`` was measured.
+    A class is ``"affine-head"`` when its Jacobian difference, its secant residual and its relative completeness
+    residual (over every sample) are all within the tolerance; ``"cam"`` when, in addition, its gradient is
+    constant over space; ``"none"`` otherwise. The call's kind is the weakest class's. With
+    ``evidence.checked`` False every kind is ``"unchecked"`` and the Jacobian and secant evidence is NaN.
     """
+    ev = evidence
     # evidence is small ([K] or [B, K]): decide on the CPU whatever device the maps were computed on
-    jac_diff, spat_var = jac_diff.detach().cpu(), spat_var.detach().cpu()
-    contribution, abs_contribution = contribution.detach().cpu(), abs_contribution.detach().cpu()
-    s = scores.detach().cpu().double()
-    s0 = baseline.detach().cpu().double()
-    residual = s - s0 - contribution
-    scale = s.abs() + s0.abs() + abs_contribution
-    rel = _safe_ratio(residual.abs(), scale)
-    complete = (rel <= tolerance).all(dim=0)  # [K]
-    if probe_residual is None:
-        probe_residual = torch.zeros_like(jac_diff, dtype=torch.float64)
-    probe_residual = probe_residual.detach().cpu()
-    affine = (jac_diff <= tolerance) & complete & (probe_residual <= tolerance)
-    constant = spat_var <= tolerance
+    jac_diff, spat_var = ev.jacobian_difference.detach().cpu(), ev.spatial_variation.detach().cpu()
+    s = ev.scores.detach().cpu().double()
+    s0 = ev.baseline.detach().cpu().double()
+    residual = s - s0 - ev.contribution.detach().cpu()
+    rel = _safe_ratio(residual.abs(), s.abs() + s0.abs() + ev.abs_contribution.detach().cpu())
+    complete = (rel <= ev.tolerance).all(dim=0)  # [K]
+    probe_residual = ev.probe_residual.detach().cpu()
+    affine = (jac_diff <= ev.tolerance) & complete & (probe_residual <= ev.tolerance)
+    constant = spat_var <= ev.tolerance
     per_class = ["cam" if a and c else "affine-head" if a else "none" for a, c in zip(affine.tolist(), constant.tolist())]
     kind = "none" if "none" in per_class else "affine-head" if "affine-head" in per_class else "cam"
-    if not checked:
+    if not ev.checked:
         per_class = ["unchecked"] * len(per_class)
         kind = "unchecked"
         jac_diff = torch.full_like(jac_diff, math.nan)
         probe_residual = torch.full_like(probe_residual, math.nan)
     return Certificate(
         kind=kind,
-        classes=list(classes),
+        classes=list(ev.classes),
         per_class=per_class,
-        jacobian_difference=jac_diff.detach().cpu(),
-        spatial_variation=spat_var.detach().cpu(),
-        baseline=baseline.detach().cpu(),
-        completeness_residual=residual.detach().cpu(),
-        relative_residual=(residual.sign() * rel).detach().cpu(),
-        tolerance=tolerance,
-        n_probes=n_probes,
-        head=head,
+        jacobian_difference=jac_diff,
+        spatial_variation=spat_var,
+        baseline=ev.baseline.detach().cpu(),
+        completeness_residual=residual,
+        relative_residual=residual.sign() * rel,
+        tolerance=ev.tolerance,
+        n_probes=ev.n_probes,
+        head=ev.head,
         probe_residual=probe_residual,
-        jacobian_test=jacobian_test,
+        jacobian_test=ev.jacobian_test,
+        notes=list(ev.notes),
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Gathering the evidence: probe points, and a prober fed the gradients chunk by chunk
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def probe_points(activations: Tensor, n: int, seed: int) -> list[Tensor]:
+    """Random activations far from the real ones, where the head is tested: alternately pure noise and the real
+    point plus noise, each ~4 standard deviations of the activations, with both signs.
+
+    Args:
+        activations: the explained layer's output, detached, in any layout (``[N, ...]``).
+        n: number of points.
+        seed: seed of the noise.
+    Returns: ``n`` tensors shaped like ``activations`` that require grad (leaves for the head's graph).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    scale = float(activations.float().std()) if activations.numel() > 1 else 1.0
+    scale = scale if scale > 0 else 1.0
+    points = []
+    for i in range(n):
+        noise = torch.randn(activations.shape, generator=gen).to(activations.device, activations.dtype) * (4 * scale)
+        p = noise if i % 2 == 0 else activations + noise
+        points.append(p.requires_grad_(True))
+    return points
+
+
+class ProbedHead(Protocol):
+    """The head as a :class:`Prober` sees it: the probe points, the head's scores there, and gradients.
+
+    The explainer implements it on its head (fx graph or re-run); anything that can differentiate the head
+    can (``tests/test_certificate.py`` does with a plain function). Every tensor is in volume layout.
+    """
+
+    @property
+    def points(self) -> Sequence[Tensor]:
+        """The probe activations, each ``[B, F, *S]``."""
+        ...
+
+    @property
+    def point_scores(self) -> Sequence[Tensor]:
+        """Raw scores ``s(P)`` of all M outputs at each probe point, each ``[B, M]`` (autograd graph from ``P``)."""
+        ...
+
+    def gradients(self, classes: Sequence[int], probe: int | None = None) -> Tensor:
+        """``∂s_c/∂A`` for the output indices ``classes``, at the real activations (``probe=None``) or at probe
+        point number ``probe``; sample b's gradient of its own score only. Returns: ``[B, k, F, *S]``."""
+        ...
+
+    def combined_gradient(self, weights: Tensor, probe: int) -> Tensor:
+        """``∂ Σ_c weights[b, c] s_c / ∂A`` at probe point number ``probe`` (one backward pass).
+
+        Args: weights ``[B, M]``. Returns: ``[B, F, *S]``."""
+        ...
+
+
+class Prober:
+    """Collects the certificate's evidence while the gradients are computed, then decides the certificate.
+
+    Fed the gradients at the real activations a chunk of classes at a time, in class order (:meth:`add`), it keeps
+    per class the HiResCAM sums ``Σ ∂s/∂A ⊙ A``, the gradient's spatial variation and the secant residual at each
+    probe point, and compares the class Jacobians at the real activations with those at the probe points:
+
+    * ``jacobian_test="per-class"``: each class on its own, one backward pass per class and probe point;
+    * ``"sketch"``: one random combination ``v`` of the class Jacobians, each class scaled to unit gradient
+      (``v_c = z_c / max|∂s_c/∂A|``, ``z ~ N(0, 1)``), compared in :meth:`finish` with one backward pass per
+      probe point; when the sketch differs by more than the tolerance, every class is compared on its own.
+
+    Args:
+        classes: the K explained output indices.
+        head: the head's probe points and gradients (:class:`ProbedHead`).
+        baseline: ``[B, K]`` head output at zero activations ``s(0)`` (NaN when not ``checked``).
+        tolerance: relative tolerance of the decisions (:func:`default_tolerance` of the activations' dtype).
+        checked: False when certification is switched off: only the HiResCAM sums and the spatial variation are
+            kept, and the certificate is ``"unchecked"``.
+        jacobian_test: ``"sketch"`` or ``"per-class"``.
+        sketch_seed: seed of the sketch's random class combination ``z``.
+    """
+
+    def __init__(
+        self,
+        classes: Sequence[int],
+        head: ProbedHead,
+        baseline: Tensor,
+        tolerance: float,
+        *,
+        checked: bool = True,
+        jacobian_test: str = "sketch",
+        sketch_seed: int = 1,
+    ) -> None:
+        if jacobian_test not in ("sketch", "per-class"):
+            raise ValueError(f"jacobian_test must be 'sketch' or 'per-class', got {jacobian_test!r}")
+        self.classes = list(classes)
+        self.head = head
+        self.baseline = baseline
+        self.tolerance = tolerance
+        self.checked = checked
+        self.jacobian_test = jacobian_test
+        k = len(self.classes)
+        self._z = torch.randn(k, generator=torch.Generator().manual_seed(sketch_seed), dtype=torch.float64)
+        self._coef = torch.zeros(k, dtype=torch.float64)
+        self._sketch: Tensor | None = None  # v·J at the real activations, [B, F, *S]
+        self._chunks: list[list[int]] = []
+        self._contribution: list[Tensor] = []
+        self._magnitude: list[Tensor] = []
+        self._variation: list[Tensor] = []
+        self._secant: list[Tensor] = []
+        self._jacobian: list[Tensor] = []
+        self._notes: list[str] = []
+
+    @property
+    def n_added(self) -> int:
+        """How many of the K classes have been fed so far."""
+        return sum(len(c) for c in self._chunks)
+
+    def add(self, activations: Tensor, gradients: Tensor) -> None:
+        """Take the gradients of the next ``k`` explained classes.
+
+        Args: activations ``[B, F, *S]``; gradients ``[B, k, F, *S]`` at those activations, for the classes
+        ``classes[n_added : n_added + k]``."""
+        sl = slice(self.n_added, self.n_added + gradients.shape[1])
+        chunk = self.classes[sl]
+        if len(chunk) != gradients.shape[1]:
+            raise ValueError(f"gradients for {gradients.shape[1]} classes, but only {len(chunk)} left to add")
+        self._chunks.append(chunk)
+        signed, magnitude = contribution_sums(activations, gradients)
+        self._contribution.append(signed)
+        self._magnitude.append(magnitude)
+        variation, gmax = gradient_stats(gradients)
+        self._variation.append(variation)
+        if not self.checked:
+            return
+        scores = [ps.detach()[:, chunk] for ps in self.head.point_scores]
+        self._secant.append(secant_residual(gradients, list(self.head.points), scores, self.baseline[:, sl]))
+        if self.jacobian_test == "per-class":
+            self._jacobian.append(self._per_class_jacobian(gradients, chunk))
+        else:
+            self._add_to_sketch(gradients, gmax, sl)
+
+    def _add_to_sketch(self, gradients: Tensor, gmax: Tensor, sl: slice) -> None:
+        """Add ``Σ_c v_c ∂s_c/∂A`` of this chunk's classes to the sketch (``v_c = z_c / max|∂s_c/∂A|``)."""
+        scale = gmax.double().cpu()
+        self._coef[sl] = self._z[sl] / torch.where(scale > 0, scale, torch.ones_like(scale))
+        part = torch.einsum("k,bk...->b...", self._coef[sl].to(gradients.device, gradients.dtype), gradients)
+        self._sketch = part if self._sketch is None else self._sketch + part
+
+    def _per_class_jacobian(self, gradients: Tensor, chunk: list[int]) -> Tensor:
+        """Largest relative difference between each class's Jacobian at the real activations (``gradients``,
+        ``[B, k, F, *S]``) and at every probe point. Returns: ``[k]`` float64."""
+        d = torch.zeros(len(chunk), dtype=torch.float64, device=gradients.device)
+        for i in range(len(self.head.points)):
+            d = torch.maximum(d, jacobian_difference(gradients, self.head.gradients(chunk, probe=i)).double())
+        return d.cpu()
+
+    def _sketch_difference(self) -> Tensor:
+        """Largest relative difference of the sketch ``v·J`` between the real activations and the probe points."""
+        diff = torch.zeros((), dtype=torch.float64)
+        if self._sketch is None:
+            return diff
+        for i, ps in enumerate(self.head.point_scores):
+            v = torch.zeros_like(ps)
+            v[:, self.classes] = self._coef.to(v.device, v.dtype)
+            probe = self.head.combined_gradient(v, probe=i)
+            diff = torch.maximum(diff, jacobian_sketch_difference(self._sketch, probe).double().cpu())
+        return diff
+
+    def _jacobian_difference(self) -> Tensor:
+        """``[K]`` Jacobian evidence: per class, or the sketch's value for every class when it agrees."""
+        k = len(self.classes)
+        if not self.checked:
+            return torch.zeros(k, dtype=torch.float64)
+        if self.jacobian_test == "per-class":
+            return torch.cat(self._jacobian)
+        diff = self._sketch_difference()
+        if float(diff) <= self.tolerance:
+            return diff.expand(k).clone()
+        # the head is not affine somewhere: find the classes, one Jacobian comparison per class
+        self._notes.append(f"the one-backward Jacobian sketch differed by {float(diff):.2e}; Jacobians compared per class")
+        return torch.cat([self._per_class_jacobian(self.head.gradients(c), c) for c in self._chunks])
+
+    def evidence(self, scores: Tensor, head: str, notes: Sequence[str] = ()) -> Evidence:
+        """The collected evidence, once every class was added (runs the sketch's probe backward passes).
+
+        Args:
+            scores: ``[B, K]`` raw scores of the explained classes at the real activations.
+            head: how the head was evaluated (``"fx"`` or ``"rerun"``).
+            notes: remarks to put first on the certificate.
+        """
+        k = len(self.classes)
+        if self.n_added != k:
+            raise ValueError(f"gradients of {self.n_added} of the {k} classes were added")
+        jacobian = self._jacobian_difference()
+        secant = torch.cat(self._secant) if self.checked else torch.zeros(k, dtype=torch.float64)
+        return Evidence(
+            classes=list(self.classes),
+            scores=scores.detach(),
+            baseline=self.baseline.detach(),
+            contribution=torch.cat(self._contribution, dim=1),
+            abs_contribution=torch.cat(self._magnitude, dim=1),
+            jacobian_difference=jacobian.cpu(),
+            spatial_variation=torch.cat(self._variation).cpu(),
+            probe_residual=secant.cpu(),
+            tolerance=self.tolerance,
+            n_probes=len(self.head.points),
+            head=head,
+            checked=self.checked,
+            jacobian_test=self.jacobian_test,
+            notes=[*notes, *self._notes],
+        )
+
+    def finish(self, scores: Tensor, head: str, notes: Sequence[str] = ()) -> Certificate:
+        """:func:`certify` of :meth:`evidence` (same arguments)."""
+        return certify(self.evidence(scores, head, notes))
 
 
 # ---------------------------------------------------------------------------------------------------------------

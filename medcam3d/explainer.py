@@ -14,10 +14,11 @@ How one call works (``explainer(x)``):
    score only, so samples never mix (the model runs in eval mode).
 4. **Methods** (:mod:`medcam3d.methods`) turn ``(A, ∂s/∂A)`` into signed raw maps, after a layout adaptor
    (:mod:`medcam3d.layouts`) has mapped both onto ``[B, F, *spatial]``.
-5. **Certificate** (:mod:`medcam3d.certificate`): the head's Jacobian at the real activations is compared with the
-   Jacobian at random probe points far away (by default along one random class-scaled combination of the K
-   classes, one backward pass per probe; class by class when that differs), every class gets a secant test
-   ``s(P) − s(0) = Σ ∂s/∂A|_A ⊙ P`` at each probe point, and ``s(A) − s(0) = Σ ∂s/∂A ⊙ A`` is checked.
+5. **Certificate** (:mod:`medcam3d.certificate`): a :class:`~medcam3d.certificate.Prober` is fed the same gradient
+   chunks. The head's Jacobian at the real activations is compared with the Jacobian at random probe points far
+   away (by default along one random class-scaled combination of the K classes, one backward pass per probe; class
+   by class when that differs), every class gets a secant test ``s(P) − s(0) = Σ ∂s/∂A|_A ⊙ P`` at each probe
+   point, and ``s(A) − s(0) = Σ ∂s/∂A ⊙ A`` is checked.
 
 The model is left as found: training flags, ``requires_grad`` flags and buffers restored, hooks removed (also
 when an exception is raised), and no parameter ``.grad`` is ever written.
@@ -25,33 +26,29 @@ when an exception is raised), and no parameter ``.grad`` is ever written.
 
 from __future__ import annotations
 
+import difflib
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx
 from torch import Tensor, nn
 
-from .certificate import (
-    certify,
-    contribution_sums,
-    default_tolerance,
-    gradient_stats,
-    jacobian_difference,
-    jacobian_sketch_difference,
-    secant_residual,
-)
+from .certificate import Certificate, Prober, default_tolerance, probe_points
 from .errors import InputError
 from .explanation import Explanation
 from .layouts import Layout, resolve_layout
-from .methods import get_method
+
+# DEFAULT_METHODS lives in methods; importing it from explainer keeps working for one release
+from .methods import DEFAULT_METHODS, get_method
+
+if TYPE_CHECKING:  # annotations only (Python 3.10 has no typing.Self)
+    from typing_extensions import Self
 
 __all__ = ["Explainer", "explain", "select_scores"]
-
-DEFAULT_METHODS = ("hirescam", "gradcam")
 
 
 def select_scores(output: Any) -> Tensor:
@@ -309,6 +306,41 @@ def _to_volume(layout: Layout, per_class: Tensor, batch: int) -> Tensor:
     return torch.stack([layout.to_volume(g, batch) for g in per_class], dim=1)
 
 
+class _HeadGradients:
+    """The head's class scores differentiated at the real activations and at the probe points, in volume layout
+    (implements :class:`medcam3d.certificate.ProbedHead`).
+
+    Args:
+        layout: maps hooked tensors ``[N, ...]`` to ``[B, F, *S]``.
+        batch: B.
+        leaf: the real activations (hooked layout, requires grad); ``scores`` ``[B, M]`` has its graph from it.
+        probes: probe activations (hooked layout, leaves); ``probe_scores`` ``[B, M]`` each, graphs from them.
+    """
+
+    def __init__(
+        self, layout: Layout, batch: int, leaf: Tensor, scores: Tensor, probes: list[Tensor], probe_scores: list[Tensor]
+    ) -> None:
+        self.layout = layout
+        self.batch = batch
+        self.leaf = leaf
+        self.scores = scores
+        self.probes = probes
+        self.points = [layout.to_volume(p.detach(), batch) for p in probes]
+        self.point_scores = probe_scores
+
+    def gradients(self, classes: Sequence[int], probe: int | None = None) -> Tensor:
+        """``[B, k, F, *S]`` gradients of the ``classes`` scores at the real activations or at probe ``probe``."""
+        if probe is None:
+            return _to_volume(self.layout, _class_gradients(self.scores, self.leaf, classes), self.batch).detach()
+        per_class = _class_gradients(self.point_scores[probe], self.probes[probe], classes)
+        return _to_volume(self.layout, per_class, self.batch)
+
+    def combined_gradient(self, weights: Tensor, probe: int) -> Tensor:
+        """``[B, F, *S]`` gradient of ``Σ_c weights[b, c] s_c`` (``weights`` ``[B, M]``) at probe ``probe``."""
+        g = _sketch_gradient(self.point_scores[probe], self.probes[probe], weights)
+        return _to_volume(self.layout, g.unsqueeze(0), self.batch)[:, 0]
+
+
 # ------------------------------------------------------------------------------------------------------------
 # The Explainer
 # ------------------------------------------------------------------------------------------------------------
@@ -413,8 +445,7 @@ class Explainer:
         try:
             return target, model.get_submodule(target)
         except AttributeError:
-            names = [n for n, _ in model.named_modules() if n][-8:]
-            raise InputError(f"target_layer: no module named {target!r} in the model (last modules: {names})") from None
+            raise InputError(f"target_layer: no module named {target!r} in the model; {_layer_hint(model, target)}") from None
 
     def _head(self) -> _Head:
         if self.head_mode != "rerun" and self._fx is None and self._fx_failed is None:
@@ -429,7 +460,7 @@ class Explainer:
         return _RerunHead(self.model, self.layer)
 
     # -- context manager ------------------------------------------------------------------------------------
-    def __enter__(self) -> Explainer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -472,6 +503,7 @@ class Explainer:
                 state.restore()
 
     def _explain(self, x: Tensor, classes: Sequence[int | str] | None, affine: Tensor | None) -> Explanation:
+        """Forward, probes, then gradients -> maps -> evidence, chunk by chunk; see the module docstring."""
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
         batch = x.shape[0]
@@ -481,118 +513,25 @@ class Explainer:
             notes.append(f"fx trace unavailable ({self._fx_failed}); the head was evaluated by re-running the model")
         try:
             leaf, output = head.forward(x)
-            hooked = leaf.detach()
-            scores_all = self._scores(output, batch)
+            scores = self._scores(output, batch)
             timings["forward"] = time.perf_counter() - t0
             t1 = time.perf_counter()
-            class_idx = self._class_indices(classes, scores_all.shape[1])
-            volume = self.layout.to_volume(hooked, batch)  # [B, F, *S]
-            if not 1 <= volume.ndim - 2 <= 3:
-                raise InputError(f"explained activations have shape {tuple(volume.shape)}; need 1-3 spatial axes")
-            probes = self._probes(hooked) if self.certify else []
-            probe_scores = [self._scores(head(p), batch) for p in probes]
-            probe_vols = [self.layout.to_volume(p.detach(), batch) for p in probes]
-            if self.certify:
-                with torch.no_grad():
-                    baseline = self._scores(head(torch.zeros_like(hooked)), batch)[:, class_idx]
-            else:
-                baseline = torch.full(
-                    (batch, len(class_idx)), float("nan"), dtype=scores_all.dtype, device=scores_all.device
-                )
+            class_idx = self._class_indices(classes, scores.shape[1])
+            volume = self._volume(leaf.detach(), batch)  # [B, F, *S]
+            grads, prober = self._probe(head, leaf, scores, class_idx, volume.dtype)
             timings["probes"] = time.perf_counter() - t1
             t2 = time.perf_counter()
-            raw_chunks: dict[str, list[Tensor]] = {m: [] for m in self.methods}
-            keep: list[Tensor] = []
-            jd, sv, contrib, abs_contrib, secant = [], [], [], [], []
-            gen = torch.Generator().manual_seed(self.seed + 1)
-            z = torch.randn(len(class_idx), generator=gen, dtype=torch.float64)
-            coef = torch.zeros(len(class_idx), dtype=torch.float64)
-            sketch_real: Tensor | None = None
-            chunks = self._chunks(class_idx, hooked)
-            start = 0
-            for chunk in chunks:
-                sl = slice(start, start + len(chunk))
-                start += len(chunk)
-                g = _to_volume(self.layout, _class_gradients(scores_all, leaf, chunk), batch).detach()
-                with torch.no_grad():
-                    for m in self.methods:
-                        raw_chunks[m].append(get_method(m)(volume, g))
-                    c, a = contribution_sums(volume, g)
-                    contrib.append(c)
-                    abs_contrib.append(a)
-                    variation, gmax = gradient_stats(g)
-                    sv.append(variation)
-                    if self.certify:
-                        secant.append(
-                            secant_residual(g, probe_vols, [ps.detach()[:, chunk] for ps in probe_scores], baseline[:, sl])
-                        )
-                        if self.jacobian == "per-class":
-                            jd.append(self._per_class_jacobian(g, probes, probe_scores, chunk, batch))
-                        else:
-                            # one random, class-scaled combination of the K Jacobians (see jacobian_sketch_difference)
-                            scale = gmax.double().cpu()
-                            coef[sl] = z[sl] / torch.where(scale > 0, scale, torch.ones_like(scale))
-                            part = torch.einsum("k,bk...->b...", coef[sl].to(g.device, g.dtype), g)
-                            sketch_real = part if sketch_real is None else sketch_real + part
-                if self.keep_gradients:
-                    keep.append(g)
-            if self.certify and self.jacobian == "sketch":
-                diff = torch.zeros((), dtype=torch.float64)
-                for p, ps in zip(probes, probe_scores):
-                    v = torch.zeros_like(ps)
-                    v[:, class_idx] = coef.to(v.device, v.dtype)
-                    gp = _to_volume(self.layout, _sketch_gradient(ps, p, v).unsqueeze(0), batch)[:, 0]
-                    assert sketch_real is not None
-                    diff = torch.maximum(diff, jacobian_sketch_difference(sketch_real, gp).double().cpu())
-                if float(diff) <= default_tolerance(volume.dtype):
-                    jd = [diff.expand(len(class_idx)).clone()]
-                else:  # the head is not affine somewhere: find the classes, one Jacobian comparison per class
-                    notes.append(
-                        f"the one-backward Jacobian sketch differed by {float(diff):.2e}; Jacobians compared per class"
-                    )
-                    jd = [
-                        self._per_class_jacobian(
-                            _to_volume(self.layout, _class_gradients(scores_all, leaf, chunk), batch).detach(),
-                            probes,
-                            probe_scores,
-                            chunk,
-                            batch,
-                        )
-                        for chunk in chunks
-                    ]
-            if not self.certify:
-                jd = [torch.zeros(len(class_idx), dtype=torch.float64)]
-                secant = [torch.zeros(len(class_idx), dtype=torch.float64)]
+            raw, kept = self._maps(grads, prober, volume, class_idx)
+            cert = prober.finish(scores.detach()[:, class_idx], head.kind, notes)
             timings["gradients_and_maps"] = time.perf_counter() - t2
         finally:
             head.close()
-        raw = {m: torch.cat(v, dim=1) for m, v in raw_chunks.items()}
-        cert = certify(
-            class_idx,
-            torch.cat(jd).cpu(),
-            torch.cat(sv).cpu(),
-            scores_all.detach()[:, class_idx],
-            baseline.detach(),
-            torch.cat(contrib, dim=1),
-            torch.cat(abs_contrib, dim=1),
-            default_tolerance(volume.dtype),
-            len(probes),
-            head.kind,
-            checked=self.certify,
-            probe_residual=torch.cat(secant).cpu(),
-            jacobian_test=self.jacobian,
-        )
-        cert.notes.extend(notes)
-        if "cam" in self.methods and cert.kind != "cam":
-            raise InputError(
-                f"method 'cam' needs a global-average-pool + linear head after the explained layer, but this head "
-                f"is certified {cert.kind!r}; use 'hirescam' (it equals CAM on such heads) or 'gradcam'"
-            )
+        self._check_cam(cert)
         timings["total"] = time.perf_counter() - t0
         declare = getattr(self.model, "medcam3d_map_geometry", None)
         geometry = declare(tuple(x.shape[2:]), tuple(volume.shape[2:])) if callable(declare) else None
         return Explanation(
-            scores=scores_all.detach(),
+            scores=scores.detach(),
             classes=class_idx,
             raw=raw,
             certificate=cert,
@@ -600,10 +539,60 @@ class Explainer:
             labels=self.labels,
             affine=affine,
             activations=volume.detach() if self.keep_gradients else None,
-            gradients=torch.cat(keep, dim=1) if self.keep_gradients else None,
+            gradients=kept,
             timings=timings,
             geometry=geometry,
         )
+
+    def _probe(
+        self, head: _Head, leaf: Tensor, scores: Tensor, class_idx: list[int], dtype: torch.dtype
+    ) -> tuple[_HeadGradients, Prober]:
+        """Evaluate the head at the probe points and at zero; return the gradient source and a fresh prober."""
+        batch = scores.shape[0]
+        hooked = leaf.detach()
+        probes = probe_points(hooked, self.n_probes, self.seed) if self.certify else []
+        grads = _HeadGradients(self.layout, batch, leaf, scores, probes, [self._scores(head(p), batch) for p in probes])
+        if self.certify:
+            with torch.no_grad():
+                baseline = self._scores(head(torch.zeros_like(hooked)), batch)[:, class_idx]
+        else:
+            baseline = torch.full((batch, len(class_idx)), float("nan"), dtype=scores.dtype, device=scores.device)
+        prober = Prober(
+            class_idx,
+            grads,
+            baseline,
+            default_tolerance(dtype),
+            checked=self.certify,
+            jacobian_test=self.jacobian,
+            sketch_seed=self.seed + 1,
+        )
+        return grads, prober
+
+    def _maps(
+        self, grads: _HeadGradients, prober: Prober, volume: Tensor, class_idx: list[int]
+    ) -> tuple[dict[str, Tensor], Tensor | None]:
+        """Gradients -> maps -> evidence, a chunk of classes at a time.
+
+        Returns: method -> raw maps ``[B, K, *S]``, and the gradients ``[B, K, F, *S]`` when kept."""
+        raw: dict[str, list[Tensor]] = {m: [] for m in self.methods}
+        kept: list[Tensor] = []
+        for chunk in self._chunks(class_idx, volume):
+            g = grads.gradients(chunk)  # [B, k, F, *S]
+            with torch.no_grad():
+                for m in self.methods:
+                    raw[m].append(get_method(m)(volume, g))
+                prober.add(volume, g)
+            if self.keep_gradients:
+                kept.append(g)
+        return {m: torch.cat(v, dim=1) for m, v in raw.items()}, torch.cat(kept, dim=1) if kept else None
+
+    def _check_cam(self, cert: Certificate) -> None:
+        """Refuse method ``cam`` unless the head is certified GAP + linear."""
+        if "cam" in self.methods and cert.kind != "cam":
+            raise InputError(
+                f"method 'cam' needs a global-average-pool + linear head after the explained layer, but this head "
+                f"is certified {cert.kind!r}; use 'hirescam' (it equals CAM on such heads) or 'gradcam'"
+            )
 
     # -- pieces ---------------------------------------------------------------------------------------------
     def _scores(self, output: Any, batch: int) -> Tensor:
@@ -636,34 +625,30 @@ class Explainer:
             raise InputError("classes: empty selection")
         return out
 
-    def _chunks(self, classes: list[int], hooked: Tensor) -> list[list[int]]:
-        per_class = hooked.numel() * hooked.element_size() * (6 + 2 * len(self.methods))
+    def _volume(self, hooked: Tensor, batch: int) -> Tensor:
+        """The explained activations in volume layout ``[B, F, *S]`` (1-3 spatial axes)."""
+        volume = self.layout.to_volume(hooked, batch)
+        if not 1 <= volume.ndim - 2 <= 3:
+            raise InputError(f"explained activations have shape {tuple(volume.shape)}; need 1-3 spatial axes")
+        return volume
+
+    def _chunks(self, classes: list[int], activations: Tensor) -> list[list[int]]:
+        """Class chunks whose gradients fit ``max_chunk_bytes``."""
+        per_class = activations.numel() * activations.element_size() * (6 + 2 * len(self.methods))
         size = max(1, min(len(classes), self.max_chunk_bytes // max(per_class, 1)))
         return [classes[i : i + size] for i in range(0, len(classes), size)]
 
-    def _per_class_jacobian(
-        self, g: Tensor, probes: list[Tensor], probe_scores: list[Tensor], chunk: list[int], batch: int
-    ) -> Tensor:
-        """Largest relative difference between each class's Jacobian at the real activations (``g``,
-        ``[B, k, F, *S]``) and at every probe point. Returns: ``[k]`` float64."""
-        d = torch.zeros(len(chunk), dtype=torch.float64, device=g.device)
-        for p, ps in zip(probes, probe_scores):
-            gp = _to_volume(self.layout, _class_gradients(ps, p, chunk), batch)
-            d = torch.maximum(d, jacobian_difference(g, gp).double())
-        return d.cpu()
 
-    def _probes(self, hooked: Tensor) -> list[Tensor]:
-        """Random activations far from the real ones: alternately pure noise and the real point plus noise,
-        each ~4 standard deviations of the activations, with both signs."""
-        gen = torch.Generator().manual_seed(self.seed)
-        scale = float(hooked.float().std()) if hooked.numel() > 1 else 1.0
-        scale = scale if scale > 0 else 1.0
-        probes = []
-        for i in range(self.n_probes):
-            noise = torch.randn(hooked.shape, generator=gen).to(hooked.device, hooked.dtype) * (4 * scale)
-            p = noise if i % 2 == 0 else hooked + noise
-            probes.append(p.requires_grad_(True))
-        return probes
+def _layer_hint(model: nn.Module, target: str) -> str:
+    """Close matches for a mistyped module name (``difflib``), else the model's top-level modules."""
+    names = [n for n, _ in model.named_modules() if n]
+    close = [repr(n) for n in difflib.get_close_matches(target, names, n=3)]
+    if close:
+        listed = close[0] if len(close) == 1 else f"{', '.join(close[:-1])} or {close[-1]}"
+        return f"did you mean {listed}?"
+    top = [n for n, _ in model.named_children()]
+    more = f", ... ({len(top)} in all)" if len(top) > 12 else ""
+    return f"top-level modules: {', '.join(top[:12]) or 'none'}{more}"
 
 
 def explain(

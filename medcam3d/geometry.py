@@ -22,7 +22,7 @@ padding, dilation) of a chain of convolutions and pools.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -163,12 +163,15 @@ def block_fractions(mask: Tensor, map_size: Sequence[int], geometry: MapGeometry
     size = tuple(int(n) for n in map_size)
     if geometry is not None and geometry.kind != "field":
         return cell_fractions(mask, size, geometry)
-    pool = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[mask.ndim]
+    pool: Callable[..., Tensor] = {  # pool1d is typed for an int size; a 1-tuple works too
+        1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d
+    }[mask.ndim]
     return pool(mask.to(torch.float32)[None, None], size)[0, 0].to(torch.float64)
 
 
 def _tuple(v: int | Sequence[int], nd: int) -> tuple[int, ...]:
-    return tuple(v) if isinstance(v, (tuple, list)) else (int(v),) * nd
+    """A module's ``kernel_size``/``stride``/... as one value per axis."""
+    return tuple(v) if isinstance(v, Sequence) else (int(v),) * nd
 
 
 def conv_chain_geometry(modules: Iterable[nn.Module], nd: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -192,8 +195,10 @@ def conv_chain_geometry(modules: Iterable[nn.Module], nd: int) -> tuple[tuple[fl
             k = _tuple(m.kernel_size, nd)
             s = _tuple(m.stride, nd)
             p = m.padding
-            if isinstance(p, str):
-                raise ValueError(f"{type(m).__name__} with padding={p!r}: give explicit padding")
+            if isinstance(p, str):  # "same"/"valid": a value we cannot place, so not a TypeError
+                raise ValueError(  # noqa: TRY004
+                    f"{type(m).__name__} with padding={p!r}: give explicit padding"
+                )
             p = _tuple(p, nd)
             dil = _tuple(getattr(m, "dilation", 1), nd)
             for a in range(nd):

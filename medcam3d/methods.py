@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "BUILTIN_METHODS",
     "DEFAULT_METHODS",
     "METHODS",
     "METHOD_TITLES",
@@ -56,10 +57,30 @@ METHOD_TITLES: dict[str, str] = {
 _EPS = 1e-12
 
 
-def register_method(name: str) -> Callable[[Method], Method]:
-    """Decorator registering ``fn(activations, gradients) -> raw`` under ``name``."""
+BUILTIN_METHODS: tuple[str, ...] = ("hirescam", "gradcam", "cam", "gradcampp", "xgradcam", "layercam")
+"""The methods defined in this module; :func:`register_method` never replaces them."""
+
+
+def register_method(name: str, *, overwrite: bool = False) -> Callable[[Method], Method]:
+    """Decorator registering ``fn(activations, gradients) -> raw`` under ``name``.
+
+    A name that is taken raises ValueError instead of replacing the method silently: a built-in method
+    (:data:`BUILTIN_METHODS`) is never replaced; a method registered earlier is replaced only with
+    ``overwrite=True`` (e.g. when a notebook cell defining it runs again).
+
+    Example::
+
+        @register_method("abs_hirescam")
+        def abs_hirescam(activations, gradients):  # [B, F, *S], [B, K, F, *S] -> [B, K, *S]
+            return (gradients * activations.unsqueeze(1)).sum(dim=2).abs()
+    """
 
     def decorate(fn: Method) -> Method:
+        if name in METHODS:
+            if name in BUILTIN_METHODS:
+                raise ValueError(f"method {name!r} is built in and cannot be replaced; register yours under another name")
+            if not overwrite:
+                raise ValueError(f"method {name!r} is already registered; pass overwrite=True to replace it")
         METHODS[name] = fn
         return fn
 

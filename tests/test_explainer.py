@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
 import pytest
 import torch
 from core_nets import ConvFC, ConvGAP, ConvMLP, Identity8, TinyAxial
 from torch import nn
 
 from medcam3d import Explainer, InputError, explain
+from medcam3d.certificate import (
+    contribution_sums,
+    gradient_stats,
+    secant_residual,
+    spatial_variation,
+)
 from medcam3d.heatmaps import normalize
 
 HEADS = ["fx", "rerun"]
 
+M = TypeVar("M", bound=nn.Module)
 
-def seeded(model: nn.Module, seed: int = 0) -> nn.Module:
+
+def seeded(model: M, seed: int = 0) -> M:
     torch.manual_seed(seed)
     for p in model.parameters():
         nn.init.normal_(p, std=0.5)
@@ -169,7 +179,7 @@ def test_slices_as_batch_gradcam_averages_over_whole_volume():
     assert exp.raw["gradcam"].shape == (2, 3, 3, 6, 6)  # [B, K, S, h, w]
     assert exp.certificate.kind == "affine-head"
 
-    acts = {}
+    acts: dict[str, torch.Tensor] = {}
     h = net.act.register_forward_hook(lambda m, i, o: acts.setdefault("a", o))
     xi = x.clone()
     try:
@@ -186,6 +196,7 @@ def test_slices_as_batch_gradcam_averages_over_whole_volume():
             h2.remove()
     finally:
         h.remove()
+    assert a_leaf is not None
     for k in range(3):
         (g,) = torch.autograd.grad(out[:, k].sum(), a_leaf, retain_graph=True)
         g = g.reshape(2, 3, 4, 6, 6)  # [B, S, F, h, w]
@@ -359,6 +370,7 @@ def test_metatensor_input_keeps_affine():
     aff = torch.diag(torch.tensor([2.0, 3.0, 4.0, 1.0]))
     x = monai_data.MetaTensor(rand(1, 2, 4, 4, 4), affine=aff)
     exp = explain(net, x, "act")
+    assert exp.affine is not None
     assert torch.equal(exp.affine.float(), aff)
     assert type(exp.raw["hirescam"]) is torch.Tensor
 
@@ -375,6 +387,28 @@ def test_bad_arguments_are_input_errors():
         explain(net, torch.zeros(4, 4), "act")
     with pytest.raises(InputError, match="module is not part"):
         Explainer(net, nn.ReLU())
+
+
+def test_unknown_layer_name_suggests_close_matches():
+    class Deep(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(1, 2, 3, padding=1)
+            self.layer4 = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.ReLU())
+            self.body = ConvFC(nd=2, c_in=2)
+
+        def forward(self, x):
+            return self.body(self.layer4(self.stem(x)))
+
+    net = Deep()
+    with pytest.raises(InputError, match=r"no module named 'layer_4'.*did you mean 'layer4'") as e:
+        Explainer(net, "layer_4")
+    assert "'stem'" not in str(e.value)  # only close names, not a listing of the model
+    with pytest.raises(InputError, match=r"did you mean 'body\.act'") as e:
+        Explainer(net, "body.actt")
+    # nothing close: the top-level modules, in the model's order
+    with pytest.raises(InputError, match=r"no module named 'zzz' in the model; top-level modules: stem, layer4, body$"):
+        Explainer(net, "zzz")
 
 
 def test_heatmap_defaults_to_input_size_and_normalises_whole_map():
@@ -437,7 +471,7 @@ def test_certificate_modes_agree_on_affine_heads(jacobian):
         (seeded(ConvGAP(nd=2)), rand(2, 1, 5, 5), "cam"),
         (seeded(TinyAxial(hw=6, feats=4, classes=3, slice_weights=3), seed=2), rand(2, 1, 9, 6, 6), "affine-head"),
     ]:
-        kw = {} if isinstance(net, TinyAxial) else {"target_layer": "act"}
+        kw: dict[str, Any] = {} if isinstance(net, TinyAxial) else {"target_layer": "act"}
         cert = Explainer(net, jacobian=jacobian, **kw)(x).certificate
         assert cert.kind == kind, (type(net).__name__, cert.kind)
         assert float(cert.jacobian_difference.max()) < 1e-5
@@ -448,8 +482,6 @@ def test_certificate_modes_agree_on_affine_heads(jacobian):
 def test_secant_residual_hand_computed():
     """s(P) = Σ P² is not affine: with the gradient 2A taken at A, the secant residual at P is
     |s(P) − s(0) − Σ 2A⊙P| = |Σ P² − 2 A·P| relative to |s(P)| + |s(0)| + Σ|2A⊙P|."""
-    from medcam3d.certificate import secant_residual
-
     a = torch.tensor([[[1.0, 2.0]]])  # [B=1, F=1, S=2]
     p = torch.tensor([[[3.0, -1.0]]])
     g = (2 * a).unsqueeze(1)  # [B, K=1, F, S]
@@ -469,8 +501,6 @@ def test_jacobian_option_is_checked():
 
 def test_certificate_reductions_match_their_definitions():
     """The one-pass forms used for speed equal the textbook formulas."""
-    from medcam3d.certificate import contribution_sums, gradient_stats, spatial_variation
-
     g = rand(2, 3, 4, 5, 6, seed=11)  # [B, K, F, *S]
     a = rand(2, 4, 5, 6, seed=12)
     signed, magnitude = contribution_sums(a, g)

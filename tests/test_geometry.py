@@ -11,6 +11,7 @@ from torch import nn
 from medcam3d import Explainer, InputError
 from medcam3d.geometry import (
     MapGeometry,
+    cell_fractions,
     conv_chain_geometry,
     interpolation_matrix,
     resample,
@@ -49,6 +50,7 @@ def test_conv_chain_geometry_matches_the_receptive_field_found_by_gradients():
     net = nn.Sequential(nn.Conv2d(1, 1, 7, 2, 3), nn.AvgPool2d(3, 2, 1), nn.Conv2d(1, 1, 3), nn.Conv2d(1, 1, 3, 2))
     for m in net:
         if isinstance(m, nn.Conv2d):
+            assert m.bias is not None
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
     x = torch.zeros(1, 1, 97, 97, requires_grad=True)
@@ -107,8 +109,6 @@ def test_receptive_geometry_needs_a_declaration():
 
 
 def test_cell_fractions_field_blocks_and_receptive_cells():
-    from medcam3d.geometry import cell_fractions
-
     mask = torch.rand(2, 6, 12, 8, generator=torch.Generator().manual_seed(3)) > 0.5
     field = cell_fractions(mask, (3, 4, 2), MapGeometry.field((3, 4, 2), (6, 12, 8)))
     ref = F.avg_pool3d(mask.double().unsqueeze(1), kernel_size=(2, 3, 4)).squeeze(1)  # even blocks

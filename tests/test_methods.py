@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from medcam3d import methods
-from medcam3d.methods import METHODS, get_method, register_method
+from medcam3d.methods import (
+    BUILTIN_METHODS,
+    METHOD_TITLES,
+    METHODS,
+    get_method,
+    register_method,
+)
 
 
 def fig3():
@@ -107,3 +113,44 @@ def test_registry():
         assert get_method("ones_for_test") is ones
     finally:
         METHODS.pop("ones_for_test")
+
+
+@pytest.mark.parametrize("name", ["hirescam", "gradcam", "cam", "gradcampp", "xgradcam", "layercam"])
+def test_builtin_methods_are_never_replaced(name):
+    builtin = METHODS[name]
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match=f"method '{name}' is built in"):
+
+            @register_method(name, overwrite=overwrite)
+            def impostor(a, g):
+                return torch.zeros(a.shape[0], g.shape[1], *a.shape[2:])
+
+    assert METHODS[name] is builtin
+
+
+def test_builtin_list_matches_the_registry_and_titles():
+    assert set(BUILTIN_METHODS) == set(METHOD_TITLES)
+    assert set(BUILTIN_METHODS) <= set(METHODS)
+
+
+def test_user_method_is_replaced_only_on_request():
+    @register_method("twice_for_test")
+    def first(a, g):
+        return 2 * methods.hirescam(a, g)
+
+    try:
+        with pytest.raises(ValueError, match="'twice_for_test' is already registered; pass overwrite=True"):
+
+            @register_method("twice_for_test")
+            def again(a, g):
+                return 3 * methods.hirescam(a, g)
+
+        assert get_method("twice_for_test") is first
+
+        @register_method("twice_for_test", overwrite=True)
+        def second(a, g):
+            return 3 * methods.hirescam(a, g)
+
+        assert get_method("twice_for_test") is second
+    finally:
+        METHODS.pop("twice_for_test")
