@@ -42,11 +42,13 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from .errors import InputError
+from .models.loading import build_model, declare_model, resolve_package_path
 
 __all__ = [
     "TOP_LEVEL_KEYS",
@@ -54,7 +56,7 @@ __all__ = [
     "available_configs",
     "instantiate_transform",
     "load_config",
-    "resolve_package_path",
+    "resolve_package_path",  # its home is medcam3d.models.loading (models never import config); re-exported
     "resolve_transform",
 ]
 
@@ -81,45 +83,41 @@ RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 
 # --- YAML -------------------------------------------------------------------------------------------------------
-def _yaml_load(text: str, where: Path | str) -> Any:
-    import yaml
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (plain PyYAML keeps the last one silently); ``where`` names the file
+    in the error."""
 
-    class _StrictLoader(yaml.SafeLoader):
-        """SafeLoader that refuses duplicate keys (plain PyYAML keeps the last one silently)."""
+    def __init__(self, stream: str, where: Path | str = "<config>") -> None:
+        super().__init__(stream)
+        self.where = where
 
-    def _mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    def construct_unique_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
-            key = loader.construct_object(key_node, deep=deep)
+            key = self.construct_object(key_node, deep=deep)
             if key in seen:
-                raise InputError(f"duplicate key {key!r} (line {key_node.start_mark.line + 1})", where)
+                raise InputError(f"duplicate key {key!r} (line {key_node.start_mark.line + 1})", self.where)
             seen.add(key)
-        return loader.construct_mapping(node, deep=deep)
+        return self.construct_mapping(node, deep=deep)
 
-    _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _StrictLoader.construct_unique_mapping)
+
+
+def _yaml_load(text: str, where: Path | str) -> Any:
+    loader = _StrictLoader(text, where)
     try:
-        return yaml.load(text, Loader=_StrictLoader)
+        return loader.get_single_data()
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise InputError(f"not valid YAML{line}: {problem}", where) from None
+    finally:
+        loader.dispose()
 
 
 # --- paths ------------------------------------------------------------------------------------------------------
-def resolve_package_path(spec: str, where: Path | str | None = None) -> Path:
-    """``"package:PKG/rel/path"`` -> the file inside the installed package ``PKG`` (need not exist yet)."""
-    rest = spec.removeprefix(_PACKAGE_PREFIX)
-    pkg, _, rel = rest.partition("/")
-    if not pkg or not rel:
-        raise InputError(f"package path {spec!r} must look like 'package:PKG/relative/path'", where)
-    try:
-        root = resources.files(pkg)
-    except (ModuleNotFoundError, TypeError):
-        raise InputError(f"package path {spec!r}: no installed package {pkg!r}", where) from None
-    return Path(str(root.joinpath(rel)))
-
-
 def _configs_dir() -> Path:
     return Path(__file__).resolve().parent / "configs"
 
@@ -151,6 +149,7 @@ def _locate(path_or_name: str | os.PathLike[str]) -> Path:
 # --- transforms ---------------------------------------------------------------------------------------------------
 def resolve_transform(name: Any, where: Path | str | None = None, item: str = "") -> type:
     """The ``monai.transforms`` array-transform class called ``name`` (or ``monai.transforms.NAME``)."""
+    # lazy: MONAI's transforms take seconds to import and only configs with preprocessing need them
     import monai.transforms as mt
     from monai.transforms import (
         InvertibleTransform,
@@ -244,6 +243,111 @@ def _size3(value: Any, key: str, where: Path | str | None) -> tuple[int, int, in
     return (int(value[0]), int(value[1]), int(value[2]))
 
 
+# --- validating a parsed config (Config.from_dict) ------------------------------------------------------------------
+def _check_keys(data: Any, where: Path | str) -> None:
+    """A mapping, with only known keys and every required one."""
+    if not isinstance(data, Mapping):
+        raise InputError(f"a config must be a YAML mapping of keys ({', '.join(_REQUIRED)}, ...), got "
+                         f"{type(data).__name__}", where)
+    for k in data:
+        if k not in TOP_LEVEL_KEYS:
+            raise InputError(f"unknown key {k!r} (allowed: {', '.join(TOP_LEVEL_KEYS)})", where)
+    for k in _REQUIRED:
+        if k not in data or data[k] is None:
+            raise InputError(f"missing required key {k!r}", where)
+
+
+def _check_text(data: Mapping[str, Any], where: Path | str) -> tuple[str, str]:
+    """``(name, description)``."""
+    name = data["name"]
+    if not isinstance(name, str) or not name.strip():
+        raise InputError(f"name must be a non-empty string, got {name!r}", where)
+    description = data.get("description") or ""
+    if not isinstance(description, str):
+        raise InputError("description must be a string", where)
+    return name, description
+
+
+def _check_model_and_labels(data: Mapping[str, Any], where: Path | str) -> tuple[dict[str, Any], list[str]]:
+    """``(model spec, labels)``; ``model.n_outputs``, when given, must count the labels."""
+    model = data["model"]
+    if not isinstance(model, Mapping) or not isinstance(model.get("_target_"), str):
+        raise InputError("model must be a mapping with a _target_ (import path of the network class), e.g. "
+                         "{_target_: medcam3d.models.AxialNet, n_outputs: 80}", where)
+    labels = data["labels"]
+    if (not isinstance(labels, list) or not labels
+            or not all(isinstance(x, str) and x.strip() for x in labels)):
+        raise InputError("labels must be a non-empty list of class names", where)
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise InputError(f"duplicate labels {dup}", where)
+    n_out = model.get("n_outputs")
+    if isinstance(n_out, int) and not isinstance(n_out, bool) and n_out != len(labels):
+        raise InputError(f"{len(labels)} labels but model.n_outputs is {n_out}", where)
+    return dict(model), list(labels)
+
+
+def _check_declarations(data: Mapping[str, Any], where: Path | str) -> tuple[str | None, str | None, str | None]:
+    """``(weights, target_layer, layout)``, each ``None`` when absent."""
+    weights = data.get("weights")
+    if weights is not None and (not isinstance(weights, str) or not weights.strip()):
+        raise InputError(f"weights must be a path string or null, got {weights!r}", where)
+    target_layer = data.get("target_layer")
+    if target_layer is not None and (not isinstance(target_layer, str) or not target_layer.strip()):
+        raise InputError(f"target_layer must be a dotted module name, got {target_layer!r}", where)
+    layout = data.get("layout")
+    if layout is not None and layout not in _LAYOUTS:
+        raise InputError(f"unknown layout {layout!r} (choose {', '.join(_LAYOUTS)})", where)
+    return weights, target_layer, layout
+
+
+def _check_scoring(data: Mapping[str, Any], where: Path | str) -> tuple[str, float]:
+    """``(probability, threshold)``, defaults sigmoid and 0.5."""
+    probability = data.get("probability", "sigmoid")
+    if probability not in _PROBABILITIES:
+        raise InputError(f"probability must be one of {', '.join(_PROBABILITIES)}, got {probability!r}", where)
+    threshold = data.get("threshold", 0.5)
+    if (isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold)
+            or not 0.0 <= threshold <= 1.0):
+        raise InputError(f"threshold must be a number in [0, 1], got {threshold!r}", where)
+    return probability, float(threshold)
+
+
+def _check_regions(data: Mapping[str, Any], labels: Sequence[str], where: Path | str) -> dict[str, list[str]]:
+    """``allowed_regions``: label -> organ names (a single name becomes a one-item list)."""
+    regions = data.get("allowed_regions") or {}
+    if not isinstance(regions, Mapping):
+        raise InputError("allowed_regions must map labels to lists of organ names", where)
+    allowed: dict[str, list[str]] = {}
+    for lab, organs in regions.items():
+        if lab not in labels:
+            raise InputError(f"allowed_regions: unknown label {lab!r} (not in labels)", where)
+        if isinstance(organs, str):
+            organs = [organs]
+        if not isinstance(organs, list) or not all(isinstance(o, str) and o for o in organs):
+            raise InputError(f"allowed_regions[{lab!r}] must be a list of organ names", where)
+        allowed[str(lab)] = list(organs)
+    return allowed
+
+
+def _check_preprocessing(data: Mapping[str, Any], input_size: tuple[int, int, int] | None,
+                         where: Path | str) -> list[dict[str, Any]]:
+    """The transform specs, each validated by instantiating it; the last crop/pad must produce ``input_size``."""
+    pre = data["preprocessing"]
+    if not isinstance(pre, list) or not pre:
+        raise InputError("preprocessing must be a non-empty list of transforms", where)
+    specs: list[dict[str, Any]] = []
+    for i, spec in enumerate(pre):
+        instantiate_transform(spec, where, f"preprocessing[{i}]: ")  # validates name and arguments
+        specs.append(dict(spec))
+    if input_size is not None:
+        last = _last_spatial_size(specs)
+        if last is not None and tuple(last) != input_size:
+            raise InputError(f"input_size {list(input_size)} differs from the last crop/pad's spatial_size "
+                             f"{list(last)}", where)
+    return specs
+
+
 @dataclass
 class Config:
     """A validated config (see the module docstring for the schema). ``path`` is the file it came from."""
@@ -268,85 +372,19 @@ class Config:
     def from_dict(cls, data: Any, path: str | os.PathLike[str] | None = None) -> Config:
         """Validate a parsed config (``path`` is used in messages and to resolve relative weights)."""
         where: Path | str = Path(path) if path is not None else "<config>"
-        if not isinstance(data, Mapping):
-            raise InputError(f"a config must be a YAML mapping of keys ({', '.join(_REQUIRED)}, ...), got "
-                             f"{type(data).__name__}", where)
-        for k in data:
-            if k not in TOP_LEVEL_KEYS:
-                raise InputError(f"unknown key {k!r} (allowed: {', '.join(TOP_LEVEL_KEYS)})", where)
-        for k in _REQUIRED:
-            if k not in data or data[k] is None:
-                raise InputError(f"missing required key {k!r}", where)
-        name = data["name"]
-        if not isinstance(name, str) or not name.strip():
-            raise InputError(f"name must be a non-empty string, got {name!r}", where)
-        description = data.get("description") or ""
-        if not isinstance(description, str):
-            raise InputError("description must be a string", where)
-
-        model = data["model"]
-        if not isinstance(model, Mapping) or not isinstance(model.get("_target_"), str):
-            raise InputError("model must be a mapping with a _target_ (import path of the network class), e.g. "
-                             "{_target_: medcam3d.models.AxialNet, n_outputs: 80}", where)
-        labels = data["labels"]
-        if (not isinstance(labels, list) or not labels
-                or not all(isinstance(x, str) and x.strip() for x in labels)):
-            raise InputError("labels must be a non-empty list of class names", where)
-        dup = sorted({x for x in labels if labels.count(x) > 1})
-        if dup:
-            raise InputError(f"duplicate labels {dup}", where)
-        n_out = model.get("n_outputs")
-        if isinstance(n_out, int) and not isinstance(n_out, bool) and n_out != len(labels):
-            raise InputError(f"{len(labels)} labels but model.n_outputs is {n_out}", where)
-
-        weights = data.get("weights")
-        if weights is not None and (not isinstance(weights, str) or not weights.strip()):
-            raise InputError(f"weights must be a path string or null, got {weights!r}", where)
-        target_layer = data.get("target_layer")
-        if target_layer is not None and (not isinstance(target_layer, str) or not target_layer.strip()):
-            raise InputError(f"target_layer must be a dotted module name, got {target_layer!r}", where)
-        layout = data.get("layout")
-        if layout is not None and layout not in _LAYOUTS:
-            raise InputError(f"unknown layout {layout!r} (choose {', '.join(_LAYOUTS)})", where)
+        _check_keys(data, where)  # the checks run in the order of the schema's keys (the first problem is named)
+        name, description = _check_text(data, where)
+        model, labels = _check_model_and_labels(data, where)
+        weights, target_layer, layout = _check_declarations(data, where)
         input_size = _size3(data.get("input_size"), "input_size", where)
         min_size = _size3(data.get("min_size"), "min_size", where)
-        probability = data.get("probability", "sigmoid")
-        if probability not in _PROBABILITIES:
-            raise InputError(f"probability must be one of {', '.join(_PROBABILITIES)}, got {probability!r}", where)
-        threshold = data.get("threshold", 0.5)
-        if (isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold)
-                or not 0.0 <= threshold <= 1.0):
-            raise InputError(f"threshold must be a number in [0, 1], got {threshold!r}", where)
-        regions = data.get("allowed_regions") or {}
-        if not isinstance(regions, Mapping):
-            raise InputError("allowed_regions must map labels to lists of organ names", where)
-        allowed: dict[str, list[str]] = {}
-        for lab, organs in regions.items():
-            if lab not in labels:
-                raise InputError(f"allowed_regions: unknown label {lab!r} (not in labels)", where)
-            if isinstance(organs, str):
-                organs = [organs]
-            if not isinstance(organs, list) or not all(isinstance(o, str) and o for o in organs):
-                raise InputError(f"allowed_regions[{lab!r}] must be a list of organ names", where)
-            allowed[str(lab)] = list(organs)
-
-        pre = data["preprocessing"]
-        if not isinstance(pre, list) or not pre:
-            raise InputError("preprocessing must be a non-empty list of transforms", where)
-        specs: list[dict[str, Any]] = []
-        for i, spec in enumerate(pre):
-            item = f"preprocessing[{i}]: "
-            instantiate_transform(spec, where, item)  # validates name and arguments
-            specs.append(dict(spec))
-        if input_size is not None:
-            last = _last_spatial_size(specs)
-            if last is not None and tuple(last) != input_size:
-                raise InputError(f"input_size {list(input_size)} differs from the last crop/pad's spatial_size "
-                                 f"{list(last)}", where)
+        probability, threshold = _check_scoring(data, where)
+        allowed = _check_regions(data, labels, where)
+        specs = _check_preprocessing(data, input_size, where)
         return cls(
-            name=name, model=dict(model), labels=list(labels), preprocessing=specs, description=description,
-            weights=weights, target_layer=target_layer, layout=layout, input_size=input_size, min_size=min_size,
-            probability=probability, threshold=float(threshold), allowed_regions=allowed,
+            name=name, model=model, labels=labels, preprocessing=specs, description=description, weights=weights,
+            target_layer=target_layer, layout=layout, input_size=input_size, min_size=min_size,
+            probability=probability, threshold=threshold, allowed_regions=allowed,
             path=Path(path).resolve() if path is not None else None,
         )
 
@@ -380,10 +418,6 @@ class Config:
         config's ``labels``, ``target_layer`` and ``layout`` on it (``medcam3d_*`` instance attributes).
 
         Raises :class:`InputError` naming the config if the weights file is missing."""
-        from .models import (
-            build_model,  # lazy: models sit in a lower layer but are heavy to import
-        )
-
         wp = self.weights_path
         if wp is not None and not wp.exists():
             raise InputError(f"weights file {wp} not found", self.where)
@@ -391,14 +425,7 @@ class Config:
             model = build_model(self.model, weights=wp, base_dir=self.dir)
         except InputError as e:
             raise InputError(f"model: {e}", self.where) from None
-        model.medcam3d_labels = list(self.labels)
-        if self.target_layer is not None:
-            model.medcam3d_target_layer = self.target_layer
-        if self.layout is not None:
-            from .layouts import resolve_layout
-
-            model.medcam3d_layout = resolve_layout(self.layout)
-        return model
+        return declare_model(model, labels=self.labels, target_layer=self.target_layer, layout=self.layout)
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain data (YAML-serialisable), without ``path``."""

@@ -6,8 +6,8 @@ output's ``applied_operations``; :meth:`Preprocessor.invert` replays them backwa
 behind MONAI's ``Invertd``) on maps: undo crop/pad, resample back from the network spacing, undo the reorientation.
 Intensity transforms have no inverse and are skipped (maps are not intensities). Resampling in the inverse is
 always linear (``bilinear`` = trilinear in 3-D, zeros outside the network grid, computed in float32), whatever mode
-the forward pass used, so continuous maps stay continuous. The result is ``[K, *source_shape]`` float32 on exactly the source grid
-(its affine is checked against the source's).
+the forward pass used, so continuous maps stay continuous. The result is ``[K, *source_shape]`` float32 on exactly the
+source grid (its affine is checked against the source's).
 
 :meth:`Preprocessor.preprocess_labels` takes label maps (organ masks) to the network grid with nearest-neighbour
 interpolation: the same geometric transforms with ``mode="nearest"`` (intensity transforms skipped), or, given
@@ -21,17 +21,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-from .config import instantiate_transform
+from .config import Config, instantiate_transform
 from .errors import InputError
 from .io.volume import Volume, check_min_size
-
-if TYPE_CHECKING:
-    from .config import Config
 
 __all__ = ["Preprocessor"]
 
@@ -73,7 +70,7 @@ class Preprocessor:
         min_size: Sequence[int] | None = None,
         where: str | None = None,
     ) -> None:
-        from monai.transforms import Compose
+        from monai.transforms import Compose  # lazy: MONAI takes seconds to import (as in medcam3d.config)
 
         self.where = where or "<preprocessing>"
         self.specs = [dict(s) for s in transforms_spec]
@@ -95,7 +92,7 @@ class Preprocessor:
     # forward ----------------------------------------------------------------------------------------------------
     @staticmethod
     def _as_metatensor(volume: Any) -> tuple[Any, str]:
-        from monai.data import MetaTensor
+        from monai.data import MetaTensor  # lazy: MONAI takes seconds to import
 
         if isinstance(volume, Volume):
             return volume.to_metatensor(), volume.source
@@ -157,7 +154,7 @@ class Preprocessor:
         Returns:
             float32 ``[K, *source_shape]``, aligned with the source Volume's affine.
         """
-        from monai.data import MetaTensor
+        from monai.data import MetaTensor  # lazy: MONAI takes seconds to import
 
         ops = getattr(reference, "applied_operations", None)
         if not isinstance(reference, MetaTensor) or ops is None:
@@ -227,14 +224,15 @@ class Preprocessor:
         Returns:
             MetaTensor ``[1, S, H, W]`` float32 holding the label values, with the network grid's affine.
         """
-        from monai.transforms import SpatialResample
+        from monai.transforms import SpatialResample  # lazy: MONAI takes seconds to import
 
         x, source = self._as_metatensor(label_volume)
         with torch.no_grad():
             if like is not None:
                 if not hasattr(like, "affine") or like.ndim != 4:
                     raise InputError("like must be a preprocessed scan: MetaTensor [1, S, H, W]")
-                x = SpatialResample(mode="nearest", padding_mode="zeros", dtype=torch.float64)(
+                # MONAI accepts torch dtypes here too (its annotation names numpy's only)
+                x = SpatialResample(mode="nearest", padding_mode="zeros", dtype=torch.float64)(  # type: ignore[arg-type]
                     x, dst_affine=like.affine, spatial_size=tuple(like.shape[1:]))
             else:
                 for i, t in enumerate(self._labels_pipeline()):

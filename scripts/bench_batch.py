@@ -35,11 +35,10 @@ from medcam3d.batch.engine import _cores, local_cluster, run_dask, run_loop
 from medcam3d.batch.worker import BatchSettings, clear_sessions
 from medcam3d.config import load_config
 from medcam3d.data import make_dataset
+from medcam3d.models import build_model
 
 
 def untrained_config(folder: Path) -> Path:
-    from medcam3d.models import build_model
-
     torch.manual_seed(0)
     cfg = load_config("demo_axialnet")
     torch.save(build_model(cfg.model).state_dict(), folder / "random.pt")

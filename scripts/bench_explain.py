@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from medcam3d import Explainer
-
+from medcam3d.models import AxialNet
 
 BASELINES = ("hooks", "monai", "captum")
 
@@ -51,7 +51,7 @@ class ResNet18NoGAP(nn.Module):
 
     def __init__(self, classes: int, input_size: tuple[int, int, int]) -> None:
         super().__init__()
-        from monai.networks.nets import resnet18
+        from monai.networks.nets import resnet18  # lazy: MONAI takes seconds to import, only this model needs it
 
         net = resnet18(spatial_dims=3, n_input_channels=1, num_classes=classes)
         self.conv1, self.bn1, self.act, self.maxpool = net.conv1, net.bn1, net.act, net.maxpool
@@ -74,8 +74,6 @@ def build(name: str, classes: int, quick: bool) -> tuple[nn.Module, str, torch.T
         size = (32, 64, 64) if quick else (64, 128, 128)
         return ResNet18NoGAP(classes, size).eval(), "layer4", torch.randn(1, 1, *size)
     if name == "axialnet":
-        from medcam3d.models import AxialNet
-
         size = (60, 128, 128) if quick else (405, 420, 420)
         kw = dict(width=16, feature_stride=8) if quick else {}
         return AxialNet(n_outputs=classes, in_plane=size[1:], **kw).eval(), "conv2d.7", torch.randn(1, 1, *size)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up from scratch and run the whole test suite (the README's test command; CI runs it too).
+# Set up from scratch, run the static checks (ruff with the complexity limit, mypy; settings in pyproject.toml) and
+# the whole test suite (the README's test command; CI runs it too).
 # Needs an X server for the napari tests and Chromium for the report test: on a fresh Debian/Ubuntu machine
 # (as root) they are installed with apt-get here.
 set -euo pipefail
@@ -18,4 +19,6 @@ bash scripts/setup_env.sh "dev,napari,reports,slurm,pdf"
 # shellcheck disable=SC1091
 . .venv/bin/activate
 export QT_API=pyqt6 PYTEST_QT_API=pyqt6 CI="${CI:-true}"
+ruff check medcam3d  # one line each: under set -e a failure in "a && b" would not stop the script
+mypy
 xvfb-run -a python -m pytest -q "$@"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-import types
 import warnings
 from pathlib import Path
 
@@ -11,7 +9,9 @@ import numpy as np
 import pytest
 import yaml
 
-from medcam3d.config import Config, available_configs, load_config
+import medcam3d.config as config_module
+import medcam3d.models.loading as loading_module
+from medcam3d.config import Config, available_configs, load_config, resolve_package_path
 from medcam3d.errors import InputError
 from medcam3d.io import Volume
 from medcam3d.preprocess import Preprocessor
@@ -120,6 +120,19 @@ def test_weights_paths_resolve_relative_to_the_config(tmp_path):
     assert load_config(p).weights_path.parts[-3:] == ("medcam3d", "weights", "x.pt")
 
 
+def test_one_package_path_resolver_for_configs_and_model_weights(tmp_path):
+    # config re-exports the resolver of the models layer (one implementation of ``package:`` paths)
+    assert resolve_package_path is loading_module.resolve_package_path
+    here = Path(config_module.__file__).resolve()
+    assert resolve_package_path("package:medcam3d/config.py").resolve() == here
+    assert loading_module.resolve_weights("package:medcam3d/config.py").resolve() == here
+    p = _write(tmp_path, _with(weights="package:no_such_package_xyz/w.pt"))
+    with pytest.raises(InputError, match=r"cfg\.yaml: package path .*no installed package 'no_such_package_xyz'"):
+        _ = load_config(p).weights_path
+    with pytest.raises(InputError, match="must look like 'package:PKG/relative/path'"):
+        resolve_package_path("package:medcam3d")
+
+
 def test_build_model_passes_spec_and_declares_config_attributes(tmp_path, monkeypatch):
     calls = {}
 
@@ -130,7 +143,7 @@ def test_build_model_passes_spec_and_declares_config_attributes(tmp_path, monkey
         calls.update(spec=spec, weights=weights, base_dir=base_dir)
         return Net()
 
-    monkeypatch.setitem(sys.modules, "medcam3d.models", types.SimpleNamespace(build_model=fake_build_model))
+    monkeypatch.setattr(config_module, "build_model", fake_build_model)
     (tmp_path / "w.pt").write_bytes(b"")
     cfg = load_config(_write(tmp_path, _with(weights="w.pt", target_layer="conv2d.7", layout="slices_as_batch")))
     model = cfg.build_model()

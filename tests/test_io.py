@@ -303,6 +303,15 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # readable like any other file, not a 0600 temp
 
 
+def test_atomic_path_has_one_home():
+    # medcam3d.files is its home; the io names stay importable for one release
+    from medcam3d import files
+    from medcam3d.io import atomic_path
+    from medcam3d.io import writers
+
+    assert atomic_path is files.atomic_path and writers.atomic_path is files.atomic_path
+
+
 def test_write_nifti_refuses_bad_arrays_without_writing(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(InputError, match="NaN or Inf"):

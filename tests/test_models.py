@@ -23,6 +23,7 @@ from medcam3d.models import (
     DenseNet121v,
     ResNet34v,
     build_model,
+    declare_model,
     load_checkpoint,
     load_demo,
     load_model_spec,
@@ -412,7 +413,8 @@ def test_load_model_spec_yaml_axialnet_and_monai(tmp_path: Path) -> None:
         "weights: axial.pt\n"
         "labels: [nodule, effusion]\n"
     )
-    model = load_model_spec(tmp_path / "axial.yaml")
+    with pytest.deprecated_call(match="load_config"):  # the config's is the one model YAML format
+        model = load_model_spec(tmp_path / "axial.yaml")
     assert model.medcam3d_labels == ["nodule", "effusion"]
     x = torch.randn(1, 1, 6, 96, 96)
     with torch.no_grad():
@@ -425,7 +427,8 @@ def test_load_model_spec_yaml_axialnet_and_monai(tmp_path: Path) -> None:
         "target_layer: features.norm5\n"
         "layout: channels_first\n"
     )
-    net = load_model_spec(tmp_path / "monai.yaml")
+    with pytest.deprecated_call():
+        net = load_model_spec(tmp_path / "monai.yaml")
     assert type(net).__name__ == "DenseNet121"
     assert net.medcam3d_target_layer == "features.norm5"
     with torch.no_grad():
@@ -459,16 +462,29 @@ def test_build_model_errors(spec: dict, match: str) -> None:
 def test_load_model_spec_errors_name_the_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  _target_: medcam3d.models.AxialNet\nextra: 1\n")
-    with pytest.raises(InputError, match=r"bad\.yaml.*unknown keys"):
+    with pytest.raises(InputError, match=r"bad\.yaml.*unknown keys"), pytest.deprecated_call():
         load_model_spec(bad)
     missing_w = tmp_path / "m.yaml"
     missing_w.write_text("model:\n  _target_: medcam3d.models.CAMNet3d\n  n_outputs: 2\nweights: nope.pt\n")
-    with pytest.raises(InputError, match=r"nope\.pt.*not found"):
+    with pytest.raises(InputError, match=r"nope\.pt.*not found"), pytest.deprecated_call():
         load_model_spec(missing_w)
     layer = tmp_path / "l.yaml"
     layer.write_text("model:\n  _target_: medcam3d.models.CAMNet3d\n  n_outputs: 2\ntarget_layer: nowhere\n")
-    with pytest.raises(InputError, match=r"l\.yaml.*nowhere"):
+    with pytest.raises(InputError, match=r"l\.yaml.*nowhere"), pytest.deprecated_call():
         load_model_spec(layer)
+
+
+def test_declare_model_sets_instance_attributes_over_the_class_ones() -> None:
+    model = AxialNet(2, in_plane=96, width=8, feature_stride=8)
+    assert declare_model(model) is model
+    assert model.medcam3d_target_layer == "conv2d.7" and isinstance(model.medcam3d_layout, SlicesAsBatch)
+    assert "medcam3d_target_layer" not in vars(model)  # None left the class's declarations alone
+    declare_model(model, labels=("nodule", 7), target_layer="conv2d.4", layout="channels_first")
+    assert model.medcam3d_labels == ["nodule", "7"]
+    assert model.medcam3d_target_layer == "conv2d.4" and AxialNet.medcam3d_target_layer == "conv2d.7"
+    assert type(model.medcam3d_layout).__name__ == "ChannelsFirst"
+    with pytest.raises(InputError, match="unknown layout 'sideways'"):
+        declare_model(model, layout="sideways")
 
 
 def test_resolve_weights_forms(tmp_path: Path) -> None:

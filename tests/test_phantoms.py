@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -282,6 +283,29 @@ def test_write_nifti_int16_and_bad_names(tmp_path, normal):
     assert data.dtype == np.int16 and np.abs(data - normal.hu).max() <= 0.5
     with pytest.raises(InputError, match="scan.png"):
         write_nifti(normal, tmp_path / "scan.png")
+
+
+def test_nifti_atomic_write_kept_for_one_release(tmp_path):
+    from medcam3d.data.nifti import atomic_write
+
+    dest = tmp_path / "scan.nii.gz"
+    seen = []
+
+    def write(tmp: str) -> None:
+        seen.append(tmp)
+        assert tmp.endswith(".nii.gz") and Path(tmp).parent == tmp_path and not dest.exists()
+        Path(tmp).write_bytes(b"first")
+
+    atomic_write(dest, write)
+    assert dest.read_bytes() == b"first" and not Path(seen[0]).exists()
+
+    def crash(tmp: str) -> None:
+        Path(tmp).write_bytes(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(dest, crash)
+    assert dest.read_bytes() == b"first" and [p.name for p in tmp_path.iterdir()] == ["scan.nii.gz"]
 
 
 def test_make_dataset_writes_manifest(tmp_path):

@@ -9,8 +9,9 @@ the same code tests a handful of points (lesion placement) or renders a whole gr
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 
@@ -20,6 +21,15 @@ __all__ = ["LEFT", "RIGHT", "Anatomy", "Heart", "Lung", "Scene", "build_scene", 
 
 RIGHT, LEFT = -1, 1
 """Sign of patient-frame x on the patient's right and left."""
+
+#: coordinates: a broadcastable array, or one numpy scalar (a single point)
+Coord = np.ndarray | np.floating[Any]
+
+
+def _vec3(values: Iterable[float]) -> tuple[float, float, float]:
+    """The three values of ``values`` as a (z, y, x) triple, unchanged."""
+    a, b, c = values
+    return a, b, c
 
 
 @dataclass(frozen=True)
@@ -31,7 +41,7 @@ class Pose:
     x: float
     yaw: float
 
-    def to_patient(self, y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def to_patient(self, y: Coord, x: Coord) -> tuple[np.ndarray, np.ndarray]:
         """Image-frame (y, x) to patient-frame (y, x)."""
         c, s = np.cos(self.yaw), np.sin(self.yaw)
         dy, dx = y - self.y, x - self.x
@@ -75,7 +85,7 @@ class Lung:
         """z at fraction ``t`` of the way from the base to the apex."""
         return self.z_base + t * (self.z_apex - self.z_base)
 
-    def scale(self, z: np.ndarray) -> np.ndarray:
+    def scale(self, z: Coord) -> np.ndarray:
         """Cross-section scale at height ``z``: 1 in the lower half, an elliptic taper to 0 at the apex."""
         t = (z - self.z_base) / (self.z_apex - self.z_base)
         taper = np.sqrt(np.clip(1 - ((t - 0.45) / 0.55) ** 2, 1e-6, 1))
@@ -139,7 +149,7 @@ class Heart:
 
     def level(self, local: list[np.ndarray], grow: float) -> np.ndarray:
         """< 1 inside the ellipsoid with every radius grown by ``grow`` mm."""
-        return sum((u / (r + grow)) ** 2 for u, r in zip(local, self.radii))
+        return cast(np.ndarray, sum((u / (r + grow)) ** 2 for u, r in zip(local, self.radii)))
 
     def room(self, z: np.ndarray, y: np.ndarray, margin: float = 0.0) -> np.ndarray:
         """Where the heart may be: above the floor and between sternum and oesophagus (grown by ``margin`` mm)."""
@@ -151,8 +161,8 @@ class Heart:
 
     def enlarged(self, scale: float, shift: tuple[float, float, float]) -> Heart:
         """The same heart with every radius times ``scale`` and the centre moved by ``shift`` (z, y, x)."""
-        centre = tuple(c + d for c, d in zip(self.centre, shift))
-        return replace(self, centre=centre, radii=tuple(r * scale for r in self.radii))
+        centre = _vec3(c + d for c, d in zip(self.centre, shift))
+        return replace(self, centre=centre, radii=_vec3(r * scale for r in self.radii))
 
 
 class Tube(NamedTuple):
@@ -253,7 +263,7 @@ def _heart_axes(yaw: float, tilt: float) -> tuple[tuple[float, float, float], ..
     long = np.array([-np.sin(tilt), -np.cos(tilt) * np.sin(yaw), np.cos(tilt) * np.cos(yaw)])
     across = np.array([0.0, np.cos(yaw), np.sin(yaw)])
     third = np.cross(long, across)
-    return tuple(tuple(float(c) for c in a) for a in (long, across, third))
+    return tuple(_vec3(float(c) for c in a) for a in (long, across, third))
 
 
 def _draw_lungs(rng: np.random.Generator, body: Body, wall: float) -> tuple[Lung, Lung]:
@@ -285,7 +295,7 @@ def _draw_heart(rng: np.random.Generator, lungs: tuple[Lung, Lung]) -> Heart:
     """A normal-sized heart left of the midline and anterior, resting on the left hemidiaphragm."""
     left = lungs[1]
     axes = _heart_axes(np.deg2rad(rng.uniform(30, 50)), np.deg2rad(rng.uniform(10, 25)))
-    radii = tuple(
+    radii = _vec3(
         float(r) * rng.uniform(0.93, 1.03) for r in (rng.uniform(52, 58), rng.uniform(40, 46), rng.uniform(36, 42))
     )
     z_floor = left.z_base + 0.8 * left.dome
@@ -300,10 +310,11 @@ def _draw_mediastinum(rng: np.random.Generator, lungs: tuple[Lung, Lung], heart:
     r_desc = rng.uniform(10, 13)
     trachea = Tube(spine.y - spine.ry - rng.uniform(24, 30), rng.uniform(-3, 3), rng.uniform(8, 10))
     z_carina = lungs[0].height(rng.uniform(0.55, 0.62))
-    tips = tuple(
+    right, left = (
         (z_carina - rng.uniform(22, 32), trachea.y + rng.uniform(5, 15), side * rng.uniform(40, 52))
         for side in (RIGHT, LEFT)
     )
+    tips = (right, left)
     return Mediastinum(
         half_width=rng.uniform(28, 36),
         aorta_descending=Tube(spine.y - 0.8 * spine.ry, 0.6 * spine.rx + r_desc, r_desc),
@@ -389,7 +400,7 @@ def _segment_dist2(p: tuple[np.ndarray, ...], a: tuple[float, ...], b: tuple[flo
     """Squared distance from points ``p`` (tuple of broadcastable coordinate arrays) to the segment a–b."""
     ab = tuple(float(bi - ai) for ai, bi in zip(a, b))
     t = np.clip(sum((pi - ai) * d for pi, ai, d in zip(p, a, ab)) / sum(d * d for d in ab), 0, 1)
-    return sum((pi - ai - t * d) ** 2 for pi, ai, d in zip(p, a, ab))
+    return cast(np.ndarray, sum((pi - ai - t * d) ** 2 for pi, ai, d in zip(p, a, ab)))
 
 
 def _arch_dist2(m: Mediastinum, z: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:

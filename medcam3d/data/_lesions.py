@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -263,7 +263,7 @@ def _place(
     t: Range,
     rho: Range,
     clearance: float,
-    avoid: Sequence[tuple[Point, float]] = (),
+    avoid: Sequence[tuple[Point, float | np.floating[Any]]] = (),
 ) -> Point | None:
     """A lung point with ``clearance`` mm of lung around it along every axis, and farther than ``d`` mm from
     every ``(point, d)`` in ``avoid``; rejection sampling (deterministic for a given ``rng``), None if no room."""
@@ -303,7 +303,7 @@ def _draw_nodules(rng: np.random.Generator, anat: Anatomy, heart: Heart, side: i
     """One to three nodules of radius 9-13 mm (±15 % per axis), clear of each other and of the same lung's mass
     (which is drawn whether shown or not); fewer when there is no room for more."""
     mass_reach = max(np.linalg.norm(np.subtract(c, mass.centres[0])) + max(r) for c, r in zip(mass.centres, mass.radii))
-    taken = [(mass.centres[0], mass_reach)]
+    taken: list[tuple[Point, float | np.floating[Any]]] = [(mass.centres[0], mass_reach)]
     centres, radii = [], []
     for k in range(int(rng.integers(1, 4))):
         r = rng.uniform(9, 13)

@@ -5,13 +5,15 @@ from __future__ import annotations
 import csv
 import io
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
 from ..errors import InputError
-from .nifti import atomic_write, write_nifti
+from ..files import write_text_atomic
+from .nifti import write_nifti
 from .phantoms import (
     DEFAULT_SHAPE,
     LABELS,
@@ -45,8 +47,8 @@ class PhantomDataset(Sequence[Phantom]):
         self.n, self.seed = n, seed
         self.draw, self.grid = dict(draw or {}), dict(grid or {})
         self.manifest = manifest
-        exclude = self.grid.get("exclude", ())
-        self._excluded = frozenset([exclude] if isinstance(exclude, str) else exclude)  # type: ignore[arg-type]
+        exclude = self.grid.get("exclude", ())  # a label name, or an iterable of them
+        self._excluded = frozenset([exclude] if isinstance(exclude, str) else cast("Iterable[str]", exclude))
 
     def __len__(self) -> int:
         return self.n
@@ -88,7 +90,7 @@ class PhantomDataset(Sequence[Phantom]):
         return draw_labels((self.seed, i), **self.draw)  # type: ignore[arg-type]
 
 
-def _csv_text(header: Sequence[str], rows: list[list[object]]) -> str:
+def _csv_text(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
@@ -142,6 +144,5 @@ def make_dataset(n: int, seed: int, out_dir: str | os.PathLike[str] | None = Non
         ("labels.csv", ["scan_id", *LABELS, "marker"], labels),
         ("manifest.csv", ["scan_id", "path", "organ_labels_path"], manifest),
     ):
-        text = _csv_text(header, rows)
-        atomic_write(folder / name, lambda tmp, text=text: Path(tmp).write_text(text, encoding="utf-8"))
+        write_text_atomic(folder / name, _csv_text(header, rows))
     return dataset

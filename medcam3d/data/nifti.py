@@ -1,14 +1,13 @@
 """Writing phantoms as NIfTI: the HU volume, an organ label map, a lesion bitmask and a JSON sidecar.
 
-Every file is written atomically (a temporary file in the destination folder, then ``os.replace``). nibabel is
-imported only when writing.
+Every file is written atomically (a temporary file in the destination folder, then ``os.replace``:
+:mod:`medcam3d.files`). nibabel is imported only when writing.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -16,6 +15,7 @@ from typing import Literal
 import numpy as np
 
 from ..errors import InputError
+from ..files import atomic_path, write_text_atomic
 from .phantoms import LABELS, MARKER_BIT, ORGAN_CODES, Phantom
 
 __all__ = ["nifti_stem", "write_nifti"]
@@ -32,20 +32,16 @@ def nifti_stem(path: str | os.PathLike[str]) -> tuple[Path, str, str]:
     raise InputError("a NIfTI file name must end in .nii or .nii.gz", p)
 
 
-def atomic_write(dest: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp)`` on a new temporary path next to ``dest`` (same extension), then move it onto ``dest``."""
-    suffix = ".nii.gz" if dest.name.endswith(".nii.gz") else dest.suffix
-    tmp = str(dest.with_name(f".{dest.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp{suffix}"))
-    try:
-        write(tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def atomic_write(dest: Path, write: Callable[[str], object]) -> None:
+    """Call ``write(tmp)`` on a new temporary path next to ``dest`` (same extension), then move it onto ``dest``.
+
+    Kept for one release: a thin use of :func:`medcam3d.files.atomic_path`, which new code should call."""
+    with atomic_path(dest) as tmp:
+        write(str(tmp))
 
 
 def _save_volume(data: np.ndarray, affine: np.ndarray, dest: Path, intent: str | None = None) -> None:
-    import nibabel as nib
+    import nibabel as nib  # lazy: only writing needs nibabel
 
     img = nib.Nifti1Image(data, affine)
     img.set_qform(affine, code=1)
@@ -53,7 +49,8 @@ def _save_volume(data: np.ndarray, affine: np.ndarray, dest: Path, intent: str |
     img.header.set_xyzt_units("mm")
     if intent is not None:
         img.header.set_intent(intent)
-    atomic_write(dest, lambda tmp: nib.save(img, tmp))
+    with atomic_path(dest) as tmp:
+        nib.save(img, str(tmp))
 
 
 def _sidecar(phantom: Phantom, hu_dtype: str) -> dict[str, object]:
@@ -116,6 +113,5 @@ def write_nifti(
         written["lesions"] = folder / f"{stem}_lesions{ext}"
         _save_volume(phantom.organ_labelmap(), phantom.affine, written["organs"], "label")
         _save_volume(phantom.lesion_bitmask(), phantom.affine, written["lesions"])
-    text = json.dumps(_sidecar(phantom, hu_dtype), indent=2)
-    atomic_write(written["sidecar"], lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))
+    write_text_atomic(written["sidecar"], json.dumps(_sidecar(phantom, hu_dtype), indent=2) + "\n")
     return written

@@ -9,6 +9,7 @@ Conventions: ``docs/architecture.md`` (RAS affines everywhere; LPS only at the I
 
 from __future__ import annotations
 
+from ..files import atomic_path  # its home is medcam3d.files; re-exported here for one release
 from .dicom import SeriesInfo, list_series
 from .dicom_export import write_parametric_map
 from .readers import read_volume
@@ -21,7 +22,6 @@ from .volume import (
     spacing_from_affine,
 )
 from .writers import (
-    atomic_path,
     lowres_affine,
     read_lowres_labels,
     write_lowres_maps,

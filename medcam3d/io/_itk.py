@@ -17,7 +17,7 @@ __all__ = ["first_line", "itk_image_checks", "itk_quiet", "volume_from_itk"]
 @contextmanager
 def itk_quiet() -> Iterator[None]:
     """Silence ITK's C-level warnings for the duration (we raise our own, clearer errors)."""
-    import SimpleITK as sitk
+    import SimpleITK as sitk  # lazy: SimpleITK loads only when an ITK or DICOM file is read
 
     prev = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)
@@ -54,7 +54,7 @@ def itk_image_checks(img: Any, source: str) -> Any:
 
 def volume_from_itk(img: Any, source: str, meta: dict[str, Any]) -> Volume:
     """Volume from a SimpleITK image, in ITK index order (i, j, k), with the LPS geometry turned into a RAS affine."""
-    import SimpleITK as sitk
+    import SimpleITK as sitk  # lazy: SimpleITK loads only when an ITK or DICOM file is read
 
     img = itk_image_checks(img, source)
     arr = sitk.GetArrayFromImage(img).transpose(2, 1, 0)  # numpy [k, j, i] -> ITK index order [i, j, k]

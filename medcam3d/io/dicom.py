@@ -64,7 +64,7 @@ def is_dicom_file(path: str | os.PathLike[str]) -> bool:
         return False
     if len(head) == 132 and head[128:132] == b"DICM":
         return True
-    import pydicom
+    import pydicom  # lazy: pydicom loads only when DICOM is read
 
     try:  # files without the preamble: let pydicom decide (without force, so text files are rejected)
         ds = pydicom.dcmread(str(p), stop_before_pixels=True)
@@ -74,7 +74,7 @@ def is_dicom_file(path: str | os.PathLike[str]) -> bool:
 
 
 def _header(path: str) -> Any:
-    import pydicom
+    import pydicom  # lazy: pydicom loads only when DICOM is read
 
     try:
         return pydicom.dcmread(path, stop_before_pixels=True)
@@ -98,7 +98,7 @@ def list_series(folder: str | os.PathLike[str]) -> list[SeriesInfo]:
     if not files:
         hint = f" (it has {len(subdirs)} subfolder(s); give the folder that holds the series' files)" if subdirs else ""
         raise InputError(f"empty DICOM folder: no files{hint}", d)
-    import SimpleITK as sitk
+    import SimpleITK as sitk  # lazy: SimpleITK loads only when an ITK or DICOM file is read
 
     with _itk_quiet():
         uids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(d)))
@@ -265,7 +265,7 @@ def read_dicom_folder(folder: str | os.PathLike[str], series_uid: str | None = N
     if not regular and not allow_resample:
         raise InputError(f"{problem}; refused (read it with allow_resample=True to interpolate along the slice "
                          "normal)", d)
-    import SimpleITK as sitk
+    import SimpleITK as sitk  # lazy: SimpleITK loads only when an ITK or DICOM file is read
 
     if regular:
         reader = sitk.ImageSeriesReader()
@@ -307,7 +307,7 @@ def read_dicom_folder(folder: str | os.PathLike[str], series_uid: str | None = N
 def read_dicom_file(path: str | os.PathLike[str]) -> Volume:
     """Read a single DICOM file. A multi-frame 3-D file becomes a Volume; a lone 2-D slice is refused (a 3-D
     volume is needed: give the folder of its series)."""
-    import SimpleITK as sitk
+    import SimpleITK as sitk  # lazy: SimpleITK loads only when an ITK or DICOM file is read
 
     p = Path(path)
     try:

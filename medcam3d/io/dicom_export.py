@@ -12,14 +12,16 @@ volume is file ``meta["dicom_files"][k]``.
 from __future__ import annotations
 
 import os
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import InputError
+from ..files import atomic_path
 from .volume import Volume
-from .writers import _to_numpy, atomic_path
+from .writers import _to_numpy
 
 __all__ = ["write_parametric_map"]
 
@@ -58,7 +60,7 @@ def write_parametric_map(
         raise InputError(f"{source_volume.source}: multi-frame DICOM sources are not supported for export", p)
     if not np.isfinite(m).all():
         raise InputError("map contains NaN or Inf", p)
-    try:
+    try:  # lazy: highdicom is an optional extra, and pydicom is only needed with it here
         import highdicom as hd
         import pydicom
     except ImportError as e:  # pragma: no cover - optional dependency
@@ -74,8 +76,6 @@ def write_parametric_map(
         value_range=(lo, hi), slope=1, intercept=0,
     )
     try:
-        from importlib.metadata import version
-
         software = version("medcam3d")
     except Exception:  # noqa: BLE001 - not installed as a distribution (source checkout)
         software = "medcam3d"

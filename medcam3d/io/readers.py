@@ -89,7 +89,7 @@ _READ_ERRORS = (OSError, EOFError, zlib.error, ValueError, MemoryError)
 
 
 def _read_nifti(p: Path) -> Volume:
-    import nibabel as nib
+    import nibabel as nib  # lazy: nibabel loads only when a NIfTI file is read or written
     from nibabel.filebasedimages import ImageFileError
     from nibabel.spatialimages import HeaderDataError
 
@@ -134,7 +134,7 @@ def _read_nifti(p: Path) -> Volume:
 
 
 def _raw_nifti_pixdim(p: Path, header_class: Any) -> np.ndarray | None:
-    from nibabel.openers import ImageOpener
+    from nibabel.openers import ImageOpener  # lazy: nibabel loads only when a NIfTI file is read
 
     try:
         with ImageOpener(str(p)) as f:
@@ -192,7 +192,7 @@ def _header_spacing_problem(p: Path) -> str | None:
 
 
 def _read_itk_file(p: Path) -> Volume:
-    import SimpleITK as sitk
+    import SimpleITK as sitk  # lazy: SimpleITK loads only when an ITK or DICOM file is read
 
     if p.stat().st_size == 0:
         raise InputError("empty file, not an image", p)

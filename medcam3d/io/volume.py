@@ -17,6 +17,7 @@ from os import PathLike
 from typing import Any
 
 import numpy as np
+import torch
 
 from ..errors import InputError
 
@@ -112,7 +113,7 @@ class Volume:
     @property
     def axcodes(self) -> str:
         """Orientation code of the array axes, e.g. ``"RAS"`` or ``"LPS"`` (nibabel's aff2axcodes)."""
-        import nibabel as nib
+        import nibabel as nib  # lazy: nibabel loads only when a NIfTI file is read or written
 
         return "".join(nib.aff2axcodes(self.affine))
 
@@ -132,8 +133,7 @@ class Volume:
         """MONAI ``MetaTensor`` ``[1, I, J, K]`` (channel first) with this affine (RAS, ``meta["space"] = "RAS"``).
 
         The source affine and shape are kept in ``meta["original_affine"]`` and ``meta["spatial_shape"]``."""
-        import torch
-        from monai.data import MetaTensor
+        from monai.data import MetaTensor  # lazy: MONAI takes seconds to import
 
         t = torch.from_numpy(np.ascontiguousarray(self.array))[None]
         meta = {
@@ -170,7 +170,9 @@ class Volume:
         return f"Volume(shape={self.shape}, spacing=({sp}) mm, axcodes={self.axcodes}, source={self.source!r})"
 
 
-def itk_to_affine(origin: Sequence[float], spacing: Sequence[float], direction: Sequence[float]) -> np.ndarray:
+def itk_to_affine(
+    origin: Sequence[float] | np.ndarray, spacing: Sequence[float] | np.ndarray, direction: Sequence[float] | np.ndarray
+) -> np.ndarray:
     """RAS affine of an ITK/SimpleITK 3-D image (LPS origin, spacing, row-major direction cosines).
 
     ITK maps index ``(i, j, k)`` to LPS ``origin + D @ diag(spacing) @ (i, j, k)``; RAS = diag(-1, -1, 1) @ LPS.

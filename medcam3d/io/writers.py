@@ -10,24 +10,23 @@
   geometry: voxel ``j`` is centred at input index ``(j + 0.5) * f - 0.5`` with ``f = grid / map`` per axis, and is
   ``f`` input voxels wide.
 
-Every write goes to a temporary file in the destination folder and is moved into place with ``os.replace``, so a
-crash never leaves a half-written map and a reader never sees one. Arguments are validated before anything is
-created.
+Every write goes to a temporary file in the destination folder and is moved into place with ``os.replace``
+(:func:`medcam3d.files.atomic_path`), so a crash never leaves a half-written map and a reader never sees one.
+Arguments are validated before anything is created. nibabel is imported only when reading or writing.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from ..errors import InputError
+from ..files import atomic_path  # its home is medcam3d.files; re-exported here for one release
 from .volume import Volume, validate_affine
 
 __all__ = [
@@ -60,28 +59,6 @@ def _check_nifti_path(path: str | os.PathLike[str]) -> Path:
     return p
 
 
-@contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path in ``path``'s folder (same suffix); on success move it onto ``path`` with
-    ``os.replace``, on failure delete it. The folder is created if needed."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    name = p.name
-    suffix = ".nii.gz" if name.lower().endswith(".nii.gz") else p.suffix
-    # not mkstemp: its 0600 files would stay unreadable to others after the rename; the writer creates the file
-    # with the usual umask permissions, and a random name keeps concurrent writers apart
-    tmp_path = p.parent / f".{name}.{uuid.uuid4().hex}.tmp{suffix}"
-    try:
-        yield tmp_path
-        os.replace(tmp_path, p)
-    except BaseException:
-        try:
-            tmp_path.unlink()
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def _is_orthogonal(affine: np.ndarray) -> bool:
     m = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
     return bool(np.allclose(m.T @ m, np.eye(3), atol=1e-6))
@@ -109,7 +86,7 @@ def write_nifti(
     Returns:
         The written path. Raises :class:`InputError` (before writing anything) on a bad argument.
     """
-    import nibabel as nib
+    import nibabel as nib  # lazy: only writing and reading maps need nibabel
 
     p = _check_nifti_path(path)
     arr = _to_numpy(array)
@@ -228,10 +205,11 @@ def write_lowres_maps(
 
 def read_lowres_labels(path: str | os.PathLike[str]) -> list[str] | None:
     """The class labels stored by :func:`write_lowres_maps` (``None`` if there are none)."""
-    import nibabel as nib
+    import nibabel as nib  # lazy: only writing and reading maps need nibabel
 
     img = nib.load(str(path))
-    for ext in img.header.extensions:
+    header = cast("nib.nifti1.Nifti1Header", img.header)  # NIfTI-1 or -2 (a subclass): both carry extensions
+    for ext in header.extensions:
         if ext.get_code() == EXTENSION_CODE:
             try:
                 d = json.loads(ext.get_content())

@@ -8,12 +8,18 @@
 * :func:`build_model` instantiates a spec ``{"_target_": "medcam3d.models.AxialNet", "n_outputs": 13, ...}``
   (any importable ``nn.Module`` class, e.g. ``monai.networks.nets.DenseNet121``; factory functions only from
   :data:`TRUSTED_FACTORY_MODULES`) and optionally loads weights.
-* :func:`load_model_spec` reads a YAML file ``{model: {...}, weights: ..., labels: [...], target_layer: ...,
-  layout: ...}``.
+* :func:`declare_model` sets what a model declares to medcam3d (``medcam3d_labels``, ``medcam3d_target_layer``,
+  ``medcam3d_layout``); :meth:`medcam3d.config.Config.build_model` and the deprecated :func:`load_model_spec` use it.
+* :func:`load_state_dict_checked` loads a state_dict into a module after checking its keys and shapes, with a
+  one-line :class:`~medcam3d.errors.InputError` listing a few bad keys (the one home of that check).
+* :func:`load_model_spec` (deprecated: the model YAML format is :mod:`medcam3d.config`'s) reads a YAML file
+  ``{model: {...}, weights: ..., labels: [...], target_layer: ..., layout: ...}``.
 * :func:`load_demo` returns the demo AxialNet shipped in ``medcam3d/weights/`` (trained on synthetic phantoms).
 
 Weights paths: absolute, relative to ``base_dir`` (a spec file's folder), or ``package:PKG/relative/path``,
-resolved inside an installed package with :mod:`importlib.resources` (e.g. ``package:medcam3d/weights/x.pt``).
+resolved inside an installed package with :mod:`importlib.resources` (e.g. ``package:medcam3d/weights/x.pt``) by
+:func:`resolve_package_path`, the one resolver of ``package:`` paths (:mod:`medcam3d.config` uses it too; it lives
+here, in the lower layer, so that models never import the config layer).
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ import inspect
 import json
 import pickle
 import re
-from collections.abc import Mapping
+import warnings
+from collections.abc import Mapping, Sequence
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -33,17 +40,19 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InputError
-from ..layouts import resolve_layout
-from .resnet import _mismatch_message
+from ..layouts import Layout, resolve_layout
 
 __all__ = [
     "DEMO_MODEL",
     "TRUSTED_FACTORY_MODULES",
     "build_model",
+    "declare_model",
     "load_checkpoint",
     "load_demo",
     "load_model_spec",
+    "load_state_dict_checked",
     "read_state_dict",
+    "resolve_package_path",
     "resolve_weights",
 ]
 
@@ -55,6 +64,7 @@ DEMO_MODEL = "demo_axialnet"
 
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "params")
 _PREFIXES = ("module.", "_orig_mod.")
+_PACKAGE_PREFIX = "package:"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -111,7 +121,7 @@ def _is_state_dict(obj: object) -> bool:
 
 def _unwrap(obj: object) -> dict[str, Tensor] | None:
     if _is_state_dict(obj):
-        return dict(obj)  # type: ignore[arg-type]
+        return dict(obj)  # type: ignore[call-overload]  # _is_state_dict checked it is a Mapping[str, Tensor]
     if isinstance(obj, Mapping):
         for key in _WRAPPER_KEYS:
             if key in obj and _is_state_dict(obj[key]):
@@ -126,6 +136,51 @@ def _strip_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return state
 
 
+def _mismatch_message(missing: Sequence[str], unexpected: Sequence[str], shapes: Sequence[str], n: int = 4) -> str:
+    def few(items: Sequence[str]) -> str:
+        more = f", ... ({len(items) - n} more)" if len(items) > n else ""
+        return ", ".join(items[:n]) + more
+
+    parts = ["the weights do not fit the model"]
+    if missing:
+        parts.append(f"missing keys: {few(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys: {few(unexpected)}")
+    if shapes:
+        parts.append(f"shape mismatches: {few(shapes)}")
+    return "; ".join(parts)
+
+
+def load_state_dict_checked(
+    module: nn.Module, state: Mapping[str, Tensor], where: str | PathLike[str], strict: bool = True
+) -> nn.Module:
+    """Load ``state`` (``{name: tensor}``) into ``module`` (in place) after checking that it fits; returns ``module``.
+
+    With ``strict`` every parameter and buffer must be present with the right shape and no extra keys may appear;
+    BatchNorm ``num_batches_tracked`` counters may be absent (old checkpoints). With ``strict=False`` missing and
+    unexpected keys are ignored but shapes must still match.
+
+    Raises:
+        InputError: naming ``where`` (the checkpoint file, or a description of the state_dict), with a few of the
+            missing and unexpected keys and shape mismatches listed.
+    """
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    if shapes or (strict and (missing or unexpected)):
+        raise InputError(_mismatch_message(missing if strict else [], unexpected if strict else [], shapes), where)
+    try:
+        module.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+    except RuntimeError as exc:  # dtype/device oddities not caught above
+        raise InputError(f"cannot load the weights ({_first_line(exc)})", where) from None
+    return module
+
+
 def load_checkpoint(model: nn.Module, path: str | PathLike[str], strict: bool = True) -> nn.Module:
     """Load the weights in the local checkpoint ``path`` into ``model`` (in place) and return ``model``.
 
@@ -137,22 +192,26 @@ def load_checkpoint(model: nn.Module, path: str | PathLike[str], strict: bool = 
         InputError: naming the file: missing/corrupt file, pickled code, or keys/shapes that do not fit (a few
             missing and unexpected keys are listed).
     """
-    state = read_state_dict(path)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [
-        f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
-        for k in expected
-        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
-    ]
-    if shapes or (strict and (missing or unexpected)):
-        raise InputError(_mismatch_message(missing if strict else [], unexpected if strict else [], shapes), path)
+    return load_state_dict_checked(model, read_state_dict(path), path, strict)
+
+
+def resolve_package_path(spec: str, where: str | PathLike[str] | None = None) -> Path:
+    """``"package:PKG/rel/path"`` -> the file inside the installed package ``PKG`` (need not exist yet).
+
+    ``PKG`` may be a subpackage (``package:medcam3d.models/loading.py``). ``where`` (a file) is named in errors.
+
+    Raises:
+        InputError: not of that form, or no installed package ``PKG``.
+    """
+    rest = spec.removeprefix(_PACKAGE_PREFIX).lstrip("/")
+    pkg, _, rel = rest.partition("/")
+    if not pkg or not rel:
+        raise InputError(f"package path {spec!r} must look like 'package:PKG/relative/path'", where)
     try:
-        model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
-    except RuntimeError as exc:  # dtype/device oddities not caught above
-        raise InputError(f"cannot load the weights ({_first_line(exc)})", path) from None
-    return model
+        root = importlib.resources.files(pkg)
+    except (ModuleNotFoundError, TypeError):
+        raise InputError(f"package path {spec!r}: no installed package {pkg!r}", where) from None
+    return Path(str(root.joinpath(rel)))
 
 
 def resolve_weights(weights: str | PathLike[str], base_dir: str | PathLike[str] | None = None) -> Path:
@@ -161,16 +220,8 @@ def resolve_weights(weights: str | PathLike[str], base_dir: str | PathLike[str] 
     ``package:PKG/rel/path`` resolves inside the installed package ``PKG``; a relative path resolves against
     ``base_dir`` (default: the current directory); ``~`` is expanded. The file is not opened here."""
     text = str(weights)
-    if text.startswith("package:"):
-        ref = text[len("package:") :].lstrip("/")
-        package, _, rel = ref.partition("/")
-        if not package or not rel:
-            raise InputError(f"weights {text!r}: expected package:PACKAGE/relative/path")
-        try:
-            root = importlib.resources.files(package)
-        except (ModuleNotFoundError, TypeError) as exc:
-            raise InputError(f"weights {text!r}: cannot find package {package!r} ({_first_line(exc)})") from None
-        return Path(str(root.joinpath(rel)))
+    if text.startswith(_PACKAGE_PREFIX):
+        return resolve_package_path(text)
     p = Path(text).expanduser()
     if not p.is_absolute() and base_dir is not None:
         p = Path(base_dir).expanduser() / p
@@ -179,14 +230,18 @@ def resolve_weights(weights: str | PathLike[str], base_dir: str | PathLike[str] 
 
 def _resolve_target(target: object) -> Any:
     if not isinstance(target, str) or "." not in target:
-        raise InputError(f"model spec: _target_ {target!r} must be a dotted import path like 'monai.networks.nets.UNet'")
+        raise InputError(
+            f"model spec: _target_ {target!r} must be a dotted import path like 'monai.networks.nets.UNet'"
+        )
     if target.startswith(("$", "@", "%")):
         raise InputError(f"model spec: _target_ {target!r}: MONAI bundle expressions/references are not supported")
     module_name, _, attr = target.rpartition(".")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise InputError(f"model spec: cannot import {module_name!r} for _target_ {target!r} ({_first_line(exc)})") from None
+        raise InputError(
+            f"model spec: cannot import {module_name!r} for _target_ {target!r} ({_first_line(exc)})"
+        ) from None
     obj = getattr(module, attr, None)
     if obj is None:
         raise InputError(f"model spec: {module_name!r} has no attribute {attr!r} (_target_ {target!r})")
@@ -250,11 +305,42 @@ def build_model(
     return model
 
 
+def declare_model(
+    model: nn.Module,
+    labels: Sequence[str] | None = None,
+    target_layer: str | None = None,
+    layout: Layout | str | None = None,
+) -> nn.Module:
+    """Declare on ``model`` (in place; returned) what medcam3d reads from it: the class names of its outputs
+    (``medcam3d_labels``), the default explained layer (``medcam3d_target_layer``, a dotted module name) and how
+    that layer's activations are laid out (``medcam3d_layout``: a :mod:`medcam3d.layouts` layout or its name).
+
+    These become instance attributes, overriding the model class's own (docs/architecture.md); ``None`` leaves an
+    attribute as it is.
+
+    Raises:
+        InputError: an unknown layout name.
+    """
+    # setattr: nn.Module's __setattr__ is typed for tensors and modules only, these are plain attributes
+    if labels is not None:
+        setattr(model, "medcam3d_labels", [str(x) for x in labels])
+    if target_layer is not None:
+        setattr(model, "medcam3d_target_layer", str(target_layer))
+    if layout is not None:
+        setattr(model, "medcam3d_layout", resolve_layout(layout))
+    return model
+
+
 _SPEC_KEYS = {"model", "weights", "labels", "target_layer", "layout"}
 
 
 def load_model_spec(path: str | PathLike[str]) -> nn.Module:
     """Build the model described by a YAML file and return it.
+
+    .. deprecated:: 0.1
+        medcam3d has one model YAML format, the config's (:mod:`medcam3d.config`: the same ``model``,
+        ``weights``, ``labels``, ``target_layer`` and ``layout`` keys, plus ``name`` and ``preprocessing``): use
+        ``medcam3d.config.load_config(path).build_model()``. This reader stays for one release and warns.
 
     The file holds::
 
@@ -271,7 +357,14 @@ def load_model_spec(path: str | PathLike[str]) -> nn.Module:
     Raises:
         InputError: naming the file, for unreadable YAML, unknown keys, or any :func:`build_model` error.
     """
-    import yaml  # lazy: PyYAML belongs to the config layer
+    warnings.warn(
+        "medcam3d.models.load_model_spec is deprecated and will be removed in the next release: write a config "
+        "(medcam3d.config; same model/weights/labels/target_layer/layout keys plus name and preprocessing) and use "
+        "medcam3d.config.load_config(path).build_model()",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    import yaml  # lazy: PyYAML belongs to the config layer; only this deprecated reader needs it here
 
     p = Path(path).expanduser()
     if not p.is_file():
@@ -286,24 +379,29 @@ def load_model_spec(path: str | PathLike[str]) -> nn.Module:
     if unknown:
         raise InputError(f"unknown keys {unknown} in the model spec; allowed: {sorted(_SPEC_KEYS)}", p)
     try:
-        model = build_model(doc["model"], doc.get("weights"), base_dir=p.parent)
-        if doc.get("labels") is not None:
-            labels = doc["labels"]
-            if not isinstance(labels, list) or not all(isinstance(x, (str, int)) for x in labels):
-                raise InputError("labels must be a list of names")
-            model.medcam3d_labels = [str(x) for x in labels]
-        if doc.get("target_layer") is not None:
-            name = str(doc["target_layer"])
-            if name not in dict(model.named_modules()):
-                raise InputError(f"target_layer {name!r} is not a module of the model")
-            model.medcam3d_target_layer = name
-        if doc.get("layout") is not None:
-            model.medcam3d_layout = resolve_layout(str(doc["layout"]))
+        return _build_from_spec_doc(doc, p.parent)
     except InputError as exc:
         if exc.path is not None:
             raise
         raise InputError(str(exc), p) from None
-    return model
+
+
+def _build_from_spec_doc(doc: Mapping[str, Any], base_dir: Path) -> nn.Module:
+    """The model of a (deprecated) model spec document, with its declarations checked and set."""
+    model = build_model(doc["model"], doc.get("weights"), base_dir=base_dir)
+    labels = doc.get("labels")
+    if labels is not None and (not isinstance(labels, list) or not all(isinstance(x, (str, int)) for x in labels)):
+        raise InputError("labels must be a list of names")
+    target_layer = doc.get("target_layer")
+    if target_layer is not None and str(target_layer) not in dict(model.named_modules()):
+        raise InputError(f"target_layer {str(target_layer)!r} is not a module of the model")
+    layout = doc.get("layout")
+    return declare_model(
+        model,
+        labels=labels,
+        target_layer=None if target_layer is None else str(target_layer),
+        layout=None if layout is None else str(layout),
+    )
 
 
 def load_demo(name: str = DEMO_MODEL) -> nn.Module:
@@ -330,9 +428,6 @@ def load_demo(name: str = DEMO_MODEL) -> nn.Module:
         raise InputError(f"cannot read the model card ({_first_line(exc)})", str(card_file)) from None
     if not isinstance(card, dict) or not isinstance(card.get("model"), dict):
         raise InputError("the model card has no 'model' spec", str(card_file))
-    model = build_model(card["model"], weights=Path(str(pt)))
-    labels = card.get("labels")
-    if labels is not None:
-        model.medcam3d_labels = [str(x) for x in labels]
-    model.medcam3d_model_card = card
+    model = declare_model(build_model(card["model"], weights=Path(str(pt))), labels=card.get("labels"))
+    setattr(model, "medcam3d_model_card", card)  # setattr: a plain attribute (see declare_model)
     return model.eval()

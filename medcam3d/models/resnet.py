@@ -22,7 +22,7 @@ No weights are ever downloaded; :func:`load_torchvision_resnet_weights` reads a 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from os import PathLike
 from pathlib import Path
 
@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InputError
+from .loading import load_state_dict_checked, read_state_dict
 
 __all__ = [
     "RESNET_LAYERS",
@@ -90,7 +91,8 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU()
         self.downsample: nn.Module | None = None
         if stride != 1 or inplanes != planes:
-            self.downsample = nn.Sequential(conv(inplanes, planes, kernel_size=1, stride=stride, bias=False), bn(planes))
+            shortcut = conv(inplanes, planes, kernel_size=1, stride=stride, bias=False)
+            self.downsample = nn.Sequential(shortcut, bn(planes))
 
     def forward(self, x: Tensor) -> Tensor:
         """``x [N, C_in, *s]`` -> ``[N, planes, *s']``."""
@@ -181,13 +183,10 @@ def load_torchvision_resnet_weights(
         InputError: unreadable file, missing/unexpected keys or shape mismatches (for instance ImageNet weights
             into a backbone of width != 64).
     """
-    from .loading import (
-        read_state_dict,  # local import: loading imports the model modules
-    )
-
-    path = None if isinstance(source, Mapping) else Path(source)
-    state = read_state_dict(path) if path is not None else dict(source)
-    where = str(path) if path is not None else "resnet state_dict"
+    if isinstance(source, Mapping):
+        state, where = dict(source), "resnet state_dict"
+    else:
+        state, where = read_state_dict(source), str(Path(source))
     mapped: dict[str, Tensor] = {}
     for key, value in state.items():
         key = key.removeprefix("module.")
@@ -196,38 +195,8 @@ def load_torchvision_resnet_weights(
         if head == "fc":
             continue
         mapped[f"{_TORCHVISION_TO_INDEX.get(head, head)}.{rest}"] = value
-    _load_strict(features, mapped, where)
+    load_state_dict_checked(features, mapped, where)
     return features
-
-
-def _load_strict(module: nn.Module, state: Mapping[str, Tensor], where: str) -> None:
-    """``module.load_state_dict(state, strict=True)`` with a one-line InputError listing a few bad keys."""
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [
-        f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
-        for k in expected
-        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
-    ]
-    if missing or unexpected or shapes:
-        raise InputError(_mismatch_message(missing, unexpected, shapes), where)
-    module.load_state_dict(dict(state), strict=False)
-
-
-def _mismatch_message(missing: Sequence[str], unexpected: Sequence[str], shapes: Sequence[str], n: int = 4) -> str:
-    def few(items: Sequence[str]) -> str:
-        more = f", ... ({len(items) - n} more)" if len(items) > n else ""
-        return ", ".join(items[:n]) + more
-
-    parts = ["the weights do not fit the model"]
-    if missing:
-        parts.append(f"missing keys: {few(missing)}")
-    if unexpected:
-        parts.append(f"unexpected keys: {few(unexpected)}")
-    if shapes:
-        parts.append(f"shape mismatches: {few(shapes)}")
-    return "; ".join(parts)
 
 
 def _is_tracing(x: object) -> bool:

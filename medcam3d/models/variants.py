@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from ..errors import InputError
+from .loading import declare_model
 from .resnet import (
     _conv,
     _is_tracing,
@@ -51,7 +52,7 @@ def _set_labels(model: nn.Module, labels: Sequence[str] | None, n_outputs: int) 
     names = [str(label) for label in labels]
     if len(names) != n_outputs:
         raise InputError(f"labels: got {len(names)} names for n_outputs={n_outputs}")
-    model.medcam3d_labels = names
+    declare_model(model, labels=names)
 
 
 def _check_nd_input(name: str, x: Tensor, in_channels: int, spatial: tuple[int, ...] | None) -> None:
@@ -78,6 +79,12 @@ class _ConvFCVariant(nn.Module):
     """``features`` -> ``conv`` (512 filters, kernel 2, stride 1, no padding) [-> ``relu``] -> flatten -> ``fc``."""
 
     name = "model"
+    # set by the subclasses' constructors (``relu`` only with ``conv_relu``)
+    input_size: tuple[int, ...]
+    in_channels: int
+    conv_relu: bool
+    features: nn.Module
+    relu: nn.Module
 
     def _build_head(
         self,
