@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,16 +34,31 @@ EXPLAIN_EXAMPLES = """examples:
 """
 
 
+FULL_RES_HELP = (
+    "classes also written at full resolution (a heatmap per method on the scan's own grid, uint8, and a montage): "
+    "'all', 'none', 'top-N', 'positive', labels or indices (default: predicted positive, at least the top 3 and at "
+    "most 10, highest scores first; a note says when the cap cuts). Cost on a 512 x 512 x 300 CT with HiResCAM + "
+    "Grad-CAM (2 cores): about @COST_S@ s and @COST_MB@ MB per class; 'none' writes the low-resolution maps only "
+    "(under a second, a few MB)"
+)
+
+
 class _Stages:
-    """A progress bar over named stages (tqdm) that steps aside when quiet or when stderr is not a terminal."""
+    """Progress over named stages: a tqdm bar when stderr is a terminal; otherwise (log files, SLURM) one line per
+    stage on stderr, ``medcam3d [  12.3 s] <stage>``, with the time since the command started; nothing when
+    quiet."""
 
     def __init__(self, total: int, quiet: bool) -> None:
+        self.t0 = time.perf_counter()
+        self.lines = not quiet and not sys.stderr.isatty()
         self.bar = tqdm(total=total, disable=quiet or not sys.stderr.isatty(), leave=False, unit="step")
 
     def __call__(self, name: str, advance: bool = True) -> None:
         self.bar.set_description(name)
         if advance:
             self.bar.update(1)
+        if self.lines:
+            print(f"medcam3d [{time.perf_counter() - self.t0:7.1f} s] {name}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         self.bar.close()
@@ -73,8 +89,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
     finally:
         stages.close()
     if not args.quiet:
+        _print_notes(summary)
         _print_result(summary, out)
     return 0
+
+
+def _print_notes(summary: Summary) -> None:
+    """The summary's one-line notes (e.g. the full-resolution cap), on stderr."""
+    for note in summary.notes or []:
+        print(f"medcam3d: note: {note}", file=sys.stderr)
 
 
 def _print_result(summary: Summary, out: Path) -> None:
@@ -118,9 +141,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         stages("writing")
         summary = session.write_folder(result, exp_dir, None, None, progress=lambda s: stages(s, False),
                                        extra={"demo": {"seed": args.seed, "planted": sorted(present)}})
+        stages("done")
     finally:
         stages.close()
     if not args.quiet:
+        _print_notes(summary)
         _print_result(summary, exp_dir)
         print(f"planted lesions: {', '.join(sorted(present))}; phantom scan and masks: {scan_dir.resolve()}")
     return 0
@@ -150,9 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: <scan name>_medcam3d)")
     p.add_argument("--classes", nargs="+", metavar="CLASS",
                    help="labels, indices, 'positive' or 'top-K' (default: all classes, at feature resolution)")
-    p.add_argument("--full-res", nargs="+", metavar="CLASS",
-                   help="classes also written at full resolution with montages (default: predicted positive, at "
-                        "least the top 3); same tokens as --classes, or 'none'")
+    p.add_argument("--full-res", nargs="+", metavar="CLASS", help=FULL_RES_HELP)
     p.add_argument("--series-uid", help="DICOM SeriesInstanceUID to read when the folder holds several series")
     p.add_argument("--allow-resample", action="store_true",
                    help="accept irregularly spaced DICOM series by resampling")

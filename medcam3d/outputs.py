@@ -7,10 +7,15 @@ Folder layout (documented in the README; readers -- viewer, batch, reports -- re
     lowres_<method>.nii.gz                  4-D (x, y, z, K): every explained class's SIGNED RAW map at feature
                                             resolution, placed in world space by its affine (align_corners=False
                                             blocks of the network grid); class order = summary["classes"]
-    fullres_<method>_<NNN>_<label>.nii.gz   display heatmap in [0, 1] (ReLU, whole-map min-max, trilinear upsampling)
-                                            on the scan's own grid: the scan's exact affine and shape, float32
+    fullres_<method>_<NNN>_<label>.nii.gz   display heatmap in [0, 1] (ReLU, whole-map min-max, linear between the
+                                            cells as the map geometry places them, 0 where no cell sits) on the
+                                            scan's own grid: the scan's exact affine and shape; uint8 with
+                                            scl_slope = 1/255 (readers that apply the scaling see [0, 1])
     montage_<NNN>_<label>.png               axial / coronal / sagittal slices through the HiResCAM peak: CT with the
-                                            HiResCAM overlay (top row) and with the Grad-CAM overlay (bottom row)
+                                            HiResCAM overlay (top row) and with the Grad-CAM overlay (bottom row;
+                                            one row when the certificate proves the methods coincide), orientation
+                                            letters, the covered region outlined, the peak marked, a colour bar in
+                                            raw scores, the CT window named
 
 ``NNN`` is the zero-padded class index. A folder is written under a temporary name next to its destination and
 renamed into place when complete; an existing medcam3d output folder is replaced, anything else is refused.
@@ -70,6 +75,9 @@ __all__ = [
     "SUMMARY",
     "WINDOWS",
     "BatchRecord",
+    "COVERED_COLOUR",
+    "PEAK_COLOUR",
+    "VIEW_LETTERS",
     "CertificateRecord",
     "ClassRecord",
     "ConfigRecord",
@@ -78,13 +86,16 @@ __all__ = [
     "InputRecord",
     "MapGeometryRecord",
     "ModelRecord",
+    "MontageView",
     "PeakRecord",
     "Summary",
     "class_stem",
+    "draw_montage",
     "fullres_name",
     "load_summary",
     "lowres_name",
     "montage_name",
+    "montage_views",
     "output_folder",
     "render_montage",
     "summary_from_dict",
@@ -408,10 +419,11 @@ class Summary(_Record):
 
     Only ``methods`` and ``classes`` are required when reading (class order = the K axis of the low-resolution
     maps). ``batch`` and ``organ_shares`` (:func:`medcam3d.batch.organs.shares_record`) are written by
-    ``medcam3d batch``; other top-level sections (``demo``, those of newer writers) are kept in ``extra``.
+    ``medcam3d batch``; ``notes`` holds one-line remarks for the user (e.g. that the full-resolution cap cut the
+    predicted-positive classes); other top-level sections (``demo``, those of newer writers) are kept in ``extra``.
     """
 
-    _omit_if_none: ClassVar[tuple[str, ...]] = ("batch", "organ_shares")
+    _omit_if_none: ClassVar[tuple[str, ...]] = ("batch", "organ_shares", "notes")
 
     schema_version: int = SCHEMA_VERSION
     medcam3d_version: str = "unknown"
@@ -434,6 +446,7 @@ class Summary(_Record):
     files: list[str] = field(default_factory=list)
     batch: BatchRecord | None = None
     organ_shares: dict[str, Any] | None = None
+    notes: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def with_sections(self, sections: Mapping[str, Any] | None) -> Summary:
@@ -495,21 +508,35 @@ def write_summary(summary: Summary, path: str | os.PathLike[str]) -> Path:
     return write_json_atomic(summary.to_dict(), path)
 
 
+
 # -----------------------------------------------------------------------------------------------------------------
 # Montage
 # -----------------------------------------------------------------------------------------------------------------
 
+#: montage colours (RGB in [0, 1]): the outline of the region the map's cells cover, and the marker at the peak
+COVERED_COLOUR = (0.0, 1.0, 1.0)
+PEAK_COLOUR = (0.2, 1.0, 0.2)
+#: orientation letters per view: (top, bottom, left, right) -- radiological convention
+VIEW_LETTERS = {"axial": ("A", "P", "R", "L"), "coronal": ("S", "I", "R", "L"), "sagittal": ("S", "I", "A", "P")}
+#: ``covered`` for a montage: a bool volume on the scan grid, or a function of scan indices ``(i, j, k)``
+Covered = np.ndarray | Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
-def to_spl(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """Reorient a 3-D array to SPL (axis 0 inferior→superior, 1 anterior→posterior, 2 right→left) by flips and
-    axis swaps only (no resampling). Returns the view and its voxel spacing (slice, row, column) in mm."""
+
+def _spl_transform(affine: np.ndarray) -> np.ndarray:
+    """nibabel's orientation transform from the array axes of ``affine`` to SPL: row ``a`` = (SPL axis, flip)."""
     # nibabel is imported where montages need it, as in the rest of medcam3d's I/O
     from nibabel import orientations as ornt
 
-    src = ornt.io_orientation(affine)
     # nibabel orders the target by the output axes: we want (S, P, L)
-    target = ornt.axcodes2ornt(("S", "P", "L"))
-    xform = ornt.ornt_transform(src, target)
+    return ornt.ornt_transform(ornt.io_orientation(affine), ornt.axcodes2ornt(("S", "P", "L")))
+
+
+def to_spl(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """Reorient a 3-D array to SPL (axis 0 inferior→superior, 1 anterior→posterior, 2 right→left) by flips and
+    axis swaps only (no resampling, a view). Returns the view and its voxel spacing (slice, row, column) in mm."""
+    from nibabel import orientations as ornt  # see _spl_transform
+
+    xform = _spl_transform(affine)
     out = ornt.apply_orientation(array, xform)
     zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     spacing = tuple(float(zooms[int(src_axis)]) for src_axis in np.argsort(xform[:, 0]))
@@ -522,6 +549,200 @@ def _overlay_rgba(hm: np.ndarray, cmap: Any, floor: float = 0.2) -> np.ndarray:
     return rgba
 
 
+def _peak_spl(volume: np.ndarray, affine: np.ndarray) -> tuple[int, int, int]:
+    """SPL index ``(k, j, i)`` of the maximum of ``volume`` (scan axes). The maximum is found in memory order (a
+    strided scan of a transposed view is many times slower on a full-size CT); ties go to the first in memory."""
+    order = "F" if volume.flags.f_contiguous and not volume.flags.c_contiguous else "C"
+    flat = int(np.argmax(volume.ravel(order=order)))
+    ijk = np.unravel_index(flat, volume.shape, order=order)
+    out = [0, 0, 0]
+    for a, (axis, flip) in enumerate(_spl_transform(affine)):
+        out[int(axis)] = volume.shape[a] - 1 - int(ijk[a]) if flip < 0 else int(ijk[a])
+    return out[0], out[1], out[2]
+
+
+def _unit(a: np.ndarray) -> np.ndarray:
+    """A display map slice as float in [0, 1] (uint8 maps hold ``round(255 h)``)."""
+    return a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else np.asarray(a, dtype=np.float32)
+
+
+@dataclass
+class MontageView:
+    """One column of a montage: 2-D slices through the peak, oriented for display (rows top to bottom).
+
+    Attributes:
+        name: ``axial`` | ``coronal`` | ``sagittal``.
+        ct: ``[rows, cols]`` HU.
+        maps: method -> ``[rows, cols]`` display values in [0, 1].
+        covered: ``[rows, cols]`` bool, where the map's cells sit (None: not known, drawn as all covered).
+        aspect: pixel height / width.
+        peak: ``(row, col)`` of the peak in this view.
+    """
+
+    name: str
+    ct: np.ndarray
+    maps: dict[str, np.ndarray]
+    covered: np.ndarray | None
+    aspect: float
+    peak: tuple[int, int]
+
+    @property
+    def letters(self) -> tuple[str, str, str, str]:
+        """Orientation letters (top, bottom, left, right)."""
+        return VIEW_LETTERS[self.name]
+
+
+_Cut = tuple[Callable[[np.ndarray], np.ndarray], tuple[int, int]]
+
+
+def _cuts(k: int, j: int, i: int, n_slices: int) -> dict[str, _Cut]:
+    """View name -> (slice of an SPL volume, the peak's (row, col) in it) through SPL voxel ``(k, j, i)``."""
+    return {
+        "axial": (lambda a: a[k], (j, i)),  # rows A -> P (anterior up), cols R -> L (patient right on the left)
+        "coronal": (lambda a: a[::-1, j, :], (n_slices - 1 - k, i)),  # superior up, patient right on the left
+        "sagittal": (lambda a: a[::-1, :, i], (n_slices - 1 - k, j)),  # superior up, anterior on the left
+    }
+
+
+def _covered_slices(covered: Covered | None, shape: tuple[int, ...], affine: np.ndarray,
+                    cuts: Mapping[str, Any]) -> dict[str, np.ndarray | None]:
+    """The covered mask on each view's slice (scan indices of the slice's pixels passed to a callable)."""
+    if covered is None:
+        return {name: None for name in cuts}
+    if not callable(covered):
+        vol = to_spl(np.asarray(covered, dtype=bool), affine)[0]
+        return {name: np.asarray(cut(vol)) for name, (cut, _) in cuts.items()}
+    index = [to_spl(np.broadcast_to(np.arange(n).reshape([-1 if a == d else 1 for a in range(3)]), shape),
+                    affine)[0] for d, n in enumerate(shape)]
+    return {name: np.asarray(covered(*(np.asarray(cut(ix)) for ix in index)), dtype=bool)
+            for name, (cut, _) in cuts.items()}
+
+
+def montage_views(
+    ct: np.ndarray,
+    maps: Mapping[str, np.ndarray],
+    affine: np.ndarray,
+    peak_from: str | None = None,
+    covered: Covered | None = None,
+) -> list[MontageView]:
+    """The axial, coronal and sagittal slices through the peak of ``maps[peak_from]`` (default: the first map).
+
+    Args:
+        ct: ``[I, J, K]`` HU on the scan grid.
+        maps: method -> ``[I, J, K]`` display map on the same grid: float in [0, 1], or uint8 ``round(255 h)``.
+        affine: the scan's affine (orients the slices radiologically, sets pixel aspect ratios).
+        covered: where the maps' cells sit: a bool ``[I, J, K]`` volume or a function of scan indices
+            ``(i, j, k)`` (arrays of one shape) returning bools; None when unknown.
+    Only the three slices are read from the volumes (reoriented views, no copies of the volumes)."""
+    methods = list(maps)
+    ct_s, sp = to_spl(ct, affine)
+    maps_s = {m: to_spl(v, affine)[0] for m, v in maps.items()}
+    k, j, i = _peak_spl(np.asarray(maps[peak_from or methods[0]]), affine)
+    cuts = _cuts(k, j, i, ct_s.shape[0])
+    masks = _covered_slices(covered, tuple(ct.shape), affine, cuts)
+    aspects = {"axial": sp[1] / sp[2], "coronal": sp[0] / sp[2], "sagittal": sp[0] / sp[1]}
+    return [
+        MontageView(name, np.asarray(cut(ct_s)), {m: _unit(np.asarray(cut(v))) for m, v in maps_s.items()},
+                    masks[name], aspects[name], peak)
+        for name, (cut, peak) in cuts.items()
+    ]
+
+
+def _blend(ct: np.ndarray, hm: np.ndarray, window: tuple[float, float], cmap: Any) -> np.ndarray:
+    """``[rows, cols, 3]`` uint8: the CT in gray through ``window`` (lo, hi HU) with the heatmap over it (alpha as
+    :func:`_overlay_rgba`), composited once here rather than by matplotlib image by image."""
+    lo, hi = window
+    gray = np.clip((ct.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)[..., None]
+    rgba = _overlay_rgba(hm, cmap)
+    alpha = rgba[..., 3:4]
+    return np.round((gray * (1.0 - alpha) + rgba[..., :3] * alpha) * 255.0).astype(np.uint8)
+
+
+def _draw_panel(ax: Any, view: MontageView, method: str, window: tuple[float, float], cmap: Any) -> None:
+    """CT, overlay, covered-region outline, peak marker and orientation letters in one axes."""
+    ax.imshow(_blend(view.ct, view.maps[method], window, cmap), aspect=view.aspect, interpolation="bilinear")
+    mask = view.covered
+    if mask is not None and mask.any() and not mask.all():
+        ax.contour(mask.astype(np.float32), levels=[0.5], colors=[COVERED_COLOUR], linewidths=1.2)
+    ax.plot([view.peak[1]], [view.peak[0]], marker="+", markersize=14, markeredgewidth=2, color=PEAK_COLOUR)
+    ax.set_xlim(-0.5, view.ct.shape[1] - 0.5)
+    ax.set_ylim(view.ct.shape[0] - 0.5, -0.5)
+    top, bottom, left, right = view.letters
+    style = {"transform": ax.transAxes, "color": "white", "fontsize": 9, "fontweight": "bold"}
+    ax.text(0.5, 0.99, top, ha="center", va="top", **style)
+    ax.text(0.5, 0.01, bottom, ha="center", va="bottom", **style)
+    ax.text(0.01, 0.5, left, ha="left", va="center", **style)
+    ax.text(0.99, 0.5, right, ha="right", va="center", **style)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _footer(window: str, views: Sequence[MontageView], peak_from: str, note: str | None) -> str:
+    level, width = WINDOWS[window]
+    lines = [f"window: {window.replace('_', ' ')} (level {level:g} HU, width {width:g} HU)   + peak of {peak_from}"]
+    if any(v.covered is not None and not v.covered.all() for v in views):
+        lines[0] += "   cyan outline: where the map's cells sit (outside it: no cell, not zero evidence)"
+    if note:
+        lines.append(note)
+    return "\n".join(lines)
+
+
+def draw_montage(
+    views: Sequence[MontageView],
+    path: str | os.PathLike[str],
+    title: str,
+    *,
+    methods: Sequence[str] | None = None,
+    window: str = "lung",
+    scales: Mapping[str, tuple[float, float]] | None = None,
+    note: str | None = None,
+    dpi: int = 100,
+) -> Path:
+    """Draw ``views`` as a PNG: one row per method (default: every map of the views), columns axial / coronal /
+    sagittal, each with orientation letters, the covered region's outline and a marker at the peak, a colour bar
+    per row on the signed map's raw-score scale (``scales[method] = (lo, hi)``: the raw scores display values 0 and
+    1 stand for; without it the display scale), and a footer naming the window (and ``note``).
+
+    The image is 1200 x (400 x rows) pixels at the default dpi. The PNG's ``medcam3d`` text chunk records each
+    panel's pixel box (``bbox_px``: left, top, right, bottom) and slice shape."""
+    import matplotlib  # heavy: imported only when a montage is drawn
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    rows = list(methods or views[0].maps)
+    level, width = WINDOWS[window]
+    cmap = colormaps["inferno"]
+    height = 4.0 * len(rows)
+    fig = Figure(figsize=(12, height), dpi=dpi)
+    row_h = (height - 1.0) / len(rows)  # inches: 0.45 title above, 0.55 footer below
+    panels = []
+    for r, m in enumerate(rows):
+        y0 = (0.55 + (len(rows) - 1 - r) * row_h) / height
+        for c, view in enumerate(views):
+            ax = fig.add_axes((0.012 + c * 0.302, y0, 0.29, (row_h - 0.3) / height))
+            _draw_panel(ax, view, m, (level - width / 2, level + width / 2), cmap)
+            ax.set_title(f"{m} - {view.name}", fontsize=10)
+            ax.apply_aspect()
+            b = ax.get_position()
+            panels.append({"method": m, "view": view.name, "shape": list(view.ct.shape),
+                           "bbox_px": [round(b.x0 * 12 * dpi, 2), round((1 - b.y1) * height * dpi, 2),
+                                       round(b.x1 * 12 * dpi, 2), round((1 - b.y0) * height * dpi, 2)]})
+        lo, hi = (scales or {}).get(m, (0.0, 1.0))
+        cax = fig.add_axes((0.925, y0 + 0.1 / height, 0.012, (row_h - 0.5) / height))
+        bar = fig.colorbar(ScalarMappable(Normalize(lo, hi if hi > lo else lo + 1.0), cmap), cax=cax)
+        bar.set_label(f"{m} raw score" if scales and m in scales else "display value", fontsize=8)
+        bar.ax.tick_params(labelsize=7)
+    fig.suptitle(title, fontsize=12, y=1 - 0.12 / height)
+    fig.text(0.5, 0.05 / height, _footer(window, views, rows[0], note), ha="center", va="bottom", fontsize=8)
+    with atomic_path(path) as tmp:  # the temporary name keeps the .png suffix, which chooses the format
+        fig.savefig(tmp, dpi=dpi, metadata={"medcam3d": json.dumps({"panels": panels, "window": window})})
+    return Path(path)
+
+
 def render_montage(
     ct: np.ndarray,
     maps: dict[str, np.ndarray],
@@ -531,50 +752,26 @@ def render_montage(
     window: str = "lung",
     peak_from: str | None = None,
     dpi: int = 100,
+    *,
+    scales: Mapping[str, tuple[float, float]] | None = None,
+    covered: Covered | None = None,
+    note: str | None = None,
+    methods: Sequence[str] | None = None,
 ) -> Path:
-    """A PNG: one row per method, columns axial / coronal / sagittal through the peak of ``maps[peak_from]``.
+    """A PNG: one row per method, columns axial / coronal / sagittal through the peak of ``maps[peak_from]``
+    (:func:`montage_views` then :func:`draw_montage`).
 
     Args:
         ct: ``[I, J, K]`` HU on the scan grid.
-        maps: method -> ``[I, J, K]`` heatmap in [0, 1] on the same grid.
+        maps: method -> ``[I, J, K]`` heatmap on the same grid: float in [0, 1], or uint8 ``round(255 h)``.
         affine: the scan's affine (to orient the slices radiologically and set pixel aspect ratios).
         title: figure title (class, score, ...).
         window: ``"lung"`` (W1500/L−600) or ``"soft_tissue"`` (W400/L40).
         peak_from: the method whose maximum chooses the slices (default: the first).
+        scales: method -> (lo, hi), the raw scores of display values 0 and 1 (for the colour bars).
+        covered: where the maps' cells sit (see :func:`montage_views`); its edge is outlined.
+        note: a line under the images (e.g. that the methods coincide by proof).
+        methods: the rows (default: every map).
     The image is 1200 x (400 x rows) pixels at the default dpi."""
-    import matplotlib  # heavy: imported only when a montage is drawn
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    from matplotlib import colormaps
-
-    methods = list(maps)
-    ct_s, sp = to_spl(ct, affine)
-    maps_s = {m: to_spl(v, affine)[0] for m, v in maps.items()}
-    ref = maps_s[peak_from or methods[0]]
-    k, j, i = np.unravel_index(int(np.argmax(ref)), ref.shape)
-    level, width = WINDOWS[window]
-    lo, hi = level - width / 2, level + width / 2
-    cmap = colormaps["inferno"]
-    views = [
-        ("axial", lambda a: a[k], sp[1] / sp[2]),  # rows P (anterior up), cols L (patient right on the left)
-        ("coronal", lambda a: a[::-1, j, :], sp[0] / sp[2]),  # superior up, patient right on the left
-        ("sagittal", lambda a: a[::-1, :, i], sp[0] / sp[1]),  # superior up, anterior on the left
-    ]
-    fig, axes = plt.subplots(len(methods), 3, figsize=(12, 4 * len(methods)), dpi=dpi, squeeze=False)
-    for r, m in enumerate(methods):
-        for c, (name, cut, aspect) in enumerate(views):
-            ax = axes[r, c]
-            ax.imshow(cut(ct_s), cmap="gray", vmin=lo, vmax=hi, aspect=aspect, interpolation="bilinear")
-            ax.imshow(_overlay_rgba(cut(maps_s[m]), cmap), aspect=aspect, interpolation="bilinear")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_title(f"{m} - {name}", fontsize=10)
-    fig.suptitle(title, fontsize=12)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
-    try:
-        with atomic_path(path) as tmp:  # the temporary name keeps the .png suffix, which chooses the format
-            fig.savefig(tmp, dpi=dpi)
-    finally:
-        plt.close(fig)
-    return Path(path)
+    views = montage_views(ct, maps, affine, peak_from, covered)
+    return draw_montage(views, path, title, methods=methods, window=window, scales=scales, note=note, dpi=dpi)
