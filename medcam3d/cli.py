@@ -157,10 +157,11 @@ def _add_explain_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
                    help="methods to compute (hirescam gradcam gradcampp xgradcam layercam; cam on GAP+FC heads)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N")
-    p.add_argument("--map-geometry", choices=["field", "receptive"], default="field",
+    p.add_argument("--map-geometry", choices=["field", "receptive", "auto"], default="field",
                    help="where feature-resolution cells go on the scan: field (the field of view divided evenly, the "
-                        "paper's convention; default) or receptive (the cells' receptive-field centres, which the "
-                        "model declares; AxialNet does)")
+                        "paper's convention; default), receptive (the cells' receptive-field centres, which the "
+                        "model declares or its layers give; AxialNet declares them) or auto (receptive when known, "
+                        "else field with a note)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or printed result")
 
 

@@ -6,8 +6,8 @@ grid is the scan resampled through its affine, so the same point is network-grid
 (``A_grid``: the preprocessed MetaTensor's affine), and, through the map's placement (cell ``i`` of axis ``d`` centred
 at grid voxel ``offset[d] + stride[d] i``, :class:`~medcam3d.geometry.MapGeometry`), cell coordinate
 ``u = (g − offset) / stride``. The display value there is the map interpolated by the placement's rule
-(:func:`cell_weights`): linear between neighbouring cell centres, the edge cell's value within half a cell beyond
-the outermost centres, 0 further out (*uncovered*: no cell sits there).
+(:func:`medcam3d.geometry.cell_weights`): linear between neighbouring cell centres, the edge cell's value within half
+a cell beyond the outermost centres, 0 further out (*uncovered*: no cell sits there).
 
 :class:`ScanSampler` evaluates that on every scan voxel, a slab of slices (along the scan's last axis) and a
 chunk of maps at a time, so memory stays bounded on a 512 x 512 x 300 scan:
@@ -26,6 +26,7 @@ MONAI's inverse (:meth:`medcam3d.preprocess.Preprocessor.invert`). Slabs come ou
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -34,13 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .geometry import MapGeometry
+from .geometry import MapGeometry, cell_weights
 
 __all__ = [
     "AFFINE_OPERATIONS",
     "ScanSampler",
     "affine_reason",
-    "cell_weights",
     "covered_axis",
     "voxel_to_cells",
 ]
@@ -59,29 +59,6 @@ AFFINE_OPERATIONS = frozenset({
 SLAB_VOXELS = 1 << 22
 #: off-diagonal coefficients that move ``u`` by less than this many cells across the whole scan are treated as 0
 _DRIFT = 1e-4
-
-
-def cell_weights(pos: Tensor, n_cells: int) -> Tensor:
-    """Interpolation weights ``[m, n_cells]`` (float64) of ``n_cells`` cells at positions ``pos`` ``[m]`` in cell
-    units (cell ``i`` centred at ``u = i``): linear between neighbouring centres for ``0 <= u <= n − 1``, weight 1
-    on the edge cell within half a cell beyond the outermost centres (``−0.5 <= u < 0``, ``n − 1 < u <= n − 0.5``),
-    an all-zero row (uncovered) further out or for NaN. Covered rows sum to 1.
-
-    Private stand-in with the semantics of ``medcam3d.geometry.cell_weights`` (issue 14) until that lands there."""
-    if n_cells < 1:
-        raise ValueError(f"n_cells must be >= 1, got {n_cells}")
-    u = pos.to(torch.float64).reshape(-1)
-    inside = (u >= -0.5) & (u <= n_cells - 0.5)  # False for NaN
-    u = torch.where(inside, u, torch.zeros_like(u)).clamp(0.0, float(n_cells - 1))
-    lo = u.floor().long().clamp(max=n_cells - 1)
-    hi = (lo + 1).clamp(max=n_cells - 1)
-    frac = u - lo.double()
-    keep = inside.double()
-    w = torch.zeros(u.shape[0], n_cells, dtype=torch.float64, device=u.device)
-    rows = torch.arange(u.shape[0], device=u.device)
-    w.index_put_((rows, lo), (1.0 - frac) * keep, accumulate=True)
-    w.index_put_((rows, hi), frac * keep, accumulate=True)
-    return w
 
 
 def covered_axis(u: np.ndarray, n_cells: int) -> np.ndarray:
@@ -159,6 +136,7 @@ class ScanSampler:
         i, j, _ = self.scan_shape
         self.slab = max(1, int(slab_voxels) // (i * j))
         self._weights: list[Tensor] = []
+        self._buffer = torch.empty(0, dtype=torch.float32)  # reused between slabs: fresh memory costs page faults
         if self.perm is not None:
             for a, d in enumerate(self.perm):
                 x = torch.arange(self.scan_shape[a], dtype=torch.float64)
@@ -183,30 +161,50 @@ class ScanSampler:
         u = self.cells_at(i, j, k)
         return np.logical_and.reduce([covered_axis(u[..., d], n) for d, n in enumerate(self.map_size)])
 
-    def slabs(self, maps: Tensor) -> Iterator[tuple[int, int, np.ndarray]]:
+    def slabs(self, maps: Tensor, out: np.ndarray | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
         """Yield ``(k0, k1, uint8 [C, k1 − k0, J, I])``: ``round(255 h)`` of the display maps ``maps``
-        ``[C, *map_size]`` (values in [0, 1]) at scan slices ``k0 .. k1 − 1``, 0 where uncovered."""
+        ``[C, *map_size]`` (values in [0, 1]) at scan slices ``k0 .. k1 − 1``, 0 where uncovered. With ``out``
+        (uint8 ``[C, K, J, I]``, C-contiguous) the slabs are written into it and the views yielded."""
         if tuple(maps.shape[1:]) != self.map_size:
             raise ValueError(f"maps have shape {tuple(maps.shape)}; expected [C, {self.map_size}]")
-        # 255 h + 0.5 on the cells: covered weights sum to 1, so a voxel gets 255 h + 0.5 (floored: rounded) and an
-        # uncovered one exactly 0
+        i, j, k = self.scan_shape
+        if out is None:
+            out = np.empty((maps.shape[0], k, j, i), dtype=np.uint8)
+        elif out.shape != (maps.shape[0], k, j, i) or out.dtype != np.uint8 or not out.flags.c_contiguous:
+            raise ValueError(f"out must be C-contiguous uint8 of shape {(maps.shape[0], k, j, i)}")
+        # 255 h + 0.5 on the cells: covered weights sum to 1, so a covered voxel gets 255 h + 0.5 in [0.5, 255.5]
+        # (floored by the conversion to uint8: rounded) and an uncovered one exactly 0 -- no clamping needed
         scaled = maps.detach().to("cpu", torch.float32) * 255.0 + 0.5
-        n_slices = self.scan_shape[2]
-        for k0 in range(0, n_slices, self.slab):
-            k1 = min(k0 + self.slab, n_slices)
-            out = self._slab_separable(scaled, k0, k1) if self.separable else self._slab_general(scaled, k0, k1)
-            yield k0, k1, out.clamp_(0.0, 255.0).to(torch.uint8).numpy()
+        target = torch.from_numpy(out)
+        for k0 in range(0, k, self.slab):
+            k1 = min(k0 + self.slab, k)
+            values = self._slab_separable(scaled, k0, k1) if self.separable else self._slab_general(scaled, k0, k1)
+            target[:, k0:k1].copy_(values)  # float32 -> uint8 truncates: one pass
+            yield k0, k1, out[:, k0:k1]
+
+    def _slab_buffer(self, shape: tuple[int, ...]) -> Tensor:
+        """A float32 scratch tensor of ``shape``, reusing one buffer between slabs."""
+        n = math.prod(shape)
+        if self._buffer.numel() < n:
+            self._buffer = torch.empty(n, dtype=torch.float32)
+        return self._buffer[:n].view(shape)
 
     def _slab_separable(self, scaled: Tensor, k0: int, k1: int) -> Tensor:
-        """``[C, k1 − k0, J, I]`` float32 by three per-axis contractions (the largest map axis first)."""
+        """``[C, k1 − k0, J, I]`` float32 by three per-axis contractions (in a reused buffer)."""
         assert self.perm is not None
         pi, pj, pk = self.perm
         w_i, w_j, w_k = self._weights
         m = scaled.permute(0, 1 + pk, 1 + pj, 1 + pi)  # [C, nK, nJ, nI]
         t = torch.einsum("kp,cpqr->ckqr", w_k[k0:k1], m)  # [C, ks, nJ, nI]
-        if m.shape[2] <= m.shape[3]:  # contract I first: the full-size step then costs nJ per voxel
-            return torch.matmul(w_j, torch.matmul(t, w_i.T))
-        return torch.matmul(torch.matmul(w_j, t), w_i.T)  # [C, ks, J, I]
+        c, ks, n_j, n_i = t.shape
+        out = self._slab_buffer((c, ks, w_j.shape[0], w_i.shape[0]))
+        if n_i <= max(16, n_j):
+            # J, then I as the last step: one large matrix product [C ks J, nI] @ [nI, I], nI multiply-adds a voxel
+            rows = torch.tensordot(w_j, t, dims=([1], [2])).permute(1, 2, 0, 3)  # [C, ks, J, nI], small
+            torch.mm(rows.reshape(-1, n_i), w_i.T, out=out.view(-1, w_i.shape[0]))
+        else:  # many map cells along I: contract them while the slab is small
+            torch.matmul(w_j, torch.matmul(t, w_i.T), out=out)
+        return out
 
     def _slab_general(self, scaled: Tensor, k0: int, k1: int) -> Tensor:
         """``[C, k1 − k0, J, I]`` float32 by trilinear sampling between cell centres, times the covered mask."""

@@ -325,11 +325,16 @@ class GridRecord(_Record):
 @dataclass(kw_only=True)
 class MapGeometryRecord(_Record):
     """Where feature-resolution cells sit on the network grid: ``kind`` (``field`` | ``receptive``); cell ``i`` of
-    axis ``d`` is centred at network voxel ``offset_voxels[d] + stride_voxels[d] * i``."""
+    axis ``d`` is centred at network voxel ``offset_voxels[d] + stride_voxels[d] * i``; ``source``: how that was
+    found (:attr:`medcam3d.placement.Placement.source`: ``declared``, ``derived``, ``requested`` or
+    ``fallback: <reason>``; absent in older summaries)."""
+
+    _omit_if_none: ClassVar[tuple[str, ...]] = ("source",)
 
     kind: str = "field"
     offset_voxels: list[float] = field(default_factory=list)
     stride_voxels: list[float] = field(default_factory=list)
+    source: str | None = None
 
 
 @dataclass(kw_only=True)
@@ -552,9 +557,9 @@ def _overlay_rgba(hm: np.ndarray, cmap: Any, floor: float = 0.2) -> np.ndarray:
 def _peak_spl(volume: np.ndarray, affine: np.ndarray) -> tuple[int, int, int]:
     """SPL index ``(k, j, i)`` of the maximum of ``volume`` (scan axes). The maximum is found in memory order (a
     strided scan of a transposed view is many times slower on a full-size CT); ties go to the first in memory."""
-    order = "F" if volume.flags.f_contiguous and not volume.flags.c_contiguous else "C"
-    flat = int(np.argmax(volume.ravel(order=order)))
-    ijk = np.unravel_index(flat, volume.shape, order=order)
+    fortran = volume.flags.f_contiguous and not volume.flags.c_contiguous
+    flat = int(np.argmax(volume.ravel(order="F" if fortran else "C")))
+    ijk = np.unravel_index(flat, volume.shape, order="F" if fortran else "C")
     out = [0, 0, 0]
     for a, (axis, flip) in enumerate(_spl_transform(affine)):
         out[int(axis)] = volume.shape[a] - 1 - int(ijk[a]) if flip < 0 else int(ijk[a])
@@ -739,7 +744,8 @@ def draw_montage(
     fig.suptitle(title, fontsize=12, y=1 - 0.12 / height)
     fig.text(0.5, 0.05 / height, _footer(window, views, rows[0], note), ha="center", va="bottom", fontsize=8)
     with atomic_path(path) as tmp:  # the temporary name keeps the .png suffix, which chooses the format
-        fig.savefig(tmp, dpi=dpi, metadata={"medcam3d": json.dumps({"panels": panels, "window": window})})
+        fig.savefig(tmp, dpi=dpi, metadata={"medcam3d": json.dumps({"panels": panels, "window": window})},
+                    pil_kwargs={"compress_level": 1})  # 3x faster than the default 6, 20 % larger
     return Path(path)
 
 

@@ -88,7 +88,7 @@ MIN_FULL_RES = 3
 MAX_FULL_RES = 10
 #: uint8 display maps held at once per chunk of full-resolution classes (all methods of a class stay together:
 #: the montage is drawn from them); two chunks are alive while one is compressed and the next sampled
-FULLRES_CHUNK_BYTES = 512 << 20
+FULLRES_CHUNK_BYTES = 256 << 20
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -166,8 +166,9 @@ class Session:
         methods: methods to compute (HiResCAM and Grad-CAM by default).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
         map_geometry: where feature-resolution cells go on the scan: ``"field"`` (the field of view divided evenly,
-            the paper's convention) or ``"receptive"`` (the receptive-field centres the model declares; AxialNet
-            does). Used for full-resolution heatmaps and the low-resolution maps' affine.
+            the paper's convention), ``"receptive"`` (the receptive-field centres the model declares or its layers
+            give; AxialNet declares them) or ``"auto"`` (receptive when known, else the field, with a note); see
+            :mod:`medcam3d.placement`. Used for full-resolution heatmaps and the low-resolution maps' affine.
     """
 
     def __init__(
@@ -192,7 +193,8 @@ class Session:
         self.methods = tuple(methods)
         self.preprocessor = Preprocessor.from_config(cfg)
         self.model = cfg.build_model().to(self.device).eval()
-        self.explainer = Explainer(self.model, cfg.target_layer, self.methods, labels=cfg.labels)
+        self.explainer = Explainer(self.model, cfg.target_layer, self.methods, labels=cfg.labels,
+                                   map_geometry=map_geometry)
         wp = cfg.weights_path
         self.weights_path = wp
         card = wp.with_suffix(".json") if wp is not None else None
@@ -246,7 +248,8 @@ class Session:
         explained = [c for c in select_classes(classes, scores, probs, cfg.labels, cfg.threshold) if c in exp.classes]
         if not explained:
             raise InputError("--classes selects no explained class")
-        notes: list[str] = []
+        placement = exp.placement
+        notes = [placement.note()] if placement is not None and placement.fallback else []
         if full_res is None:
             fr, note = self._default_full_res(result, explained)
             notes += [note] if note else []
@@ -295,8 +298,9 @@ class Session:
             network_grid=GridRecord(shape=list(plan.grid_shape), affine=plan.grid_affine.tolist()),
             map_shape=list(exp.map_size),
             map_affine=plan.map_affine.tolist() if plan.map_affine is not None else None,
-            map_geometry=MapGeometryRecord(kind=self.map_geometry, offset_voxels=list(geo.offset),
-                                           stride_voxels=list(geo.stride)),
+            map_geometry=MapGeometryRecord(kind=geo.kind, offset_voxels=list(geo.offset),
+                                           stride_voxels=list(geo.stride),
+                                           source=exp.placement.source if exp.placement is not None else None),
             methods=list(exp.methods),
             device=str(self.device),
             versions=versions,
@@ -412,6 +416,8 @@ class _FullResWriter:
             to_cells = voxel_to_cells(vol.affine, plan.grid_affine, geometry)
             self.sampler = ScanSampler(to_cells, self.exp.map_size, self.shape)
         self.slab = self.sampler.slab if self.sampler else max(1, SLAB_VOXELS // (self.shape[0] * self.shape[1]))
+        self._buffers: list[np.ndarray] = []  # two uint8 buffers, alternating between chunks (no fresh pages)
+        self._chunks = 0
 
     def run(self, step: Callable[[str], None], timings: dict[str, float]) -> list[str]:
         """Write every full-resolution class; returns the file names. Adds ``write.fullres_maps`` (sampling and
@@ -450,8 +456,7 @@ class _FullResWriter:
 
     def _sample(self, chunk: Sequence[int]) -> tuple[np.ndarray, list[ChunkedNifti]]:
         """The chunk's uint8 maps ``[methods x classes, K, J, I]`` and their files, fed slab by slab."""
-        i, j, k = self.shape
-        volumes = np.empty((len(self.methods) * len(chunk), k, j, i), dtype=np.uint8)
+        volumes = self._volumes(len(self.methods) * len(chunk))
         header = nifti_header_bytes(self.shape, self.result.volume.affine, np.uint8, slope=DISPLAY_SLOPE)
         files = []
         for n in range(volumes.shape[0]):
@@ -460,10 +465,9 @@ class _FullResWriter:
                                       self.pool))
         try:
             if self.sampler is not None:
-                for k0, k1, slab in self.sampler.slabs(self._display_maps(chunk)):
-                    volumes[:, k0:k1] = slab
+                for _, _, slab in self.sampler.slabs(self._display_maps(chunk), out=volumes):
                     for n, f in enumerate(files):
-                        f.add(volumes[n, k0:k1])
+                        f.add(slab[n])  # compressed in the pool while the next slab is sampled
             else:
                 self._sample_by_inverse(chunk, volumes, files)
         except BaseException:
@@ -471,6 +475,17 @@ class _FullResWriter:
                 f.cancel()
             raise
         return volumes, files
+
+    def _volumes(self, n: int) -> np.ndarray:
+        """uint8 ``[n, K, J, I]`` for the next chunk: the buffer the chunk before last used (its files are written
+        by now), so its pages are already mapped."""
+        i, j, k = self.shape
+        slot = self._chunks % 2
+        self._chunks += 1
+        if len(self._buffers) <= slot or self._buffers[slot].shape[0] < n:
+            buffer = np.empty((n, k, j, i), dtype=np.uint8)
+            self._buffers[slot:slot + 1] = [buffer]
+        return self._buffers[slot][:n]
 
     def _sample_by_inverse(self, chunk: Sequence[int], volumes: np.ndarray, files: list[ChunkedNifti]) -> None:
         """Fallback for preprocessing that is not purely affine: each map on the network grid, then MONAI's

@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -166,8 +165,8 @@ def main() -> None:
         p, e = median_run(plains), median_run(explains)
         rows.append((case, len(plains), p, e))
     print(f"\nload average at end {os.getloadavg()[0]:.1f}\n")
-    print("| case | runs | plain pipeline: wall, peak RSS | `medcam3d explain`: wall, peak RSS | wall ratio | RSS ratio "
-          "| output | write stage |")
+    print("| case | runs | plain pipeline: wall, peak RSS | `medcam3d explain`: wall, peak RSS | wall ratio "
+          "| RSS ratio | output | write stage |")
     print("|---|---|---|---|---|---|---|---|")
     for case, n, p, e in rows:
         t = e.timings or {}

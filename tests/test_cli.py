@@ -268,7 +268,7 @@ def test_receptive_map_geometry_places_cells_at_their_receptive_field_centres(tm
     summary = json.loads((out / "summary.json").read_text())
     field = json.loads((explained / "summary.json").read_text())
     assert summary["map_geometry"] == {"kind": "receptive", "offset_voxels": [1.0, 32.0, 32.0],
-                                       "stride_voxels": [3.0, 8.0, 8.0]}
+                                       "stride_voxels": [3.0, 8.0, 8.0], "source": "declared"}
     assert field["map_geometry"]["kind"] == "field" and field["map_geometry"]["stride_voxels"] == [3.0, 16.0, 16.0]
     img = nib.load(str(out / "lowres_hirescam.nii.gz"))
     assert np.allclose(np.sqrt((img.affine[:3, :3] ** 2).sum(0)), [15.0, 20.0, 20.0])  # 3 x 8 x 8 voxels apart
@@ -348,7 +348,8 @@ def test_default_full_resolution_is_positive_at_least_3_at_most_10(scan, untrain
 def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, scan, untrained_config, capsys):
     """Without a terminal (a SLURM log) every stage is one line on stderr with the time since the start."""
     out = tmp_path / "o"
-    assert main(["explain", str(scan), "--config", str(untrained_config), "--out", str(out), "--full-res", "top-2"]) == 0
+    args = ["explain", str(scan), "--config", str(untrained_config), "--out", str(out), "--full-res", "top-2"]
+    assert main(args) == 0
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.startswith("medcam3d [")]
     stages = [re.fullmatch(r"medcam3d \[\s*(\d+\.\d) s\] (.+)", ln) for ln in lines]

@@ -19,10 +19,10 @@ from nibabel import orientations as ornt
 
 from medcam3d.config import load_config
 from medcam3d.data import make_phantom
-from medcam3d.geometry import MapGeometry
+from medcam3d.geometry import MapGeometry, cell_weights
 from medcam3d.io import read_volume
 from medcam3d.io.writers import DISPLAY_SLOPE, ChunkedNifti, nifti_header_bytes, write_nifti
-from medcam3d.onscan import ScanSampler, affine_reason, cell_weights, voxel_to_cells
+from medcam3d.onscan import ScanSampler, affine_reason, voxel_to_cells
 from medcam3d.outputs import load_summary
 from medcam3d.pipeline import Session
 
