@@ -54,6 +54,7 @@ from .outputs import (
     InputRecord,
     MapGeometryRecord,
     ModelRecord,
+    MontageRenderer,
     PeakRecord,
     Summary,
     fullres_name,
@@ -418,6 +419,7 @@ class _FullResWriter:
         self.slab = self.sampler.slab if self.sampler else max(1, SLAB_VOXELS // (self.shape[0] * self.shape[1]))
         self._buffers: list[np.ndarray] = []  # two uint8 buffers, alternating between chunks (no fresh pages)
         self._chunks = 0
+        self.renderer = MontageRenderer()  # one figure for every montage of the scan
 
     def run(self, step: Callable[[str], None], timings: dict[str, float]) -> list[str]:
         """Write every full-resolution class; returns the file names. Adds ``write.fullres_maps`` (sampling and
@@ -519,7 +521,7 @@ class _FullResWriter:
         render_montage(result.volume.array, maps, result.volume.affine, self.folder / name, title,
                        peak_from=self.methods[0], scales=scales, note=note,
                        covered=self.sampler.covered_at if self.sampler is not None else None,
-                       methods=self.methods[:1] if cam else None)
+                       methods=self.methods[:1] if cam else None, renderer=self.renderer)
         return name
 
 

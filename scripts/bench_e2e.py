@@ -12,7 +12,8 @@ seeded random weights, then runs, each in its own process and alternating:
 
 For each case it prints both wall times (process start to exit), both peak resident set sizes (``ru_maxrss`` of
 the child), the ratios, the output folder's size, and the write stage's timings from ``summary.json``; each case is
-the median of ``--repeats`` alternating pairs (default: 1 for (a) and (b), 3 for (c)). Random weights make about
+the median of ``--repeats`` alternating pairs (default: 1 for (a) and (b), 3 for (c)): the median run of each
+command, and the median of the pairs' wall-time ratios. Random weights make about
 half of the labels positive, so the default full resolution would write the cap (10 classes): (b) is that default.
 
 Usage: python scripts/bench_e2e.py [--work DIR] [--cases a b c] [--repeats-c 3] [--keep]
@@ -25,6 +26,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -140,12 +142,12 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     scan = work / "chest_512x512x300.nii.gz"
-    t = time.perf_counter()
-    if not scan.exists():
+    made = not scan.exists()
+    if made:
         write_scan(scan)
     config = write_config(work, repo)
-    print(f"scan {scan.name} {SHAPE} int16 at {SPACING} mm ({scan.stat().st_size / 1e6:.0f} MB), written in "
-          f"{time.perf_counter() - t:.1f} s; {platform.node()}, {os.cpu_count()} CPUs, "
+    print(f"scan {scan.name} {SHAPE} int16 at {SPACING} mm ({scan.stat().st_size / 1e6:.0f} MB, "
+          f"{'written' if made else 'reused'}); {platform.node()}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f} at start", flush=True)
     plain_cmd = [sys.executable, "-c", PLAIN, str(scan), str(config)]
     rows = []
@@ -163,18 +165,20 @@ def main() -> None:
                       + (f", output {r.output_mb:.0f} MB, timings {r.timings}" if o else f", {r.stdout.strip()}"),
                       flush=True)
         p, e = median_run(plains), median_run(explains)
-        rows.append((case, len(plains), p, e))
+        ratios = [b.seconds / a.seconds for a, b in zip(plains, explains)]
+        rows.append((case, len(plains), p, e, statistics.median(ratios), ratios))
     print(f"\nload average at end {os.getloadavg()[0]:.1f}\n")
     print("| case | runs | plain pipeline: wall, peak RSS | `medcam3d explain`: wall, peak RSS | wall ratio "
           "| RSS ratio | output | write stage |")
     print("|---|---|---|---|---|---|---|---|")
-    for case, n, p, e in rows:
+    for case, n, p, e, ratio, ratios in rows:
         t = e.timings or {}
         write = (f"{t.get('write', 0):.1f} s (maps {t.get('write.fullres_maps', 0):.1f} s, montages "
                  f"{t.get('write.montages', 0):.1f} s)")
+        each = f" (pairs: {', '.join(f'{r:.2f}' for r in ratios)})" if n > 1 else ""
         print(f"| ({case}) {CASE_TITLES[case]} | {'median of ' + str(n) if n > 1 else '1'} | {p.seconds:.1f} s, "
               f"{p.peak_mb / 1024:.2f} GB | {e.seconds:.1f} s, {e.peak_mb / 1024:.2f} GB | "
-              f"**{e.seconds / p.seconds:.2f}×** | **{e.peak_mb / p.peak_mb:.2f}×** | {e.output_mb:.0f} MB | {write} |")
+              f"**{ratio:.2f}×**{each} | **{e.peak_mb / p.peak_mb:.2f}×** | {e.output_mb:.0f} MB | {write} |")
     if not args.keep and not args.work:
         shutil.rmtree(work, ignore_errors=True)
 
