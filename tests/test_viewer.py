@@ -128,7 +128,7 @@ def receptive_folder(tmp_path_factory, untrained_config) -> Path:
     return d / "out"
 
 
-def covered_world_box(s: dict) -> np.ndarray:
+def hand_covered_box(s: dict) -> np.ndarray:
     """[2, 3] (S, P, L) mm bounds of the covered region, by hand from summary.json: cell i of axis d is centred at
     network voxel offset[d] + stride[d] * i (i = 0 .. n - 1); covered = within half a stride of the outermost
     centres; the network grid's affine takes voxel indices to RAS mm."""
@@ -252,7 +252,7 @@ def test_any_orientation_is_placed_in_the_spl_world_without_copying():
 
 def test_covered_box_from_the_summary_by_hand():
     from medcam3d.outputs import summary_from_dict
-    from medcam3d.viewer.coverage import covered_box
+    from medcam3d.viewer.coverage import covered_world_box
 
     # the demo's network grid (SPL, 5 x 2.5 x 2.5 mm) with AxialNet's receptive cells: 20 x 8 x 8 cells at
     # (1, 32, 32) + (3, 8, 8) i. Covered voxels: S [1 - 1.5, 1 + 57 + 1.5] = [-0.5, 59.5], P and L [32 - 4, 32 + 56 + 4]
@@ -262,15 +262,15 @@ def test_covered_box_from_the_summary_by_hand():
                            "network_grid": {"shape": [60, 128, 128], "affine": affine},
                            "map_geometry": {"kind": "receptive", "offset_voxels": [1.0, 32.0, 32.0],
                                             "stride_voxels": [3.0, 8.0, 8.0]}})
-    assert np.allclose(covered_box(s), [[-320.0, -68.75, -88.75], [-20.0, 91.25, 71.25]])
+    assert np.allclose(covered_world_box(s), [[-320.0, -68.75, -88.75], [-20.0, 91.25, 71.25]])
     # field: 8 cells of 16 voxels at 7.5 + 16 i cover [-0.5, 127.5], the whole grid: P [-140, 180], L [-160, 160]
     s.map_geometry.kind, s.map_geometry.offset_voxels = "field", [1.0, 7.5, 7.5]
     s.map_geometry.stride_voxels = [3.0, 16.0, 16.0]
-    assert np.allclose(covered_box(s), [[-320.0, -140.0, -160.0], [-20.0, 180.0, 160.0]])
+    assert np.allclose(covered_world_box(s), [[-320.0, -140.0, -160.0], [-20.0, 180.0, 160.0]])
     s.map_geometry.offset_voxels, s.map_geometry.stride_voxels = [], []  # older summaries: field = the whole grid
-    assert np.allclose(covered_box(s), [[-320.0, -140.0, -160.0], [-20.0, 180.0, 160.0]])
+    assert np.allclose(covered_world_box(s), [[-320.0, -140.0, -160.0], [-20.0, 180.0, 160.0]])
     s.map_geometry.kind = "receptive"
-    assert covered_box(s) is None  # nothing recorded: nothing drawn
+    assert covered_world_box(s) is None  # nothing recorded: nothing drawn
 
 
 def test_cover_shapes_outline_the_box_and_veil_the_rest():
@@ -463,7 +463,7 @@ def test_uncovered_region_is_outlined_and_veiled(make_napari_viewer, receptive_f
     from medcam3d.viewer.app import open_viewer
 
     s = summary(receptive_folder)
-    box = covered_world_box(s)
+    box = hand_covered_box(s)
     ct, ct_affine = nifti(Path(s["input"]["path"]))
     corners = np.array([[a, b, c, 1.0] for a in (-0.5, ct.shape[0] - 0.5) for b in (-0.5, ct.shape[1] - 0.5)
                         for c in (-0.5, ct.shape[2] - 0.5)]).T

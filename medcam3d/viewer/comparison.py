@@ -24,7 +24,7 @@ from ..files import atomic_path
 from ..io import Volume
 from ..methods import DEFAULT_METHODS, method_title
 from ..report.collect import coincide_by_proof
-from .coverage import Cover, cover_shapes, covered_box, placed_extent
+from .coverage import Cover, cover_shapes, covered_world_box, placed_extent
 from .folder import ClassEntry, MapImage, OutputFolder
 from .geometry import Placed, place
 from .layers import (
@@ -90,7 +90,7 @@ class Comparison:
             raise InputError(f"opacity {opacity} is not in [0, 1]")
         self.threshold, self.opacity, self.window = threshold, opacity, window
         placed = place(scan.array, scan.affine)
-        self.box, self.extent = covered_box(folder.summary), placed_extent(placed)
+        self.box, self.extent = covered_world_box(folder.summary), placed_extent(placed)
         self.scan_layers: list[Layer] = []
         self.map_layers: list[Layer] = []
         self.cover_layers: list[Layer] = []

@@ -4,9 +4,9 @@ A feature-resolution map has ``n`` cells per axis, centred at ``offset + stride 
 (``summary.json``: ``map_geometry``, ``map_shape``). Display heatmaps hold the edge cell's value out to half a
 stride beyond the outermost centres and are 0 further out, so the *covered* region is, per axis of the network
 grid, the voxel-index interval ``[offset − stride / 2, offset + stride (n − 1) + stride / 2]`` (voxel centres at
-integers); the network grid's affine places it in RAS mm. For the ``"field"`` placement it is the whole field,
-``[−0.5, N − 0.5]``. Everything outside it -- including any part of the scan the preprocessing cropped away -- is
-*uncovered*.
+integers; :func:`medcam3d.geometry.covered_box`); the network grid's affine places it in RAS mm. For the
+``"field"`` placement it is the whole field, ``[−0.5, N − 0.5]``. Everything outside it -- including any part of
+the scan the preprocessing cropped away -- is *uncovered*.
 
 The viewer draws it per pane in a shapes layer: on a 2-D slice, the covered region's outline and a grey veil over
 the uncovered part of the scan (all of the slice when the slice misses the covered region); in 3-D, the covered
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..geometry import MapGeometry, covered_box
 from ..outputs import Summary
 from .geometry import RAS_TO_WORLD, Placed
 
@@ -30,8 +31,8 @@ __all__ = [
     "Cover",
     "box_corners",
     "cover_shapes",
-    "covered_box",
     "covered_voxels",
+    "covered_world_box",
     "placed_extent",
 ]
 
@@ -46,14 +47,14 @@ SHAPES_UNIT_MM = 1e-3
 
 
 def covered_voxels(summary: Summary) -> np.ndarray | None:
-    """``[2, 3]``: the covered interval per network-grid axis (row 0 low, row 1 high bounds, voxel-index units).
+    """``[2, 3]``: the covered interval per network-grid axis (row 0 low, row 1 high bounds, voxel-index units;
+    :func:`medcam3d.geometry.covered_box` of the recorded placement).
 
     None when the summary does not say (no network grid, or a placement other than ``"field"`` without offsets)."""
     g, grid = summary.map_geometry, summary.network_grid
-    n_map = np.asarray(summary.map_shape, dtype=np.float64)
-    if len(g.offset_voxels) == 3 and len(g.stride_voxels) == 3 and n_map.shape == (3,):
-        offset, stride = np.asarray(g.offset_voxels, np.float64), np.asarray(g.stride_voxels, np.float64)
-        return np.stack([offset - stride / 2.0, offset + stride * (n_map - 1.0) + stride / 2.0])
+    if len(g.offset_voxels) == 3 and len(g.stride_voxels) == 3 and len(summary.map_shape) == 3:
+        placement = MapGeometry(tuple(g.offset_voxels), tuple(g.stride_voxels), g.kind)
+        return np.asarray(covered_box(placement, summary.map_shape), dtype=np.float64).T
     if g.kind == "field" and len(grid.shape) == 3:  # older summaries: the field covers the whole grid
         return np.stack([np.full(3, -0.5), np.asarray(grid.shape, np.float64) - 0.5])
     return None
@@ -65,7 +66,7 @@ def box_corners(bounds: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return (np.asarray(affine, np.float64) @ np.c_[corners, np.ones(8)].T)[:3].T
 
 
-def covered_box(summary: Summary) -> np.ndarray | None:
+def covered_world_box(summary: Summary) -> np.ndarray | None:
     """``[2, 3]``: the covered region in the napari world (S, P, L) mm, as its bounding box (exact for network
     grids along the world axes; an oblique grid's covered region is a rotated box and this is its hull).
     None when the summary does not say where the cells are (see :func:`covered_voxels`)."""
