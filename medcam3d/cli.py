@@ -13,10 +13,14 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+
+from tqdm.auto import tqdm
 
 from . import __version__
 from .errors import InputError
+from .methods import DEFAULT_METHODS
+from .outputs import Summary
+from .pipeline import Session, read_scan
 
 __all__ = ["build_parser", "main"]
 
@@ -33,8 +37,6 @@ class _Stages:
     """A progress bar over named stages (tqdm) that steps aside when quiet or when stderr is not a terminal."""
 
     def __init__(self, total: int, quiet: bool) -> None:
-        from tqdm.auto import tqdm
-
         self.bar = tqdm(total=total, disable=quiet or not sys.stderr.isatty(), leave=False, unit="step")
 
     def __call__(self, name: str, advance: bool = True) -> None:
@@ -56,8 +58,6 @@ def _default_out(scan: str) -> Path:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from .pipeline import Session, read_scan
-
     stages = _Stages(4, args.quiet)
     try:
         stages("reading scan", advance=False)
@@ -68,7 +68,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         result = session.explain_volume(volume, args.classes, read_seconds=t_read)
         stages("writing")
         out = Path(args.out) if args.out else _default_out(args.scan)
-        summary = session.write(result, out, args.classes, args.full_res, progress=lambda s: stages(s, False))
+        summary = session.write_folder(result, out, args.classes, args.full_res, progress=lambda s: stages(s, False))
         stages("done")
     finally:
         stages.close()
@@ -77,28 +77,27 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_result(summary: dict[str, Any], out: Path) -> None:
-    cert = summary["certificate"]
-    model = summary["model"]
-    print(f"medcam3d {summary['medcam3d_version']}: explained {summary['input']['path']}")
-    if model.get("synthetic_data_only"):
+def _print_result(summary: Summary, out: Path) -> None:
+    print(f"medcam3d {summary.medcam3d_version}: explained {summary.input.path}")
+    if summary.model.synthetic_data_only:
         print("NOTE: the embedded demo model was trained on SYNTHETIC phantoms only; its scores are not clinical.")
-    print(f"certificate: {cert['kind']} - {cert['summary']}")
-    rows = sorted(summary["classes"], key=lambda c: -c["score"])
-    width = max(len(c["label"]) for c in rows)
+    if summary.certificate is not None:
+        print(f"certificate: {summary.certificate.kind} - {summary.certificate.summary}")
+    rows = sorted(summary.classes, key=lambda c: -c.score)
+    width = max(len(c.label) for c in rows)
     print(f"{'class':<{width}}  {'score':>8}  {'prob':>6}  full-res  HiResCAM-vs-Grad-CAM L2")
     for c in rows:
-        l2 = c.get("disagreement", {}).get("l2")
+        l2 = c.disagreement.l2 if c.disagreement is not None else None
         print(
-            f"{c['label']:<{width}}  {c['score']:8.3f}  {c['probability']:6.3f}  "
-            f"{'yes' if c['full_resolution'] else '-':>8}  {'' if l2 is None else f'{l2:.3f}'}"
+            f"{c.label:<{width}}  {c.score:8.3f}  {c.probability:6.3f}  "
+            f"{'yes' if c.full_resolution else '-':>8}  {'' if l2 is None else f'{l2:.3f}'}"
         )
     print(f"outputs: {out.resolve()}  (view: medcam3d view {out})")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    # medcam3d.data imports scipy (about half a second): only the demo needs it, not every command line
     from .data import make_phantom, write_nifti
-    from .pipeline import Session, read_scan
 
     out = Path(args.out)
     scan_dir = out / "scan"
@@ -117,8 +116,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         volume, t_read = read_scan(scan_path)
         result = session.explain_volume(volume, read_seconds=t_read)
         stages("writing")
-        summary = session.write(result, exp_dir, None, None, progress=lambda s: stages(s, False),
-                                extra={"demo": {"seed": args.seed, "planted": sorted(present)}})
+        summary = session.write_folder(result, exp_dir, None, None, progress=lambda s: stages(s, False),
+                                       extra={"demo": {"seed": args.seed, "planted": sorted(present)}})
     finally:
         stages.close()
     if not args.quiet:
@@ -130,7 +129,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _add_explain_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config (default: the embedded demo model's)")
     p.add_argument("--model", metavar="CHECKPOINT", help="weights file overriding the config's (torch state_dict)")
-    p.add_argument("--methods", nargs="+", default=["hirescam", "gradcam"], metavar="METHOD",
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
                    help="methods to compute (hirescam gradcam gradcampp xgradcam layercam; cam on GAP+FC heads)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N")
     p.add_argument("--map-geometry", choices=["field", "receptive"], default="field",

@@ -14,7 +14,10 @@ How one call works (``explainer(x)``):
    score only, so samples never mix (the model runs in eval mode).
 4. **Methods** (:mod:`medcam3d.methods`) turn ``(A, ∂s/∂A)`` into signed raw maps, after a layout adaptor
    (:mod:`medcam3d.layouts`) has mapped both onto ``[B, F, *spatial]``.
-5. **Certificate** (:mod:`medcam3d.certificate`): a :class:`~medcam3d.certificate.Prober` is fed the same gradient
+5. **Placement** (:mod:`medcam3d.placement`): where the explained cells sit on the input -- declared by the
+   model, derived from the fx trace of the layers before the explained one, or the field convention as a
+   fallback (``map_geometry="auto"``); cached per model, layer and input size.
+6. **Certificate** (:mod:`medcam3d.certificate`): a :class:`~medcam3d.certificate.Prober` is fed the same gradient
    chunks. The head's Jacobian at the real activations is compared with the Jacobian at random probe points far
    away (by default along one random class-scaled combination of the K classes, one backward pass per probe; class
    by class when that differs), every class gets a secant test ``s(P) − s(0) = Σ ∂s/∂A|_A ⊙ P`` at each probe
@@ -40,10 +43,12 @@ from torch import Tensor, nn
 from .certificate import Certificate, Prober, default_tolerance, probe_points
 from .errors import InputError
 from .explanation import Explanation
+from .geometry import GEOMETRIES
 from .layouts import Layout, resolve_layout
 
 # DEFAULT_METHODS lives in methods; importing it from explainer keeps working for one release
 from .methods import DEFAULT_METHODS, get_method
+from .placement import Placement, choose_placement, find_receptive
 
 if TYPE_CHECKING:  # annotations only (Python 3.10 has no typing.Self)
     from typing_extensions import Self
@@ -372,6 +377,12 @@ class Explainer:
             the sketch differs; ``"per-class"`` K comparisons per probe point always. Either way each class is
             also checked by its own secant test at every probe point (no backward pass), see
             :func:`medcam3d.certificate.secant_residual`.
+        map_geometry: where the explained cells are drawn by default (:attr:`Explanation.placement`): ``"auto"``
+            (default) the receptive-field centres the model declares (``medcam3d_map_geometry``) or its layers give
+            (:mod:`medcam3d.placement`; channels-first layouts), else the field with the reason recorded;
+            ``"field"`` the field of view divided evenly (the paper's convention); ``"receptive"`` the
+            receptive-field centres or an :class:`InputError`. The receptive geometry, when there is one, is kept
+            on :attr:`Explanation.geometry` whichever is chosen.
 
     Use as a context manager or call :meth:`close` to drop the cached trace.
     """
@@ -393,6 +404,7 @@ class Explainer:
         keep_gradients: bool = False,
         seed: int = 0,
         jacobian: str = "sketch",
+        map_geometry: str = "auto",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -424,6 +436,9 @@ class Explainer:
         if jacobian not in ("sketch", "per-class"):
             raise InputError(f"jacobian must be 'sketch' or 'per-class', got {jacobian!r}")
         self.jacobian = jacobian
+        if map_geometry not in GEOMETRIES:
+            raise InputError(f"map_geometry must be one of {', '.join(GEOMETRIES)}, got {map_geometry!r}")
+        self.map_geometry = map_geometry
         self._fx: _FxHead | None = None
         self._fx_failed: str | None = None
 
@@ -527,9 +542,10 @@ class Explainer:
         finally:
             head.close()
         self._check_cam(cert)
+        t3 = time.perf_counter()
+        receptive, placement = self._placement(tuple(x.shape[2:]), tuple(volume.shape[2:]))
+        timings["placement"] = time.perf_counter() - t3
         timings["total"] = time.perf_counter() - t0
-        declare = getattr(self.model, "medcam3d_map_geometry", None)
-        geometry = declare(tuple(x.shape[2:]), tuple(volume.shape[2:])) if callable(declare) else None
         return Explanation(
             scores=scores.detach(),
             classes=class_idx,
@@ -541,8 +557,16 @@ class Explainer:
             activations=volume.detach() if self.keep_gradients else None,
             gradients=kept,
             timings=timings,
-            geometry=geometry,
+            geometry=receptive.geometry if isinstance(receptive, Placement) else None,
+            placement=placement,
         )
+
+    def _placement(self, input_size: tuple[int, ...], map_size: tuple[int, ...]) -> tuple[Placement | str, Placement]:
+        """The receptive placement (or why there is none) and the placement ``map_geometry`` resolves to.
+        Reuses this explainer's fx trace when there is one (no second trace)."""
+        graph = self._fx.gm.graph if self._fx is not None else None
+        found = find_receptive(self.model, self.layer_name, input_size, map_size, self.layout, graph)
+        return found, choose_placement(self.map_geometry, found, map_size, input_size)
 
     def _probe(
         self, head: _Head, leaf: Tensor, scores: Tensor, class_idx: list[int], dtype: torch.dtype

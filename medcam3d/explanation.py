@@ -11,8 +11,9 @@ from torch import Tensor
 
 from .certificate import Certificate, disagreement
 from .errors import InputError
-from .geometry import GEOMETRIES, MapGeometry
+from .geometry import GEOMETRIES, MapGeometry, covered_region
 from .heatmaps import iter_heatmaps, to_heatmap
+from .placement import Placement, no_receptive_message
 
 __all__ = ["Explanation"]
 
@@ -34,7 +35,12 @@ class Explanation:
         gradients: ``[B, K, F, *map_spatial]`` ``∂s_k/∂A`` (only with ``keep_gradients=True``).
         timings: seconds spent per stage.
         geometry: where the model's explained cells sit on the input grid (receptive-field centres), when the
-            model declares it (``medcam3d_map_geometry``); see :mod:`medcam3d.geometry`.
+            model declares it (``medcam3d_map_geometry``) or it could be derived from the layers (see
+            :mod:`medcam3d.placement`); None otherwise.
+        placement: the placement display and export use by default (``geometry="auto"``): kind (``"receptive"`` or
+            ``"field"``), offset, stride and how it was found (``"declared"``, ``"derived"``, ``"requested"`` or
+            ``"fallback: <reason>"``); see :class:`medcam3d.placement.Placement`. None on explanations built by
+            hand: ``"auto"`` then means :attr:`geometry` if known, else the field.
     """
 
     scores: Tensor
@@ -48,6 +54,7 @@ class Explanation:
     gradients: Tensor | None = None
     timings: dict[str, float] = field(default_factory=dict)
     geometry: MapGeometry | None = None
+    placement: Placement | None = None
 
     # -- naming ---------------------------------------------------------------------------------------------
     @property
@@ -88,17 +95,19 @@ class Explanation:
         return self.scores[:, self.classes]
 
     # -- maps -----------------------------------------------------------------------------------------------
-    def map_geometry(self, kind: str = "field") -> MapGeometry:
-        """Cell centres on the input grid: ``"field"`` (the field of view divided evenly, the paper's display
-        convention) or ``"receptive"`` (the receptive-field centres the model declares)."""
+    def map_geometry(self, kind: str = "auto") -> MapGeometry:
+        """Cell centres on the input grid: ``"auto"`` (:attr:`placement`: the receptive-field centres the model
+        declares or its layers give, else the field), ``"field"`` (the field of view divided evenly, the paper's
+        display convention) or ``"receptive"`` (:attr:`geometry`; :class:`InputError` when there is none)."""
+        if kind == "auto":
+            if self.placement is not None:
+                return self.placement.geometry
+            kind = "receptive" if self.geometry is not None else "field"
         if kind == "field":
             return MapGeometry.field(self.map_size, self.input_size)
         if kind == "receptive":
             if self.geometry is None:
-                raise InputError(
-                    "map geometry 'receptive': the model declares no medcam3d_map_geometry (where its explained "
-                    "cells sit on the input); use 'field'"
-                )
+                raise InputError(no_receptive_message(self.placement.reason if self.placement is not None else None))
             return self.geometry
         raise InputError(f"map geometry must be one of {', '.join(GEOMETRIES)}, got {kind!r}")
 
@@ -113,7 +122,7 @@ class Explanation:
     def _display_geometry(self, kind: str, size: Sequence[int]) -> MapGeometry:
         """:meth:`map_geometry` on an output grid of ``size`` covering the input's field of view."""
         geo = self.map_geometry(kind)
-        if geo.kind == "receptive" and tuple(size) != tuple(self.input_size):
+        if tuple(size) != tuple(self.input_size):
             geo = geo.rescaled(self.input_size, size)
         return geo
 
@@ -124,10 +133,12 @@ class Explanation:
         classes: Sequence[int | str] | None = None,
         dtype: torch.dtype | None = None,
         upsample: bool = True,
-        geometry: str = "field",
+        geometry: str = "auto",
     ) -> Tensor:
-        """Display heatmaps ``[B, K, *size]`` in [0, 1]: ReLU, min-max over the whole map, n-linear upsampling
-        (``align_corners=False``) to ``size`` (default: the input's spatial size).
+        """Display heatmaps ``[B, K, *size]`` in [0, 1]: ReLU, min-max over the whole map, n-linear interpolation
+        between the cell centres on a grid of ``size`` (default: the input's spatial size) covering the input's
+        field of view; exactly 0 more than half a stride beyond the outermost centres (uncovered, see
+        :meth:`covered_region`).
 
         Args:
             method: a computed method name.
@@ -135,8 +146,8 @@ class Explanation:
             classes: subset of explained classes (indices or labels); default all K.
             dtype: output dtype, e.g. ``torch.float16`` to halve memory.
             upsample: False keeps feature resolution.
-            geometry: ``"field"`` (default; the paper's convention) or ``"receptive"`` (cells at the receptive-field
-                centres the model declares; :meth:`map_geometry`).
+            geometry: where the cells go (:meth:`map_geometry`): ``"auto"`` (default, :attr:`placement`),
+                ``"field"`` (the paper's convention, ``align_corners=False`` upsampling) or ``"receptive"``.
         """
         target = (size or self.input_size) if upsample else None
         geo = self._display_geometry(geometry, target) if target is not None else None
@@ -148,7 +159,7 @@ class Explanation:
         size: Sequence[int] | None = None,
         chunk: int = 1,
         dtype: torch.dtype | None = None,
-        geometry: str = "field",
+        geometry: str = "auto",
     ) -> Iterator[tuple[list[int], Tensor]]:
         """Like :meth:`heatmap` but ``chunk`` classes at a time: yields ``(class_indices, [B, k, *size])`` so that
         K full-resolution volumes never sit in memory together."""
@@ -156,6 +167,13 @@ class Explanation:
         geo = self._display_geometry(geometry, target)
         for sl, hm in iter_heatmaps(self._raw(method, None), target, chunk, dtype, geo):
             yield self.classes[sl], hm
+
+    def covered_region(self, size: Sequence[int] | None = None, geometry: str = "auto") -> Tensor:
+        """``[*size]`` bool: where on a grid of ``size`` (default the input's) covering the input's field of view
+        some cell sits, within half a stride of the outermost centres -- where :meth:`heatmap` draws the map rather
+        than the 0 of "no cell here" (:func:`medcam3d.geometry.covered_region`). All True for the field."""
+        target = tuple(size or self.input_size)
+        return covered_region(self._display_geometry(geometry, target), self.map_size, target)
 
     def disagreement(self, a: str = "hirescam", b: str = "gradcam", fraction: float = 0.1) -> dict[str, Tensor]:
         """Disagreement between two methods' maps at feature resolution, each ``[B, K]``: ``l2`` (the paper's

@@ -12,12 +12,22 @@ is. Two answers are used:
   middle 160 of 420 pixels, not spread over all 420.
 
 A :class:`MapGeometry` holds, per spatial axis, ``centre(i) = offset + stride * i`` in input voxel-index units
-(voxel centres at integers). :func:`resample` interpolates linearly between cell centres (separably, axis by
-axis) and holds the edge cells' values beyond the first and last centre -- for ``"field"`` geometry that is
-exactly ``F.interpolate(mode="(bi/tri)linear", align_corners=False)``.
+(voxel centres at integers). Which of the two a model gets by default, and how it was found (declared by the
+model, derived from its layers, or the field convention as a fallback), is :mod:`medcam3d.placement`'s job
+(``"auto"``).
 
-Pure tensor code; the only model knowledge is :func:`conv_chain_geometry`, which composes the (kernel, stride,
-padding, dilation) of a chain of convolutions and pools.
+**Covered and uncovered.** A position is *covered* when it lies within half a stride of the cells' centres, i.e.
+in cell units ``u = (voxel − offset) / stride`` when ``−0.5 <= u <= n − 0.5`` on every axis. Display maps
+(:func:`cell_weights`, :func:`resample`) interpolate linearly between neighbouring centres, hold the edge cell's
+value from the outermost centre out to half a stride beyond it, and are exactly 0 further out: no cell sits there,
+which is not the same as a cell saying "no evidence" (:func:`is_covered`; :func:`covered_region` gives the mask
+on a grid). For the ``"field"``
+geometry half a stride beyond the outer centres is exactly the field's edge, so everything is covered and
+:func:`resample` equals ``F.interpolate(mode="(bi/tri)linear", align_corners=False)``.
+
+Pure tensor code. The only layer knowledge is the per-layer placement formulas (:func:`conv_cell_map`,
+:func:`transposed_conv_cell_map`, :func:`upsample_cell_map`), used by :func:`conv_chain_geometry` for a plain
+chain and by :mod:`medcam3d.placement` for any traced network.
 """
 
 from __future__ import annotations
@@ -35,12 +45,22 @@ __all__ = [
     "assignment_matrix",
     "block_fractions",
     "cell_fractions",
+    "cell_weights",
+    "conv_cell_map",
     "conv_chain_geometry",
+    "covered_box",
+    "covered_region",
     "interpolation_matrix",
+    "is_covered",
     "resample",
+    "same_padding",
+    "transposed_conv_cell_map",
+    "upsample_cell_map",
 ]
 
-GEOMETRIES = ("field", "receptive")
+#: Map placements a user can ask for: ``"auto"`` (declared or derived receptive-field centres, else the field;
+#: :mod:`medcam3d.placement`), ``"field"`` and ``"receptive"``.
+GEOMETRIES = ("auto", "field", "receptive")
 
 
 @dataclass(frozen=True)
@@ -96,26 +116,91 @@ class MapGeometry:
         return m
 
 
-def interpolation_matrix(n_map: int, n_out: int, offset: float, stride: float) -> Tensor:
-    """``[n_out, n_map]`` linear-interpolation weights from cells centred at ``offset + stride * i`` to the output
-    voxels ``0 .. n_out − 1``; outside the first/last centre the edge cell's value is held. Rows sum to 1."""
-    pos = (torch.arange(n_out, dtype=torch.float64) - offset) / stride
-    pos = pos.clamp(0.0, float(n_map - 1))
-    lo = pos.floor().long().clamp(max=n_map - 1)
-    hi = (lo + 1).clamp(max=n_map - 1)
-    frac = pos - lo.double()
-    w = torch.zeros(n_out, n_map, dtype=torch.float64)
-    rows = torch.arange(n_out)
-    w.index_put_((rows, lo), 1.0 - frac, accumulate=True)
-    w.index_put_((rows, hi), frac, accumulate=True)
+def is_covered(pos: Tensor, n_cells: int) -> Tensor:
+    """``[m]`` bool: which positions ``pos`` (``[m]``, cell units, see :func:`cell_weights`) lie within half a
+    stride of the centres of ``n_cells`` cells, ``−0.5 <= u <= n_cells − 0.5`` (bounds included; NaN is not)."""
+    return (pos >= -0.5) & (pos <= n_cells - 0.5)
+
+
+def cell_weights(pos: Tensor, n_cells: int) -> Tensor:
+    """Linear-interpolation weights of ``n_cells`` cells at arbitrary positions along one axis.
+
+    Positions are in *cell units*: cell ``i`` is centred at ``u = i``, so a voxel at index ``x`` of a grid whose
+    cells sit at ``offset + stride * i`` has ``u = (x − offset) / stride`` (:class:`MapGeometry`). Any positions
+    work -- a regular grid (:func:`interpolation_matrix`) or the coordinates of oblique sample points along this
+    axis; an n-D value at a point is ``Σ_ijk w0[p, i] w1[p, j] w2[p, k] map[i, j, k]`` with one row per axis.
+
+    The rule, for ``n = n_cells``:
+
+    * ``0 <= u <= n − 1``: linear between the two neighbouring centres (``1 − frac`` on ``floor(u)``, ``frac`` on
+      the next), so at a centre the cell's own value;
+    * ``−0.5 <= u < 0`` and ``n − 1 < u <= n − 0.5`` (within half a stride beyond the outermost centres, bounds
+      included): the edge cell's value (weight 1 on cell 0, resp. ``n − 1``);
+    * otherwise (further out, or NaN): uncovered, an all-zero row -- a display value of exactly 0.
+
+    Rows of covered positions sum to 1 (a convex combination, so values stay in the cells' range).
+
+    Args:
+        pos: ``[m]`` positions in cell units (any float dtype and device; computed in float64).
+        n_cells: number of cells ``n >= 1`` along the axis.
+    Returns: ``[m, n_cells]`` float64 weights on ``pos``'s device.
+    """
+    if n_cells < 1:
+        raise ValueError(f"n_cells must be >= 1, got {n_cells}")
+    u = pos.to(torch.float64).reshape(-1)
+    inside = is_covered(u, n_cells)
+    u = torch.where(inside, u, torch.zeros_like(u)).clamp(0.0, float(n_cells - 1))
+    lo = u.floor().long().clamp(max=n_cells - 1)
+    hi = (lo + 1).clamp(max=n_cells - 1)
+    frac = u - lo.double()
+    keep = inside.double()
+    w = torch.zeros(u.shape[0], n_cells, dtype=torch.float64, device=u.device)
+    rows = torch.arange(u.shape[0], device=u.device)
+    w.index_put_((rows, lo), (1.0 - frac) * keep, accumulate=True)
+    w.index_put_((rows, hi), frac * keep, accumulate=True)
     return w
 
 
-def resample(maps: Tensor, size: Sequence[int], geometry: MapGeometry) -> Tensor:
-    """n-linear resampling of ``[B, K, *S]`` maps to ``[B, K, *size]`` with cells placed by ``geometry``.
+def interpolation_matrix(n_map: int, n_out: int, offset: float, stride: float) -> Tensor:
+    """``[n_out, n_map]`` float64 weights from cells centred at ``offset + stride * i`` to the output voxels
+    ``0 .. n_out − 1`` (:func:`cell_weights` at ``u = (x − offset) / stride``): linear between centres, the edge
+    cell's value up to half a stride beyond the outermost centres, all-zero rows (uncovered) further out. Covered
+    rows sum to 1."""
+    return cell_weights((torch.arange(n_out, dtype=torch.float64) - offset) / stride, n_map)
 
-    Separable (one small matrix per axis), on the maps' device, in at least float32. Values stay within the
-    range of the inputs (each output is a convex combination)."""
+
+def covered_box(geometry: MapGeometry, map_size: Sequence[int]) -> tuple[tuple[float, float], ...]:
+    """The covered box per axis, ``(first centre − stride / 2, last centre + stride / 2)`` in voxel-index units of
+    ``geometry``'s grid (bounds included; see :func:`cell_weights`). For the ``"field"`` geometry of an input of
+    ``N`` voxels: ``(−0.5, N − 0.5)``, the whole field."""
+    if len(map_size) != len(geometry.offset):
+        raise ValueError(f"map_size {tuple(map_size)} vs a geometry with {len(geometry.offset)} axes")
+    return tuple(
+        (o - s / 2.0, o + s * (int(n) - 1) + s / 2.0) for o, s, n in zip(geometry.offset, geometry.stride, map_size)
+    )
+
+
+def covered_region(geometry: MapGeometry, map_size: Sequence[int], size: Sequence[int]) -> Tensor:
+    """``[*size]`` bool: the voxels of a grid of ``size`` (the grid ``geometry`` is expressed on) where some cell
+    sits -- where :func:`resample` draws the map, rather than the 0 of "no cell here". A box (the product of the
+    per-axis intervals of :func:`covered_box`); all True for the ``"field"`` geometry."""
+    size = tuple(int(n) for n in size)
+    if not len(size) == len(map_size) == len(geometry.offset):
+        raise ValueError(f"size {size}, map_size {tuple(map_size)} and the geometry differ in axes")
+    mask = torch.ones((), dtype=torch.bool)
+    for d, n_out in enumerate(size):
+        u = (torch.arange(n_out, dtype=torch.float64) - geometry.offset[d]) / geometry.stride[d]
+        mask = mask.unsqueeze(-1) & is_covered(u, int(map_size[d]))
+    return mask
+
+
+def resample(maps: Tensor, size: Sequence[int], geometry: MapGeometry) -> Tensor:
+    """n-linear resampling of ``[B, K, *S]`` maps to ``[B, K, *size]`` with cells placed by ``geometry`` (a geometry
+    on the output grid of ``size``; see :meth:`MapGeometry.rescaled`).
+
+    Separable (one :func:`interpolation_matrix` per axis), on the maps' device, in at least float32. Covered
+    voxels are convex combinations of cell values (so stay within their range); uncovered voxels (more than half a
+    stride beyond the outermost centres on some axis) are exactly 0."""
     size = tuple(int(s) for s in size)
     nd = maps.ndim - 2
     if len(size) != nd or len(geometry.offset) != nd:
@@ -169,17 +254,60 @@ def block_fractions(mask: Tensor, map_size: Sequence[int], geometry: MapGeometry
     return pool(mask.to(torch.float32)[None, None], size)[0, 0].to(torch.float64)
 
 
+# ------------------------------------------------------------------------------------------------------------
+# Per-layer placement: cell j of a layer's output sits at ``a + b j`` on the layer's input grid (one axis)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def same_padding(kernel: int, dilation: int = 1) -> int:
+    """Left padding of ``padding="same"`` (PyTorch: total ``d (k − 1)``, the smaller half first)."""
+    return dilation * (kernel - 1) // 2
+
+
+def conv_cell_map(kernel: int, stride: int = 1, padding: int | str = 0, dilation: int = 1) -> tuple[float, float]:
+    """Convolution or pooling along one axis: output ``j`` reads inputs ``s j − p + d t`` (``t = 0 .. k − 1``),
+    centred at ``s j − p + d (k − 1) / 2``. ``padding`` may be ``"valid"`` (0) or ``"same"``
+    (:func:`same_padding`). Returns ``(a, b)`` with output ``j`` at ``a + b j`` on the input."""
+    if isinstance(padding, str):
+        if padding not in ("same", "valid"):
+            raise ValueError(f"padding={padding!r}: expected an int, 'same' or 'valid'")
+        padding = same_padding(kernel, dilation) if padding == "same" else 0
+    return dilation * (kernel - 1) / 2.0 - padding, float(stride)
+
+
+def transposed_conv_cell_map(kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1) -> tuple[float, float]:
+    """Transposed convolution along one axis: input ``i`` writes outputs ``s i − p + d t``, centred at
+    ``s i − p + d (k − 1) / 2``; output ``j`` sits where that places it, ``(j + p − d (k − 1) / 2) / s`` (exactly
+    its receptive-field centre when the kernel covers the stride; ``output_padding`` only adds outputs at the end).
+    Returns ``(a, b)``."""
+    return (padding - dilation * (kernel - 1) / 2.0) / stride, 1.0 / stride
+
+
+def upsample_cell_map(scale: float) -> tuple[float, float]:
+    """Up-/down-sampling by ``scale`` with ``align_corners=False`` (``F.interpolate``, ``nn.Upsample``): output
+    ``j`` samples the input at ``(j + 0.5) / scale − 0.5``. Returns ``(a, b)``."""
+    if scale <= 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    return 0.5 / scale - 0.5, 1.0 / scale
+
+
 def _tuple(v: int | Sequence[int], nd: int) -> tuple[int, ...]:
     """A module's ``kernel_size``/``stride``/... as one value per axis."""
     return tuple(v) if isinstance(v, Sequence) else (int(v),) * nd
+
+
+_CHAIN_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+                 nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 
 
 def conv_chain_geometry(modules: Iterable[nn.Module], nd: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Receptive-field centres after a chain of convolutions / pools applied one after another.
 
     A layer with kernel ``k``, stride ``s``, padding ``p`` and dilation ``d`` centres its output ``j`` at input
-    ``s j − p + d (k − 1) / 2``; composing these affine maps gives ``centre(i) = offset + stride * i`` on the
-    chain's input. Other modules (norms, activations) do not move centres and are skipped.
+    ``s j − p + d (k − 1) / 2`` (:func:`conv_cell_map`; ``padding="same"``/``"valid"`` included); composing these
+    affine maps gives ``centre(i) = offset + stride * i`` on the chain's input. Other modules (norms,
+    activations) do not move centres and are skipped. For any traced network (residual branches, concatenation,
+    upsampling) see :func:`medcam3d.placement.derive_geometry`.
 
     Args:
         modules: the convolutions and pools in forward order (leave out parallel branches such as a residual
@@ -190,19 +318,12 @@ def conv_chain_geometry(modules: Iterable[nn.Module], nd: int) -> tuple[tuple[fl
     offset = [0.0] * nd
     stride = [1.0] * nd
     for m in modules:
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
-                          nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
-            k = _tuple(m.kernel_size, nd)
-            s = _tuple(m.stride, nd)
-            p = m.padding
-            if isinstance(p, str):  # "same"/"valid": a value we cannot place, so not a TypeError
-                raise ValueError(  # noqa: TRY004
-                    f"{type(m).__name__} with padding={p!r}: give explicit padding"
-                )
-            p = _tuple(p, nd)
+        if isinstance(m, _CHAIN_LAYERS):
+            k, s = _tuple(m.kernel_size, nd), _tuple(m.stride, nd)
+            p = m.padding if isinstance(m.padding, str) else _tuple(m.padding, nd)
             dil = _tuple(getattr(m, "dilation", 1), nd)
-            for a in range(nd):
-                local = -p[a] + dil[a] * (k[a] - 1) / 2.0  # centre of output 0 on this layer's input
-                offset[a] += stride[a] * local
-                stride[a] *= s[a]
+            for ax in range(nd):
+                a, b = conv_cell_map(k[ax], s[ax], p if isinstance(p, str) else p[ax], dil[ax])
+                offset[ax] += stride[ax] * a
+                stride[ax] *= b
     return tuple(offset), tuple(stride)

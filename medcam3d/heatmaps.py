@@ -4,8 +4,11 @@ Following Draelos & Carin (and the AxialNet authors' code), a raw map ``[B, K, *
 
 1. ReLU (keep the positive evidence for the class),
 2. min-max normalisation over the *whole* map of each (sample, class) -- never per slice,
-3. n-linear upsampling (linear / bilinear / trilinear, ``align_corners=False``) to the input grid -- or, on
-   request, with the cells at their receptive-field centres (:mod:`medcam3d.geometry`).
+3. n-linear interpolation to the input grid with the cells where a :class:`~medcam3d.geometry.MapGeometry` puts
+   them: the ``"field"`` convention (linear / bilinear / trilinear ``F.interpolate``, ``align_corners=False``) or
+   the receptive-field centres (:func:`medcam3d.geometry.resample`: linear between centres, the edge cell's value
+   for half a stride beyond the outermost centres, exactly 0 -- *uncovered* -- further out). Which one is the
+   default is decided by :mod:`medcam3d.placement` (``"auto"``).
 
 Normalising before upsampling keeps values in [0, 1] (n-linear interpolation is a convex combination).
 A map with no positive evidence (constant after ReLU) becomes all zeros, never NaN.
@@ -48,8 +51,9 @@ def normalize(raw: Tensor, relu: bool = True) -> Tensor:
 def upsample(maps: Tensor, size: Sequence[int], geometry: MapGeometry | None = None) -> Tensor:
     """n-linear upsampling (``align_corners=False``) of ``[B, K, *S]`` to ``[B, K, *size]``.
 
-    With a ``"receptive"`` :class:`~medcam3d.geometry.MapGeometry` the cells are placed at their receptive-field
-    centres instead of dividing the field of view evenly (see :mod:`medcam3d.geometry`).
+    With a ``"receptive"`` :class:`~medcam3d.geometry.MapGeometry` (expressed on the grid of ``size``) the cells
+    are placed at their receptive-field centres instead of dividing the field of view evenly, and voxels more than
+    half a stride beyond the outermost centres are 0 (uncovered; see :mod:`medcam3d.geometry`).
     Interpolates in at least float32 and returns that dtype (callers cast for storage)."""
     size = tuple(int(s) for s in size)
     nd = maps.ndim - 2

@@ -3,16 +3,19 @@
 The command line (``medcam3d explain``), the napari widget and the batch runner all call this module rather than
 repeating the steps. :class:`Session` holds what is expensive to set up (config, model, explainer) so that a batch
 worker loads the model once and explains many scans.
+
+Writing is compute -> write: :meth:`Session.plan_outputs` chooses the classes and places the maps,
+:meth:`Session.summarise` builds the typed :class:`~medcam3d.outputs.Summary`, and :meth:`Session.write_folder`
+writes the files and the summary (through :func:`medcam3d.outputs.write_summary`) into a folder that appears whole.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -25,25 +28,49 @@ from .config import Config, load_config
 from .errors import InputError
 from .explainer import Explainer
 from .explanation import Explanation
+from .files import sha256_of
 from .geometry import GEOMETRIES
 from .io import Volume, read_volume, write_lowres_maps, write_map_like
+from .methods import DEFAULT_METHODS
 from .outputs import (
     SCORES,
     SUMMARY,
+    CertificateRecord,
+    ClassRecord,
+    ConfigRecord,
+    DisagreementRecord,
+    GridRecord,
+    InputRecord,
+    MapGeometryRecord,
+    ModelRecord,
+    PeakRecord,
+    Summary,
     fullres_name,
     lowres_name,
     montage_name,
     output_folder,
     render_montage,
-    write_json,
     write_scores_csv,
+    write_summary,
 )
 from .preprocess import Preprocessor
+from .selection import depends_on_scores, select_classes
 
-__all__ = ["DEFAULT_CONFIG", "ScanResult", "Session", "explain_scan", "read_scan", "resolve_device", "select_classes"]
+__all__ = [
+    "DEFAULT_CONFIG",
+    "OutputPlan",
+    "ScanResult",
+    "Session",
+    "explain_scan",
+    "read_scan",
+    "resolve_device",
+    "select_classes",
+]
+
+# DEFAULT_METHODS (home: medcam3d.methods), sha256_of (medcam3d.files) and select_classes (medcam3d.selection)
+# stay importable from this module for one release: other code imported them from here.
 
 DEFAULT_CONFIG = "demo_axialnet"
-DEFAULT_METHODS = ("hirescam", "gradcam")
 MIN_FULL_RES = 3
 
 
@@ -57,21 +84,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return d
 
 
-def sha256_of(path: str | Path) -> str | None:
-    """SHA-256 of a file, or of a folder's files (sorted by name, contents chained); None if unreadable."""
-    p = Path(path)
-    h = hashlib.sha256()
-    try:
-        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-        for f in files:
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
-    except OSError:
-        return None
-    return h.hexdigest()
-
-
 def _versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for pkg in ("medcam3d", "torch", "monai", "numpy", "nibabel", "SimpleITK", "pydicom"):
@@ -79,53 +91,6 @@ def _versions() -> dict[str, str]:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             pass
-    return out
-
-
-def select_classes(
-    spec: Sequence[str | int] | None,
-    scores: np.ndarray,
-    probabilities: np.ndarray,
-    labels: Sequence[str],
-    threshold: float,
-    what: str = "--classes",
-) -> list[int]:
-    """Resolve a class selection against one scan's scores.
-
-    Tokens (unioned, first-come order): ``all``, ``none``, ``positive`` (probability ≥ threshold), ``top-K``,
-    a label, or an integer index. ``None`` means all."""
-    if spec is None:
-        return list(range(len(labels)))
-    out: list[int] = []
-
-    def add(idx: Sequence[int]) -> None:
-        for i in idx:
-            if i not in out:
-                out.append(int(i))
-
-    for tok in spec:
-        t = str(tok).strip()
-        if t == "all":
-            add(range(len(labels)))
-        elif t == "none":
-            continue
-        elif t == "positive":
-            add([int(i) for i in np.argsort(-scores) if probabilities[i] >= threshold])
-        elif t.startswith("top-"):
-            try:
-                k = int(t[4:])
-            except ValueError:
-                raise InputError(f"{what}: bad token {t!r} (use top-K with an integer K)") from None
-            add([int(i) for i in np.argsort(-scores)[: max(k, 0)]])
-        elif t in labels:
-            add([list(labels).index(t)])
-        elif t.lstrip("-").isdigit():
-            i = int(t)
-            if not 0 <= i < len(labels):
-                raise InputError(f"{what}: index {i} out of range (0..{len(labels) - 1})")
-            add([i])
-        else:
-            raise InputError(f"{what}: unknown class {t!r} (labels: {', '.join(labels[:6])}, ...)")
     return out
 
 
@@ -151,6 +116,26 @@ class ScanResult:
     def scores(self) -> np.ndarray:
         """``[M]`` raw scores."""
         return self.explanation.scores[0].detach().cpu().numpy().astype(np.float64)
+
+
+@dataclass
+class OutputPlan:
+    """What one output folder holds, decided before anything is written (:meth:`Session.plan_outputs`).
+
+    Attributes:
+        explained: the class indices written (rows of scores.csv, the K axis of the low-resolution maps), in order.
+        full_res: those of them also written at full resolution, with a montage.
+        grid_affine: ``[4, 4]`` affine of the network grid (array index -> RAS mm).
+        grid_shape: ``(S, H, W)`` of the network grid.
+        map_affine: ``[4, 4]`` affine of the low-resolution maps (where the model's cells sit), None unless the
+            maps are 3-D.
+    """
+
+    explained: list[int]
+    full_res: list[int]
+    grid_affine: np.ndarray
+    grid_shape: tuple[int, ...]
+    map_affine: np.ndarray | None
 
 
 class Session:
@@ -212,7 +197,7 @@ class Session:
         t1 = time.perf_counter()
         x = grid.as_tensor()[None].to(self.device)  # [1, 1, S, H, W]
         idx = None  # all outputs: as cheap as a few, and score-dependent selections need every score
-        if classes is not None and not any(str(c) in ("all", "positive") or str(c).startswith("top-") for c in classes):
+        if not depends_on_scores(classes):
             n = len(self.config.labels)
             idx = select_classes(classes, np.zeros(n), np.zeros(n), self.config.labels, self.config.threshold)
         exp = self.explainer(x, classes=idx)
@@ -223,7 +208,101 @@ class Session:
         timings.update({f"explain.{k}": v for k, v in exp.timings.items()})
         return ScanResult(volume, grid, exp.cpu(), probs, timings)
 
+    # compute what goes into the folder ----------------------------------------------------------------------------
+    def plan_outputs(
+        self,
+        result: ScanResult,
+        classes: Sequence[str | int] | None = None,
+        full_res: Sequence[str | int] | None = None,
+    ) -> OutputPlan:
+        """Which classes go to the output folder and where the maps sit (InputError before anything is written).
+
+        Args:
+            classes: which explained classes go to the outputs (default: all explained).
+            full_res: which of those also get full-resolution maps and montages (default: predicted positive,
+                and at least the top 3 by score).
+        """
+        cfg, exp = self.config, result.explanation
+        scores, probs = result.scores, result.probabilities
+        explained = [c for c in select_classes(classes, scores, probs, cfg.labels, cfg.threshold) if c in exp.classes]
+        if not explained:
+            raise InputError("--classes selects no explained class")
+        spec = ["positive", f"top-{MIN_FULL_RES}"] if full_res is None else full_res
+        fr = select_classes(spec, scores, probs, cfg.labels, cfg.threshold, what="--full-res")
+        grid_affine = np.asarray(result.grid.affine, dtype=np.float64)
+        geometry = exp.map_geometry(self.map_geometry)  # InputError when the model declares no receptive geometry
+        map_affine = grid_affine @ geometry.index_affine().numpy() if len(exp.map_size) == 3 else None
+        return OutputPlan(
+            explained=explained,
+            full_res=[c for c in fr if c in explained],
+            grid_affine=grid_affine,
+            grid_shape=tuple(int(s) for s in result.grid.shape[1:]),
+            map_affine=map_affine,
+        )
+
+    def summarise(self, result: ScanResult, plan: OutputPlan) -> Summary:
+        """The summary of ``result`` as ``plan`` writes it (its timings and file list are completed by
+        :meth:`write_folder`)."""
+        cfg, exp = self.config, result.explanation
+        versions = _versions()
+        geo = exp.map_geometry(self.map_geometry)
+        return Summary(
+            medcam3d_version=versions.get("medcam3d", "unknown"),
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            input=_input_record(result.volume),
+            config=ConfigRecord(name=cfg.name, path=str(cfg.path) if cfg.path else None,
+                                sha256=sha256_of(cfg.path) if cfg.path else None),
+            model=self._model_record(),
+            network_grid=GridRecord(shape=list(plan.grid_shape), affine=plan.grid_affine.tolist()),
+            map_shape=list(exp.map_size),
+            map_affine=plan.map_affine.tolist() if plan.map_affine is not None else None,
+            map_geometry=MapGeometryRecord(kind=self.map_geometry, offset_voxels=list(geo.offset),
+                                           stride_voxels=list(geo.stride)),
+            methods=list(exp.methods),
+            device=str(self.device),
+            versions=versions,
+            certificate=CertificateRecord.from_certificate(exp.certificate),
+            probability=cfg.probability,
+            threshold=cfg.threshold,
+            classes=_class_records(result, plan, cfg.labels, cfg.threshold),
+        )
+
+    def _model_record(self) -> ModelRecord:
+        w = self.weights_path
+        return ModelRecord(
+            spec=self.config.model,
+            weights=str(w) if w else None,
+            weights_sha256=sha256_of(w) if w and w.is_file() else None,
+            target_layer=self.explainer.layer_name,
+            synthetic_data_only=self.synthetic_only,
+            card=self.model_card,
+        )
+
     # write ---------------------------------------------------------------------------------------------------------
+    def write_folder(
+        self,
+        result: ScanResult,
+        out_dir: str | Path,
+        classes: Sequence[str | int] | None = None,
+        full_res: Sequence[str | int] | None = None,
+        progress: Callable[[str], None] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> Summary:
+        """Write the output folder (atomically) and return its :class:`~medcam3d.outputs.Summary`.
+
+        ``classes`` and ``full_res`` as in :meth:`plan_outputs`; ``progress`` is called with each stage's name;
+        ``extra`` adds top-level sections to the summary (e.g. ``batch``, ``organ_shares``)."""
+        t0 = time.perf_counter()
+        plan = self.plan_outputs(result, classes, full_res)
+        summary = self.summarise(result, plan)
+        with output_folder(out_dir) as tmp:
+            written = self._write_files(result, plan, tmp, progress or (lambda s: None))
+            timings = {**result.timings, "write": time.perf_counter() - t0}
+            summary = replace(summary, timings_s={k: round(v, 4) for k, v in timings.items()},
+                              files=sorted([*written, SUMMARY])).with_sections(extra)
+            write_summary(summary, tmp / SUMMARY)
+        return summary
+
     def write(
         self,
         result: ScanResult,
@@ -233,173 +312,108 @@ class Session:
         progress: Callable[[str], None] | None = None,
         extra: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Write the output folder (atomically) and return the summary dict.
+        """:meth:`write_folder`, returning the summary as the JSON object written to ``summary.json``."""
+        return self.write_folder(result, out_dir, classes, full_res, progress, extra).to_dict()
 
-        Args:
-            classes: which explained classes go to the outputs (default: all explained).
-            full_res: which of those also get full-resolution maps and montages (default: predicted positive,
-                and at least the top 3 by score).
-        """
-        cfg, exp = self.config, result.explanation
-        labels = cfg.labels
-        scores, probs = result.scores, result.probabilities
-        explained = [c for c in select_classes(classes, scores, probs, labels, cfg.threshold) if c in exp.classes]
-        if not explained:
-            raise InputError("--classes selects no explained class")
-        if full_res is None:
-            fr = select_classes(["positive", f"top-{MIN_FULL_RES}"], scores, probs, labels, cfg.threshold)
-        else:
-            fr = select_classes(full_res, scores, probs, labels, cfg.threshold, what="--full-res")
-        fr = [c for c in fr if c in explained]
-        step = progress or (lambda s: None)
-        t0 = time.perf_counter()
-        grid_affine = np.asarray(result.grid.affine, dtype=np.float64)
-        grid_shape = tuple(int(s) for s in result.grid.shape[1:])
-        pos = [exp.index(c) for c in explained]
-        map_shape = exp.map_size
-        geometry = exp.map_geometry(self.map_geometry)  # InputError when the model declares no receptive geometry
-        map_affine = grid_affine @ geometry.index_affine().numpy() if len(map_shape) == 3 else None
-        written: list[str] = []
-        with output_folder(out_dir) as tmp:
-            rows = [
-                {
-                    "index": c, "label": labels[c], "score": f"{scores[c]:.6g}", "probability": f"{probs[c]:.6g}",
-                    "predicted": int(probs[c] >= cfg.threshold), "full_resolution": int(c in fr),
-                }
-                for c in explained
-            ]
-            write_scores_csv(rows, tmp / SCORES)
-            written.append(SCORES)
-            step("low-resolution maps")
-            for m in exp.methods:
-                maps = exp.raw[m][0, pos]
-                write_lowres_maps(maps, grid_affine, grid_shape, tmp / lowres_name(m), labels=[labels[c] for c in explained],
-                                  description=f"medcam3d {m} signed raw maps", map_affine=map_affine)
-                written.append(lowres_name(m))
-            for c in fr:
-                step(f"full resolution: {labels[c]}")
-                on_scan: dict[str, np.ndarray] = {}
-                for m in exp.methods:
-                    hm = exp.heatmap(m, size=grid_shape, classes=[c], geometry=self.map_geometry)[0]  # [1, S, H, W]
-                    back = self.preprocessor.invert(hm, result.grid)[0]
-                    name = fullres_name(m, c, labels[c])
-                    write_map_like(back, result.volume, tmp / name, description=f"medcam3d {m} heatmap {labels[c]}"[:79])
-                    written.append(name)
-                    on_scan[m] = back
-                title = (f"{labels[c]}  score {scores[c]:+.3f}  p={probs[c]:.3f}  "
-                         f"({'synthetic demo model' if self.synthetic_only else cfg.name})")
-                render_montage(result.volume.array, on_scan, result.volume.affine, tmp / montage_name(c, labels[c]),
-                               title, peak_from=exp.methods[0])
-                written.append(montage_name(c, labels[c]))
-            timings = dict(result.timings)
-            timings["write"] = time.perf_counter() - t0
-            summary = self._summary(result, explained, fr, map_affine, timings, written + [SUMMARY], extra)
-            write_json(summary, tmp / SUMMARY)
-        return summary
+    def _write_files(self, result: ScanResult, plan: OutputPlan, folder: Path, step: Callable[[str], None]) -> list[str]:
+        """scores.csv, the low-resolution maps, and each full-resolution class's maps and montage; their names."""
+        write_scores_csv(_score_rows(result, plan, self.config.labels, self.config.threshold), folder / SCORES)
+        step("low-resolution maps")
+        written = [SCORES, *self._write_lowres(result, plan, folder)]
+        for c in plan.full_res:
+            step(f"full resolution: {self.config.labels[c]}")
+            written += self._write_fullres(result, plan, c, folder)
+        return written
 
-    def _summary(
-        self,
-        result: ScanResult,
-        explained: list[int],
-        fr: list[int],
-        map_affine: np.ndarray | None,
-        timings: dict[str, float],
-        files: list[str],
-        extra: dict[str, Any] | None,
-    ) -> dict[str, Any]:
-        cfg, exp, vol = self.config, result.explanation, result.volume
-        cert = exp.certificate
-        geo = exp.map_geometry(self.map_geometry)
-        dis = exp.disagreement(exp.methods[0], exp.methods[1]) if len(exp.methods) > 1 else None
-        per_class = []
-        for c in explained:
-            k = exp.index(c)
-            entry: dict[str, Any] = {
-                "index": c,
-                "label": cfg.labels[c],
-                "score": float(result.scores[c]),
-                "probability": float(result.probabilities[c]),
-                "predicted": bool(result.probabilities[c] >= cfg.threshold),
-                "full_resolution": c in fr,
-                "certificate": cert.per_class[k],
-                "completeness_residual": float(cert.completeness_residual[0, k]),
-                "relative_residual": float(cert.relative_residual[0, k]),
-                "bias": float(cert.baseline[0, k]),
-                "peak": {},
-            }
-            if dis is not None:
-                entry["disagreement"] = {
-                    "methods": [exp.methods[0], exp.methods[1]],
-                    **{name: float(v[0, k]) for name, v in dis.items()},
-                }
-            for m in exp.methods:
-                raw = exp.raw[m][0, k]
-                flat = int(torch.argmax(raw))
-                val = float(raw.flatten()[flat])
-                ijk = np.unravel_index(flat, tuple(raw.shape))
-                world = None
-                if map_affine is not None and val > 0:
-                    world = (map_affine @ np.array([*ijk, 1.0]))[:3].round(2).tolist()
-                entry["peak"][m] = {"map_index": [int(v) for v in ijk], "value": val, "world_ras_mm": world}
-            per_class.append(entry)
-        weights = self.weights_path
-        summary: dict[str, Any] = {
-            "medcam3d_version": _versions().get("medcam3d", "unknown"),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "input": {
-                "path": str(Path(vol.source).resolve()) if Path(vol.source).exists() else vol.source,
-                "sha256": sha256_of(vol.source) if Path(vol.source).exists() else None,
-                "meta": {k: v for k, v in vol.meta.items() if isinstance(v, (str, int, float, bool)) or v is None},
-                "shape": list(vol.shape),
-                "spacing_mm": [round(s, 6) for s in vol.spacing],
-                "axcodes": vol.axcodes,
-                "affine": np.asarray(vol.affine).tolist(),
-            },
-            "config": {
-                "name": cfg.name,
-                "path": str(cfg.path) if cfg.path else None,
-                "sha256": sha256_of(cfg.path) if cfg.path else None,
-            },
-            "model": {
-                "spec": cfg.model,
-                "weights": str(weights) if weights else None,
-                "weights_sha256": sha256_of(weights) if weights and weights.is_file() else None,
-                "target_layer": self.explainer.layer_name,
-                "synthetic_data_only": self.synthetic_only,
-                "card": self.model_card,
-            },
-            "network_grid": {
-                "shape": [int(s) for s in result.grid.shape[1:]],
-                "affine": np.asarray(result.grid.affine, dtype=np.float64).tolist(),
-            },
-            "map_shape": list(exp.map_size),
-            "map_affine": map_affine.tolist() if map_affine is not None else None,
-            "map_geometry": {"kind": self.map_geometry, "offset_voxels": list(geo.offset),
-                             "stride_voxels": list(geo.stride)},
-            "methods": list(exp.methods),
-            "device": str(self.device),
-            "versions": _versions(),
-            "timings_s": {k: round(v, 4) for k, v in timings.items()},
-            "certificate": {
-                "kind": cert.kind,
-                "exact": cert.exact,
-                "summary": cert.summary(),
-                "head": cert.head,
-                "tolerance": cert.tolerance,
-                "n_probes": cert.n_probes,
-                "jacobian_test": cert.jacobian_test,
-                "max_jacobian_difference": float(cert.jacobian_difference.max()),
-                "max_probe_residual": float(cert.probe_residual.max()) if cert.probe_residual.numel() else 0.0,
-                "notes": list(cert.notes),
-            },
-            "probability": cfg.probability,
-            "threshold": cfg.threshold,
-            "classes": per_class,
-            "files": sorted(files),
-        }
-        if extra:
-            summary.update(extra)
-        return summary
+    def _write_lowres(self, result: ScanResult, plan: OutputPlan, folder: Path) -> list[str]:
+        """One 4-D ``lowres_<method>.nii.gz`` per method: the explained classes' signed raw maps."""
+        exp, labels = result.explanation, self.config.labels
+        pos = [exp.index(c) for c in plan.explained]
+        for m in exp.methods:
+            write_lowres_maps(exp.raw[m][0, pos], plan.grid_affine, plan.grid_shape, folder / lowres_name(m),
+                              labels=[labels[c] for c in plan.explained], description=f"medcam3d {m} signed raw maps",
+                              map_affine=plan.map_affine)
+        return [lowres_name(m) for m in exp.methods]
+
+    def _write_fullres(self, result: ScanResult, plan: OutputPlan, c: int, folder: Path) -> list[str]:
+        """Class ``c``'s heatmap per method on the scan grid, and its montage."""
+        exp, label = result.explanation, self.config.labels[c]
+        on_scan: dict[str, np.ndarray] = {}
+        written = []
+        for m in exp.methods:
+            hm = exp.heatmap(m, size=plan.grid_shape, classes=[c], geometry=self.map_geometry)[0]  # [1, S, H, W]
+            on_scan[m] = self.preprocessor.invert(hm, result.grid)[0]
+            name = fullres_name(m, c, label)
+            write_map_like(on_scan[m], result.volume, folder / name, description=f"medcam3d {m} heatmap {label}"[:79])
+            written.append(name)
+        p = float(result.probabilities[c])
+        title = (f"{label}  score {result.scores[c]:+.3f}  p={p:.3f}  "
+                 f"({'synthetic demo model' if self.synthetic_only else self.config.name})")
+        render_montage(result.volume.array, on_scan, result.volume.affine, folder / montage_name(c, label), title,
+                       peak_from=exp.methods[0])
+        return [*written, montage_name(c, label)]
+
+
+def _score_rows(result: ScanResult, plan: OutputPlan, labels: Sequence[str], threshold: float) -> list[dict[str, Any]]:
+    """The rows of ``scores.csv``."""
+    scores, probs = result.scores, result.probabilities
+    return [
+        {"index": c, "label": labels[c], "score": f"{scores[c]:.6g}", "probability": f"{probs[c]:.6g}",
+         "predicted": int(probs[c] >= threshold), "full_resolution": int(c in plan.full_res)}
+        for c in plan.explained
+    ]
+
+
+def _input_record(vol: Volume) -> InputRecord:
+    """The scan's identity (path, SHA-256, DICOM meta without identifiers) and grid."""
+    exists = Path(vol.source).exists()
+    return InputRecord(
+        path=str(Path(vol.source).resolve()) if exists else vol.source,
+        sha256=sha256_of(vol.source) if exists else None,
+        meta={k: v for k, v in vol.meta.items() if isinstance(v, (str, int, float, bool)) or v is None},
+        shape=list(vol.shape),
+        spacing_mm=[round(s, 6) for s in vol.spacing],
+        axcodes=vol.axcodes,
+        affine=np.asarray(vol.affine).tolist(),
+    )
+
+
+def _peak(raw: torch.Tensor, map_affine: np.ndarray | None) -> PeakRecord:
+    """The maximum of one class's raw map ``[*map_spatial]``; its RAS position when positive and placed."""
+    flat = int(torch.argmax(raw))
+    value = float(raw.flatten()[flat])
+    ijk = np.unravel_index(flat, tuple(raw.shape))
+    world = None
+    if map_affine is not None and value > 0:
+        world = (map_affine @ np.array([*ijk, 1.0]))[:3].round(2).tolist()
+    return PeakRecord(map_index=[int(v) for v in ijk], value=value, world_ras_mm=world)
+
+
+def _class_records(result: ScanResult, plan: OutputPlan, labels: Sequence[str], threshold: float) -> list[ClassRecord]:
+    """One record per explained class: scores, certificate evidence, peaks, HiResCAM-vs-Grad-CAM disagreement."""
+    exp = result.explanation
+    cert = exp.certificate
+    pair = list(exp.methods[:2])
+    dis = exp.disagreement(pair[0], pair[1]) if len(pair) > 1 else None
+    records = []
+    for c in plan.explained:
+        k = exp.index(c)
+        records.append(ClassRecord(
+            index=c,
+            label=labels[c],
+            score=float(result.scores[c]),
+            probability=float(result.probabilities[c]),
+            predicted=bool(result.probabilities[c] >= threshold),
+            full_resolution=c in plan.full_res,
+            certificate=cert.per_class[k],
+            completeness_residual=float(cert.completeness_residual[0, k]),
+            relative_residual=float(cert.relative_residual[0, k]),
+            bias=float(cert.baseline[0, k]),
+            peak={m: _peak(exp.raw[m][0, k], plan.map_affine) for m in exp.methods},
+            disagreement=None if dis is None else DisagreementRecord.from_dict(
+                {"methods": pair, **{name: float(v[0, k]) for name, v in dis.items()}}),
+        ))
+    return records
 
 
 def explain_scan(
@@ -415,7 +429,8 @@ def explain_scan(
     allow_resample: bool = False,
     session: Session | None = None,
 ) -> dict[str, Any]:
-    """Read ``scan`` (NIfTI, NRRD/MHA, DICOM folder), explain it and write ``out_dir``. Returns the summary.
+    """Read ``scan`` (NIfTI, NRRD/MHA, DICOM folder), explain it and write ``out_dir``. Returns the summary (the
+    JSON object written to ``summary.json``; :func:`medcam3d.outputs.load_summary` reads it typed).
 
     Bad input raises :class:`InputError` before anything is written."""
     volume, t_read = read_scan(scan, series_uid, allow_resample)

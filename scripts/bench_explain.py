@@ -14,7 +14,11 @@ For each model this prints, measured in this run on this machine:
       - ``captum.LayerGradCam``: one ``attribute(x, target=k)`` call per class (when Captum is installed),
     timed on ``--baseline-classes`` classes and scaled to all classes (MONAI and Captum repeat the whole call per
     class, so linearly; hooks+backward as one forward + M backwards; use ``--baseline-classes 80`` to time every
-    class), and medcam3d's speed-up over each.
+    class), and medcam3d's speed-up over each,
+  * the cost of the map placement (issue 14: declared or derived receptive-field centres, ``map_geometry="auto"``):
+    the time the first (cold) call spent on it, and the time of a derivation from scratch (a fresh fx trace and
+    walk; for AxialNet, which declares its placement, of its in-plane ResNet + conv2d layers, i.e. what an
+    undeclared model of the same size would cost), each as a share of the explain time (target <= 5 %).
 
 Usage: python scripts/bench_explain.py [--quick] [--models resnet18_3d axialnet] [--baseline-classes 3]
 """
@@ -30,7 +34,9 @@ import torch
 from torch import nn
 
 from medcam3d import Explainer
+from medcam3d import placement as placement_mod
 from medcam3d.models import AxialNet
+from medcam3d.placement import Placement
 
 BASELINES = ("hooks", "monai", "captum")
 
@@ -75,7 +81,7 @@ def build(name: str, classes: int, quick: bool) -> tuple[nn.Module, str, torch.T
         return ResNet18NoGAP(classes, size).eval(), "layer4", torch.randn(1, 1, *size)
     if name == "axialnet":
         size = (60, 128, 128) if quick else (405, 420, 420)
-        kw = dict(width=16, feature_stride=8) if quick else {}
+        kw = {"width": 16, "feature_stride": 8} if quick else {}
         return AxialNet(n_outputs=classes, in_plane=size[1:], **kw).eval(), "conv2d.7", torch.randn(1, 1, *size)
     raise SystemExit(f"unknown model {name}")
 
@@ -107,6 +113,25 @@ def per_class_hooks_backward(
         model.zero_grad(set_to_none=True)
 
 
+def print_placement_cost(
+    model: nn.Module, layer_name: str, x: torch.Tensor, placement: Placement | None, t_cold: float, t_exp: float
+) -> None:
+    """Cost of the map placement: on the cold call, and derived from scratch (a fresh fx trace and walk)."""
+    print(placement.note() if placement is not None else "map placement: none")
+    print(f"{'  resolved on the cold call':40s} {t_cold * 1e3:9.1f} ms = {100 * t_cold / t_exp:6.2f} % of explain time")
+    features, conv2d = getattr(model, "features", None), getattr(model, "conv2d", None)
+    net: nn.Module = model
+    what, name, nd = "derived from scratch (fresh fx trace)", layer_name, x.ndim - 2
+    if isinstance(features, nn.Module) and isinstance(conv2d, nn.Module):  # AxialNet declares: derive in-plane
+        net, what, name, nd = nn.Sequential(features, conv2d), "derived from scratch (in-plane layers)", "1.7", 2
+    placement_mod.clear_cache()
+    t = time.perf_counter()
+    offset, stride = placement_mod.derive_geometry(net, name, nd)
+    t_derive = time.perf_counter() - t
+    print(f"{'  ' + what:40s} {t_derive * 1e3:9.1f} ms = {100 * t_derive / t_exp:6.2f} % of explain time "
+          f"(cells at {offset} + {stride} i)")
+
+
 def bench_model(
     name: str, classes: int, quick: bool, baseline_classes: int, repeat: int, which: tuple[str, ...] = BASELINES
 ) -> None:
@@ -120,14 +145,17 @@ def bench_model(
             model(x)
 
     t_inf = timed(infer, repeat)
+    placement_mod.clear_cache()
     explainer = Explainer(model, layer_name, methods=("hirescam", "gradcam"))
-    exp = explainer(x)
+    exp = explainer(x)  # cold: the placement is resolved (and derived, when not declared) here
+    t_cold_placement = exp.timings["placement"]
     t_exp = timed(lambda: explainer(x), repeat)
     print(f"plain inference                        {t_inf:9.2f} s")
     print(
         f"medcam3d all {classes} classes (HiResCAM+Grad-CAM, certificate '{exp.certificate.kind}', head "
         f"{exp.certificate.head}) {t_exp:9.2f} s   ratio to inference {t_exp / t_inf:5.2f}x"
     )
+    print_placement_cost(model, layer_name, x, exp.placement, t_cold_placement, t_exp)
     sub = list(range(min(baseline_classes, classes)))
     if "hooks" in which:
         t_fwd, t_bwd = per_class_hooks_backward(model, layer, x, sub)

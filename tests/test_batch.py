@@ -266,6 +266,16 @@ def test_slurm_yaml_to_cluster_kwargs(tmp_path, monkeypatch):
         assert line in script
 
 
+def test_batch_uses_the_shared_helpers():
+    """Checksums come from medcam3d.files; the default methods are the library's."""
+    import medcam3d.files
+    import medcam3d.methods
+    from medcam3d.batch import engine, worker
+
+    assert engine.sha256_of is medcam3d.files.sha256_of
+    assert worker.BatchSettings("out").methods == medcam3d.methods.DEFAULT_METHODS == ("hirescam", "gradcam")
+
+
 def test_command_modules_are_cheap_to_import():
     code = ("import sys, medcam3d.batch.command, medcam3d.report.command, medcam3d.cli as c; c.build_parser(); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed', 'jinja2', "

@@ -241,14 +241,14 @@ def test_internal_error_exits_1_with_a_hint(monkeypatch, scan, untrained_config,
 
 def test_real_process_exit_codes_version_and_help(tmp_path):
     exe = [sys.executable, "-m", "medcam3d.cli"]
-    v = subprocess.run(exe + ["--version"], capture_output=True, text=True)
+    v = subprocess.run(exe + ["--version"], capture_output=True, text=True, check=False)
     assert v.returncode == 0 and v.stdout.startswith("medcam3d ")
-    h = subprocess.run(exe + ["explain", "--help"], capture_output=True, text=True)
+    h = subprocess.run(exe + ["explain", "--help"], capture_output=True, text=True, check=False)
     assert h.returncode == 0 and "examples:" in h.stdout and "--full-res" in h.stdout
     bad = subprocess.run(exe + ["explain", str(tmp_path / "missing.nii.gz"), "--out", str(tmp_path / "o")],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, check=False)
     assert bad.returncode == 2 and "missing.nii.gz" in bad.stderr and not (tmp_path / "o").exists()
-    usage = subprocess.run(exe + ["explain"], capture_output=True, text=True)
+    usage = subprocess.run(exe + ["explain"], capture_output=True, text=True, check=False)
     assert usage.returncode == 2
 
 
@@ -285,3 +285,31 @@ def test_receptive_map_geometry_places_cells_at_their_receptive_field_centres(tm
                               np.asarray(nib.load(str(explained / n)).dataobj), atol=1e-4) for n in names]
     assert all(differ)
 
+
+
+def test_class_selection_tokens():
+    """--classes / --full-res tokens on hand-made scores: a 0.5 threshold is a score of 0 (sigmoid)."""
+    from medcam3d.errors import InputError
+    from medcam3d.selection import depends_on_scores, find_class, select_classes
+
+    labels = ["a", "b", "c", "d"]
+    scores = np.array([0.5, 2.0, -1.0, 1.0])
+    probs = 1.0 / (1.0 + np.exp(-scores))
+
+    def sel(spec):
+        return select_classes(spec, scores, probs, labels, 0.5)
+
+    assert sel(None) == sel(["all"]) == [0, 1, 2, 3]
+    assert sel(["positive"]) == [1, 3, 0]  # probability >= 0.5, highest score first
+    assert sel(["top-2"]) == [1, 3] and sel(["top-0"]) == [] and sel(["none"]) == []
+    assert sel(["c", "top-1", "0", "b", " d "]) == [2, 1, 0, 3]  # union in first-come order
+    assert sel(["positive", "top-3"]) == [1, 3, 0]
+    for spec, message in ((["top-x"], "bad token 'top-x'"), (["9"], r"index 9 out of range \(0..3\)"),
+                          (["zebra"], "unknown class 'zebra'")):
+        with pytest.raises(InputError, match=f"--full-res: {message}"):
+            select_classes(spec, scores, probs, labels, 0.5, what="--full-res")
+    assert depends_on_scores(None) and depends_on_scores(["a", "top-3"]) and depends_on_scores(["positive"])
+    assert not depends_on_scores(["a", "1", "none"])
+    assert find_class("b", labels) == 1 and find_class(3, labels) == 3
+    assert find_class(7, ["x", "y"], [3, 7]) == 1 and find_class("y", ["x", "y"], [3, 7]) == 1
+    assert find_class("3", ["x", "y"], [5, 7]) is None

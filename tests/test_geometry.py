@@ -81,12 +81,15 @@ def test_receptive_heatmap_puts_a_cell_at_its_centre():
     one = torch.zeros(1, 1, 2, 4, 4)
     one[0, 0, 1, 0, 3] = 1.0  # slice group 1, row 0, column 3
     exp.raw["hirescam"] = one.expand(1, 3, 2, 4, 4).clone()
-    field = exp.heatmap("hirescam")[0, 0]
+    field = exp.heatmap("hirescam", geometry="field")[0, 0]
     rec = exp.heatmap("hirescam", geometry="receptive")[0, 0]
     assert rec.shape == field.shape == (6, 96, 96)
+    assert torch.equal(exp.heatmap("hirescam")[0, 0], rec)  # "auto": AxialNet declares its geometry
     # receptive: row 0 of the map is centred at pixel 32, column 3 at 8*3 + 32 = 56, group 1 at slice 4
     assert rec[4, 32, 56] == 1.0 and rec[4, 32, 48] == 0.0 and rec[4, 40, 56] == 0.0
-    assert rec[4, :32, 56].eq(1.0).all()  # held beyond the first centre
+    # held for half a stride (4 px) beyond the first centre, uncovered (exactly 0) further out (issue 14; this
+    # asserted the old hold-to-the-border rule, rec[4, :32, 56] == 1, before)
+    assert rec[4, 28:32, 56].eq(1.0).all() and rec[4, :28, 56].eq(0.0).all()
     # field: the 96 pixels divided among 4 cells, row 0 centred at 11.5, column 3 at 83.5 -- and nothing where
     # the cell's receptive field is centred
     assert field[4, 11, 84] == 1.0 and field[4, 0, 95] == 1.0 and field[4, 32, 56] == 0.0
@@ -98,9 +101,22 @@ def test_receptive_heatmap_puts_a_cell_at_its_centre():
     assert half[4, 15, 28] == 1.0 and half[4, 15, 24] < 0.1 and half[4, 20, 28] < 0.1
 
 
-def test_receptive_geometry_needs_a_declaration():
-    net = ConvFC(nd=2)
-    exp = Explainer(net, "act")(torch.randn(1, 2, 4, 4))
+class PooledConvFC(nn.Module):
+    """ConvFC with an adaptive pooling before the explained layer: cells whose place depends on the input size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(4)
+        self.inner = ConvFC(nd=2)
+
+    def forward(self, x):
+        return self.inner(self.pool(x))
+
+
+def test_receptive_geometry_needs_a_declaration_or_a_derivation():
+    # (ConvFC itself is derived since issue 14, so the net without a receptive geometry pools adaptively first)
+    net = PooledConvFC()
+    exp = Explainer(net, "inner.act")(torch.randn(1, 2, 8, 8))
     assert exp.geometry is None
     with pytest.raises(InputError, match="declares no medcam3d_map_geometry"):
         exp.heatmap("hirescam", geometry="receptive")

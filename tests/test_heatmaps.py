@@ -1,8 +1,10 @@
 """Display post-processing: ReLU, whole-map min-max, n-linear upsampling."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+from medcam3d.geometry import MapGeometry
 from medcam3d.heatmaps import iter_heatmaps, normalize, to_heatmap, upsample
 
 
@@ -63,3 +65,16 @@ def test_float16_and_chunked_iteration_match():
     assert all(p[1].dtype == torch.float16 for p in parts)
     joined = torch.cat([p[1] for p in parts], dim=1).float()
     assert torch.allclose(joined, full, atol=1e-3)
+
+
+def test_receptive_upsample_is_zero_where_no_cell_sits():
+    """Two cells centred at voxels 2 and 6 of 12 (stride 4): linear between the centres, the edge value for half a
+    stride (2 voxels) beyond them, 0 from voxel 9 on (issue 14: uncovered is not zero evidence)."""
+    maps = torch.tensor([[[0.2, 1.0]]])
+    out = upsample(maps, (12,), MapGeometry((2.0,), (4.0,)))
+    expected = [0.2, 0.2, 0.2, 0.4, 0.6, 0.8, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+    assert out.flatten().tolist() == pytest.approx(expected)
+    assert out[0, 0, 9:].eq(0).all()
+    # to_heatmap: min-max first (0.2 -> 0, 1.0 -> 1), then the same placement
+    hm = to_heatmap(maps, (12,), geometry=MapGeometry((2.0,), (4.0,)))
+    assert hm.flatten().tolist() == pytest.approx([0, 0, 0, 0.25, 0.5, 0.75, 1, 1, 1, 0, 0, 0])

@@ -120,6 +120,54 @@ def test_importing_medcam3d_never_imports_qt_or_napari():
     assert r.returncode == 0, r.stderr
 
 
+def test_viewer_modules_form_no_import_cycle_and_old_names_keep_working():
+    """The window lives in its own module: widget -> comparison, window -> (comparison, widget), app re-exports;
+    no module of the package reaches itself through its imports (function-local ones included)."""
+    import ast
+
+    import medcam3d.methods
+    import medcam3d.viewer.layers
+
+    pkg = Path(medcam3d.viewer.__file__).parent
+    graph = {}
+    for f in pkg.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                deps |= {node.module} if node.module else {a.name for a in node.names}
+        graph[f.stem] = {d for d in deps if (pkg / f"{d}.py").is_file()}
+
+    def reaches(start, goal, seen=()):
+        return any(d == goal or (d not in seen and reaches(d, goal, (*seen, d))) for d in graph[start])
+
+    assert not [m for m in graph if m != "__init__" and reaches(m, m)]
+    assert "app" not in graph["widget"] and {"comparison", "widget"} <= graph["window"]
+    code = ("import medcam3d.viewer.comparison, sys; "
+            "bad = [m for m in ('PyQt6', 'PyQt5', 'PySide6', 'qtpy', 'napari') if m in sys.modules]; assert not bad, bad")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr  # the comparison itself needs no Qt until a viewer is built
+    assert medcam3d.viewer.layers.method_title is medcam3d.methods.method_title
+    assert medcam3d.viewer.layers.method_title("gradcampp") == "Grad-CAM++"
+    # app: the former home of the comparison and the window, re-exporting them for one release
+    from medcam3d.viewer import app, comparison, window
+
+    assert app.open_viewer is window.open_viewer and app.ViewerApp is window.ViewerApp
+    assert app.Comparison is comparison.Comparison and app.default_methods(["gradcam", "x", "hirescam"]) == (
+        "hirescam", "gradcam")
+
+
+def test_output_folder_refuses_a_foreign_summary(tmp_path):
+    from medcam3d.errors import InputError
+    from medcam3d.viewer.folder import OutputFolder
+
+    (tmp_path / "summary.json").write_text(json.dumps({"methods": ["hirescam"], "classes": [{"label": "x"}]}))
+    with pytest.raises(InputError, match="not a medcam3d summary .*missing 'index'"):
+        OutputFolder(tmp_path)
+    (tmp_path / "summary.json").write_text(json.dumps({"schema_version": 99, "methods": [], "classes": []}))
+    with pytest.raises(InputError, match="newer than this medcam3d reads"):
+        OutputFolder(tmp_path)
+
+
 def test_manifest_validates_and_points_at_importable_callables():
     import npe2
 

@@ -1,4 +1,5 @@
-"""``medcam3d batch``: the command line. Cheap to import (no dask, no torch work at import)."""
+"""``medcam3d batch``: the command line. Cheap to import (no dask, no torch work at import; dask is imported by the
+engine when a run starts)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..methods import DEFAULT_METHODS
+from .cohort import parse_shard
+from .engine import EngineOptions, run_batch
+from .worker import BatchSettings
 
 __all__ = ["cmd_batch", "register"]
 
@@ -35,6 +40,7 @@ def _gpus(text: str) -> tuple[str, ...]:
 
 def _organ_codes(spec: str | None) -> tuple[tuple[str, int], ...]:
     if spec is None:
+        # medcam3d.data imports scipy (about half a second): only when the phantoms' codes are the default
         from ..data import ORGAN_CODES
 
         return tuple(ORGAN_CODES.items())
@@ -57,10 +63,6 @@ def _organ_codes(spec: str | None) -> tuple[tuple[str, int], ...]:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from .cohort import parse_shard
-    from .engine import EngineOptions, run_batch
-    from .worker import BatchSettings
-
     shard_spec = parse_shard(args.shard) if args.shard else None
     engines = [x for x in (args.scheduler, args.scheduler_file, args.cluster) if x]
     if len(engines) > 1 or (engines and shard_spec):
@@ -120,8 +122,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", required=True, help="batch folder (created; re-runs resume it)")
     p.add_argument("--config", help="YAML config (default: the embedded demo model's)")
     p.add_argument("--model", metavar="CHECKPOINT", help="weights file overriding the config's")
-    p.add_argument("--methods", nargs="+", default=["hirescam", "gradcam"], metavar="METHOD",
-                   help="methods to compute (default: hirescam gradcam)")
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
+                   help=f"methods to compute (default: {' '.join(DEFAULT_METHODS)})")
     p.add_argument("--classes", nargs="+", metavar="CLASS", help="as in medcam3d explain (default: all)")
     p.add_argument("--full-res", nargs="+", metavar="CLASS",
                    help="classes with full-resolution maps and montages, as in medcam3d explain (default: predicted "

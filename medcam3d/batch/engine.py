@@ -21,19 +21,27 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from ..config import load_config
 from ..errors import InputError
+from ..files import sha256_of, write_json_atomic
+from ..pipeline import DEFAULT_CONFIG
+from ..report import write_report
 from .cohort import BadRow, ScanTask, read_cohort, shard
+from .slurm import read_slurm_config, start_slurm_cluster
 from .worker import (
     SCANS,
     BatchSettings,
@@ -225,8 +233,6 @@ def _final(rec: dict[str, Any], attempts: int, deaths: int) -> dict[str, Any]:
 def run_loop(todo: Sequence[ScanTask], settings: BatchSettings, retries: int, on_record: OnRecord) -> None:
     """No engine: explain the scans one after another in this process (``--shard`` and the benchmark's baseline).
     torch's thread count is restored afterwards."""
-    import torch
-
     threads = torch.get_num_threads()
     try:
         _loop(todo, settings, retries, on_record)
@@ -255,6 +261,7 @@ def _killed_record(task: ScanTask, err: BaseException, deaths: int, attempt: int
 def run_dask(client: Any, todo: Sequence[ScanTask], settings: BatchSettings, retries: int, on_record: OnRecord,
              allowed_failures: int | None = None) -> None:
     """Submit one task per scan to a Dask client and handle results as they complete (retries, KilledWorker)."""
+    # dask: imported when a run uses it
     from distributed import KilledWorker, as_completed
 
     if allowed_failures is None:
@@ -304,9 +311,7 @@ def local_cluster(workers: int, gpus: Sequence[str] = (), threads: int | None = 
     torch/BLAS threads. Nannies restart a worker that dies. Where the platform has it, workers are forked from a
     fork server that has already imported torch, MONAI and medcam3d (a restarted worker is ready in a second
     instead of re-importing for ten). The Dask settings hold while the context is open."""
-    import multiprocessing
-
-    import dask
+    import dask  # heavy and optional (extra: reports): imported when a cluster starts
     from distributed import LocalCluster
 
     n = len(gpus) or workers
@@ -359,9 +364,6 @@ def local_cluster(workers: int, gpus: Sequence[str] = (), threads: int | None = 
 # ---------------------------------------------------------------------------------------------------------------
 def fingerprint(settings: BatchSettings) -> dict[str, Any]:
     """What makes two runs' outputs comparable: config and weights checksums, methods, class selections, codes."""
-    from ..config import load_config
-    from ..pipeline import DEFAULT_CONFIG, sha256_of
-
     cfg = load_config(settings.config or DEFAULT_CONFIG)
     weights = Path(settings.checkpoint).expanduser().resolve() if settings.checkpoint else cfg.weights_path
     if settings.checkpoint and not (weights and weights.is_file()):
@@ -384,8 +386,6 @@ def _fp_hash(fp: dict[str, Any]) -> str:
 
 def _check_batch_folder(out: Path, fp: dict[str, Any], redo: bool) -> str:
     """Create or check ``OUT/medcam3d_batch.json``; returns the fingerprint hash recorded in done markers."""
-    from ..outputs import write_json
-
     h = _fp_hash(fp)
     f = out / BATCH_FILE
     if out.exists() and not out.is_dir():
@@ -405,7 +405,7 @@ def _check_batch_folder(out: Path, fp: dict[str, Any], redo: bool) -> str:
     elif out.is_dir() and any(p for p in out.iterdir() if not p.name.startswith(".")) and not (out / SCANS).is_dir():
         raise InputError("--out is a non-empty folder that is not a medcam3d batch folder", out)
     out.mkdir(parents=True, exist_ok=True)
-    write_json({"medcam3d_batch": 1, "created": _now(), "fingerprint_sha": h, "fingerprint": fp}, f)
+    write_json_atomic({"medcam3d_batch": 1, "created": _now(), "fingerprint_sha": h, "fingerprint": fp}, f)
     return h
 
 
@@ -443,8 +443,6 @@ def run_batch(
     (out_dir / SCANS).mkdir(exist_ok=True)
     (out_dir / RUNS).mkdir(exist_ok=True)
     run_id = f"{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    from dataclasses import replace
-
     settings = replace(settings, out_dir=str(out_dir), run_id=run_id, fingerprint_sha=fp_sha)
     run_log = out_dir / RUNS / f"{run_id}.jsonl"
     _append_jsonl(run_log, {"event": "start", "time": _now(), "run_id": run_id, "source": str(source),
@@ -502,8 +500,6 @@ def run_batch(
 
 def _write_report(out_dir: Path, quiet: bool) -> Path | None:
     try:
-        from ..report import write_report
-
         return write_report(out_dir).html
     except (ImportError, InputError) as e:  # the scans are done; a missing report extra must not fail the run
         if not quiet:
@@ -513,8 +509,6 @@ def _write_report(out_dir: Path, quiet: bool) -> Path | None:
 
 def _run(engine: EngineOptions, todo: list[ScanTask], settings: BatchSettings, retries: int,
          on_record: OnRecord) -> None:
-    from dataclasses import replace
-
     if engine.kind == "loop":
         run_loop(todo, settings, retries, on_record)
         return
@@ -533,8 +527,6 @@ def _run(engine: EngineOptions, todo: list[ScanTask], settings: BatchSettings, r
         return
     if engine.kind == "slurm":
         import dask
-
-        from .slurm import read_slurm_config, start_slurm_cluster
 
         kwargs, jobs, threads, gpu = read_slurm_config(engine.cluster_config or "")
         cfg = {} if allowed is None else {"distributed.scheduler.allowed-failures": int(allowed)}

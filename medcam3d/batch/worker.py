@@ -26,15 +26,22 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..errors import InputError
+from ..files import atomic_path
+from ..io import read_volume
+from ..methods import DEFAULT_METHODS
+from ..pipeline import ScanResult, Session, read_scan
 from .cohort import ScanTask
+from .organs import organ_fractions, shares_record
 
 __all__ = ["DONE", "SCANS", "BatchSettings", "clear_sessions", "is_done", "process_scan", "read_done", "scan_dir"]
 
 DONE = ".done"
 SCANS = "scans"
 
-_SESSIONS: dict[tuple[Any, ...], Any] = {}
+_SESSIONS: dict[tuple[Any, ...], Session] = {}
 _LOCK = threading.Lock()
 
 
@@ -61,7 +68,7 @@ class BatchSettings:
     out_dir: str
     config: str | None = None
     checkpoint: str | None = None
-    methods: tuple[str, ...] = ("hirescam", "gradcam")
+    methods: tuple[str, ...] = DEFAULT_METHODS
     classes: tuple[str, ...] | None = None
     full_res: tuple[str, ...] | None = None
     device: str = "auto"
@@ -97,13 +104,12 @@ def read_done(folder: Path) -> dict[str, Any] | None:
 
 
 def _write_json_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    """Write JSON atomically and flushed to disk (the done marker must survive a crash once it exists)."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _fsync_dir(d: Path) -> None:
@@ -141,6 +147,7 @@ def clear_sessions() -> None:
 
 
 def _worker_threads() -> int | None:
+    # dask is heavy and optional: imported when asked inside a worker, never at import time
     try:
         from distributed import get_worker
 
@@ -159,28 +166,21 @@ def _worker_address() -> str | None:
 
 
 def _set_threads(n: int | None) -> None:
-    import torch
-
     if n and torch.get_num_threads() != int(n):
         torch.set_num_threads(max(1, int(n)))
 
 
-def get_session(settings: BatchSettings) -> tuple[Any, bool]:
+def get_session(settings: BatchSettings) -> tuple[Session, bool]:
     """This process's Session for ``settings`` and whether this call loaded it. Call with ``_LOCK`` held."""
     key = settings.session_key()
     if key in _SESSIONS:
         return _SESSIONS[key], False
-    from ..pipeline import Session
-
     _SESSIONS[key] = Session(settings.config, settings.checkpoint, settings.methods, settings.device,
                              map_geometry=settings.map_geometry)
     return _SESSIONS[key], True
 
 
-def _organ_shares(session: Any, result: Any, organs: str, codes: dict[str, int]) -> dict[str, Any]:
-    from ..io import read_volume
-    from .organs import organ_fractions, shares_record
-
+def _organ_shares(session: Session, result: ScanResult, organs: str, codes: dict[str, int]) -> dict[str, Any]:
     t0 = time.perf_counter()
     lab_vol = read_volume(organs)
     on_grid = session.preprocessor.preprocess_labels(lab_vol, like=result.grid)[0]  # [S, H, W]
@@ -221,8 +221,6 @@ def process_scan(task: ScanTask, settings: BatchSettings, attempt: int = 1) -> d
             _set_threads(settings.torch_threads or _worker_threads())
             session, loaded = get_session(settings)
             rec["model_loaded"] = loaded
-            from ..pipeline import read_scan
-
             volume, t_read = read_scan(task.path, allow_resample=settings.allow_resample)
             result = session.explain_volume(volume, settings.classes, read_seconds=t_read)
             extra: dict[str, Any] = {"batch": {"scan_id": task.scan_id, "folder": task.folder,

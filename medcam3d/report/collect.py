@@ -3,7 +3,7 @@
 Only what a report may show is kept. Privacy by default: no input paths, no DICOM UIDs or series descriptions,
 no host names; error messages have file paths replaced by ``<path>`` (``include_paths=True`` keeps them and adds
 each scan's input path). DICOM patient identifiers never reach summary.json in the first place (see
-:mod:`medcam3d.io.dicom`).
+:mod:`medcam3d.io.dicom`). Summaries are read with :func:`medcam3d.outputs.load_summary`.
 """
 
 from __future__ import annotations
@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..outputs import SUMMARY, ClassRecord, Summary, load_summary
 
 __all__ = [
     "NONDETERMINISTIC_COLUMNS",
@@ -54,11 +56,11 @@ class ScanEntry:
 
     scan_id: str
     folder: Path
-    summary: dict[str, Any]
+    summary: Summary
 
     @property
-    def classes(self) -> list[dict[str, Any]]:
-        return list(self.summary.get("classes", []))
+    def classes(self) -> list[ClassRecord]:
+        return list(self.summary.classes)
 
 
 @dataclass
@@ -76,16 +78,21 @@ class Cohort:
     model: dict[str, Any] = field(default_factory=dict)
 
 
-def _load(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
 def collect(root: str | Path, include_paths: bool = False) -> Cohort:
     """Read ``root`` (a ``medcam3d batch`` folder)."""
     d = Path(root).expanduser().resolve()
     scans_dir = d / SCANS
     if not scans_dir.is_dir():
         raise InputError("not a medcam3d batch folder (no scans/ inside)", d)
+    scans, unfinished = _finished_scans(scans_dir, include_paths)
+    cohort = Cohort(d, scans, _failures(d / FAILURES, {s.scan_id for s in scans}, include_paths), unfinished)
+    _gather_names(cohort)
+    cohort.model = _model_info(scans)
+    return cohort
+
+
+def _finished_scans(scans_dir: Path, include_paths: bool) -> tuple[list[ScanEntry], int]:
+    """The scans with a done marker and a readable summary (sorted by id), and how many folders are not."""
     scans: list[ScanEntry] = []
     unfinished = 0
     for sub in sorted(p for p in scans_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -93,72 +100,72 @@ def collect(root: str | Path, include_paths: bool = False) -> Cohort:
             unfinished += 1
             continue
         try:
-            summary = _load(sub / "summary.json")
-        except (OSError, ValueError):
+            summary = load_summary(sub / SUMMARY)
+        except InputError:
             unfinished += 1
             continue
-        sid = str(summary.get("batch", {}).get("scan_id") or sub.name)
-        if not include_paths:
-            summary = _private(summary)
-        scans.append(ScanEntry(sid, sub, summary))
-    scans.sort(key=lambda s: s.scan_id)
-    done_ids = {s.scan_id for s in scans}
+        sid = summary.batch.scan_id if summary.batch is not None and summary.batch.scan_id else sub.name
+        scans.append(ScanEntry(sid, sub, summary if include_paths else _private(summary)))
+    return sorted(scans, key=lambda s: s.scan_id), unfinished
+
+
+def _failures(path: Path, done_ids: set[str], include_paths: bool) -> list[dict[str, Any]]:
+    """The latest failure of every scan that is not finished, sorted by scan id (or manifest row)."""
     latest: dict[str, dict[str, Any]] = {}
-    fpath = d / FAILURES
-    if fpath.is_file():
-        for line in fpath.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            key = str(rec.get("scan_id")) if rec.get("scan_id") is not None else f"<row {rec.get('where')}>"
-            if key in done_ids:
-                continue
-            rec = {k: rec.get(k) for k in ("scan_id", "error", "error_type", "stage", "attempts", "worker_deaths",
-                                           "where", "time")}
-            if not include_paths and rec.get("error"):
-                rec["error"] = redact_paths(str(rec["error"]))
-            latest[key] = rec
-    failures = [latest[k] for k in sorted(latest)]
-    cohort = Cohort(d, scans, failures, unfinished)
-    cohort.model = dict.fromkeys(("config", "synthetic_data_only", "certificate_kind", "certificate_summary",
-                                  "medcam3d_version", "threshold"))
-    for s in scans:
-        for m in s.summary.get("methods", []):
-            if m not in cohort.methods:
-                cohort.methods.append(m)
-        for c in s.classes:
-            if c["label"] not in cohort.labels:
-                cohort.labels.append(c["label"])
-        shares = s.summary.get("organ_shares") or {}
-        for o in shares.get("organs", []):
-            if o not in cohort.organs:
-                cohort.organs.append(o)
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        key = str(rec.get("scan_id")) if rec.get("scan_id") is not None else f"<row {rec.get('where')}>"
+        if key in done_ids:
+            continue
+        rec = {k: rec.get(k) for k in ("scan_id", "error", "error_type", "stage", "attempts", "worker_deaths",
+                                       "where", "time")}
+        if not include_paths and rec.get("error"):
+            rec["error"] = redact_paths(str(rec["error"]))
+        latest[key] = rec
+    return [latest[k] for k in sorted(latest)]
+
+
+def _add_new(names: list[str], more: Sequence[str]) -> None:
+    names += [n for n in dict.fromkeys(more) if n not in names]
+
+
+def _gather_names(cohort: Cohort) -> None:
+    """The cohort's methods, class labels, organs and allowed organs, in first-seen order."""
+    for s in cohort.scans:
+        _add_new(cohort.methods, s.summary.methods)
+        _add_new(cohort.labels, [c.label for c in s.classes])
+        shares = s.summary.organ_shares or {}
+        _add_new(cohort.organs, shares.get("organs", []))
         for label, entry in (shares.get("classes") or {}).items():
             if "allowed" in entry:
                 cohort.allowed.setdefault(label, list(entry["allowed"]))
-    if scans:
-        s0 = scans[0].summary
-        cohort.model = {
-            "config": (s0.get("config") or {}).get("name"),
-            "synthetic_data_only": bool((s0.get("model") or {}).get("synthetic_data_only")),
-            "certificate_kind": (s0.get("certificate") or {}).get("kind"),
-            "certificate_summary": (s0.get("certificate") or {}).get("summary"),
-            "medcam3d_version": s0.get("medcam3d_version"),
-            "threshold": s0.get("threshold"),
-        }
-    return cohort
 
 
-def _private(summary: dict[str, Any]) -> dict[str, Any]:
+def _model_info(scans: list[ScanEntry]) -> dict[str, Any]:
+    """What produced the scans (from the first one): config, demo flag, certificate, version, threshold."""
+    if not scans:
+        return dict.fromkeys(("config", "synthetic_data_only", "certificate_kind", "certificate_summary",
+                              "medcam3d_version", "threshold"))
+    s0 = scans[0].summary
+    cert = s0.certificate
+    return {
+        "config": s0.config.name,
+        "synthetic_data_only": bool(s0.model.synthetic_data_only),
+        "certificate_kind": cert.kind if cert is not None else None,
+        "certificate_summary": cert.summary if cert is not None else None,
+        "medcam3d_version": s0.medcam3d_version,
+        "threshold": s0.threshold,
+    }
+
+
+def _private(summary: Summary) -> Summary:
     """Drop what could identify a patient or a site: input path, UIDs, descriptions, hosts."""
-    out = dict(summary)
-    inp = dict(out.get("input") or {})
-    for k in ("path", "meta", "sha256"):
-        inp.pop(k, None)
-    out["input"] = inp
-    out.pop("batch_host", None)
-    return out
+    inp = replace(summary.input, path=None, meta={}, sha256=None)
+    return replace(summary, input=inp, extra={k: v for k, v in summary.extra.items() if k != "batch_host"})
 
 
 def _num(v: Any) -> float | None:
@@ -185,33 +192,39 @@ def table_rows(cohort: Cohort, include_paths: bool = False) -> tuple[list[str], 
         cols.append(f"outside_allowed_{m}")
     rows: list[dict[str, Any]] = []
     for s in cohort.scans:
-        shares = (s.summary.get("organ_shares") or {}).get("classes") or {}
-        for c in sorted(s.classes, key=lambda c: c["index"]):
-            dis = c.get("disagreement") or {}
-            r: dict[str, Any] = {
-                "scan_id": s.scan_id, "class_index": int(c["index"]), "label": c["label"],
-                "score": _num(c.get("score")), "probability": _num(c.get("probability")),
-                "predicted": int(bool(c.get("predicted"))), "full_resolution": int(bool(c.get("full_resolution"))),
-                "certificate": c.get("certificate"),
-                "completeness_residual": _num(c.get("completeness_residual")),
-                "relative_residual": _num(c.get("relative_residual")),
-                "l2": _num(dis.get("l2")), "pearson": _num(dis.get("pearson")),
-                "top_overlap": _num(dis.get("top_overlap")),
-            }
+        shares = (s.summary.organ_shares or {}).get("classes") or {}
+        for c in sorted(s.classes, key=lambda c: c.index):
+            r = _class_row(s, c, methods, organs, shares.get(c.label) or {})
             if include_paths:
-                r["input_path"] = (s.summary.get("input") or {}).get("path")
-            for m in methods:
-                pk = (c.get("peak") or {}).get(m) or {}
-                ijk = pk.get("map_index") or [None] * 3
-                xyz = pk.get("world_ras_mm") or [None] * 3
-                r.update({f"peak_{m}_i": ijk[0], f"peak_{m}_j": ijk[1], f"peak_{m}_k": ijk[2],
-                          f"peak_{m}_value": _num(pk.get("value")),
-                          f"peak_{m}_x": _num(xyz[0]), f"peak_{m}_y": _num(xyz[1]), f"peak_{m}_z": _num(xyz[2])})
-            entry = shares.get(c["label"]) or {}
-            for m in methods:
-                per = entry.get(m) or {}
-                for o in organs:
-                    r[f"share_{m}_{o}"] = _num(per.get(o))
-                r[f"outside_allowed_{m}"] = _num((entry.get("outside_allowed") or {}).get(m))
+                r["input_path"] = s.summary.input.path
             rows.append({k: r.get(k) for k in cols})
     return cols, rows
+
+
+def _class_row(s: ScanEntry, c: ClassRecord, methods: Sequence[str], organs: Sequence[str],
+               shares: dict[str, Any]) -> dict[str, Any]:
+    """The table row of class ``c`` of scan ``s`` (``shares``: its organ_shares entry)."""
+    dis = c.disagreement
+    r: dict[str, Any] = {
+        "scan_id": s.scan_id, "class_index": int(c.index), "label": c.label,
+        "score": _num(c.score), "probability": _num(c.probability),
+        "predicted": int(bool(c.predicted)), "full_resolution": int(bool(c.full_resolution)),
+        "certificate": c.certificate,
+        "completeness_residual": _num(c.completeness_residual),
+        "relative_residual": _num(c.relative_residual),
+        "l2": _num(dis.l2) if dis else None, "pearson": _num(dis.pearson) if dis else None,
+        "top_overlap": _num(dis.top_overlap) if dis else None,
+    }
+    for m in methods:
+        pk = c.peak.get(m)
+        ijk: Sequence[int | None] = (pk.map_index if pk else None) or [None] * 3
+        xyz: Sequence[float | None] = (pk.world_ras_mm if pk else None) or [None] * 3
+        r.update({f"peak_{m}_i": ijk[0], f"peak_{m}_j": ijk[1], f"peak_{m}_k": ijk[2],
+                  f"peak_{m}_value": _num(pk.value if pk else None),
+                  f"peak_{m}_x": _num(xyz[0]), f"peak_{m}_y": _num(xyz[1]), f"peak_{m}_z": _num(xyz[2])})
+    for m in methods:
+        per = shares.get(m) or {}
+        for o in organs:
+            r[f"share_{m}_{o}"] = _num(per.get(o))
+        r[f"outside_allowed_{m}"] = _num((shares.get("outside_allowed") or {}).get(m))
+    return r

@@ -7,6 +7,7 @@ from typing import Any
 
 from ..argtypes import probability
 from ..errors import InputError
+from .render import write_report
 
 __all__ = ["cmd_report", "register"]
 
@@ -18,8 +19,6 @@ EXAMPLES = """examples:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .render import write_report
-
     for name in ("max_scans", "findings", "montages"):
         if getattr(args, name) < 0:
             raise InputError(f"--{name.replace('_', '-')} must be >= 0")

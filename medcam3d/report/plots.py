@@ -21,7 +21,7 @@ def data_uri(png: bytes, mime: str = "image/png") -> str:
 
 
 def _plt() -> Any:
-    import matplotlib
+    import matplotlib  # heavy: imported when the first figure is drawn, not when the report package is
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
@@ -102,12 +102,13 @@ def organ_shares_figure(labels: Sequence[str], organs: Sequence[str], mean_share
 
 def thumbnail(png_path: Any, width: int = 900, quality: int = 88) -> bytes:
     """A montage PNG scaled to ``width`` pixels as JPEG bytes (keeps a report of hundreds of scans small)."""
+    # Pillow: imported with the images that need it, like matplotlib above
     from PIL import Image
 
-    with Image.open(png_path) as im:
-        im = im.convert("RGB")
-        if im.width > width:
-            im = im.resize((width, round(im.height * width / im.width)), Image.BILINEAR)
-        buf = io.BytesIO()
-        im.save(buf, format="JPEG", quality=quality)
+    with Image.open(png_path) as src:
+        im = src.convert("RGB")
+    if im.width > width:
+        im = im.resize((width, round(im.height * width / im.width)), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()

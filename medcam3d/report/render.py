@@ -7,9 +7,8 @@ forbids scripts and remote loads, so a scan id such as ``<script>alert(1)</scrip
 from __future__ import annotations
 
 import csv
+import io
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -17,7 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from .collect import Cohort, collect, table_rows
+from ..files import atomic_path, write_bytes_atomic
+from ..outputs import ClassRecord, montage_name
+from .collect import Cohort, ScanEntry, collect, table_rows
+from .plots import (
+    data_uri,
+    disagreement_figure,
+    organ_shares_figure,
+    score_distribution,
+    thumbnail,
+)
 
 __all__ = ["ReportFiles", "cohort_stats", "render_html", "write_report", "write_table"]
 
@@ -34,18 +42,6 @@ class ReportFiles:
     pdf: Path | None = None
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _fmt(v: Any) -> str:
     if v is None:
         return ""
@@ -56,16 +52,14 @@ def _fmt(v: Any) -> str:
 
 def write_table(cols: Sequence[str], rows: Sequence[dict[str, Any]], stem: Path) -> tuple[Path, Path | None]:
     """``<stem>.csv`` always; ``<stem>.parquet`` too when pyarrow is installed."""
-    import io
-
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(cols)
     for r in rows:
         w.writerow([_fmt(r.get(c)) for c in cols])
     csv_path = stem.with_suffix(".csv")
-    _atomic_bytes(csv_path, buf.getvalue().encode("utf-8"))
-    try:
+    write_bytes_atomic(csv_path, buf.getvalue().encode("utf-8"))
+    try:  # pyarrow: optional and heavy, imported only to write the Parquet copy
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
@@ -73,15 +67,8 @@ def write_table(cols: Sequence[str], rows: Sequence[dict[str, Any]], stem: Path)
     table = pa.Table.from_pylist([{c: r.get(c) for c in cols} for r in rows],
                                  schema=_schema(pa, cols, rows)) if rows else pa.table({c: [] for c in cols})
     pq_path = stem.with_suffix(".parquet")
-    fd, tmp = tempfile.mkstemp(dir=pq_path.parent, prefix=f".{pq_path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, pq_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(pq_path) as tmp:
+        pq.write_table(table, str(tmp))
     return csv_path, pq_path
 
 
@@ -159,7 +146,7 @@ def cohort_stats(cohort: Cohort, rows: Sequence[dict[str, Any]], disagree_below:
 # HTML
 # ---------------------------------------------------------------------------------------------------------------
 def _env() -> Any:
-    try:
+    try:  # jinja2: an optional extra (reports), imported when a page is rendered
         import jinja2
     except ImportError:
         raise InputError("the report needs jinja2: pip install 'medcam3d[reports]'") from None
@@ -181,40 +168,40 @@ def _env() -> Any:
     return env
 
 
-def _scan_sections(cohort: Cohort, max_scans: int, findings: int, montages: int, thumb_width: int) -> list[dict]:
-    from ..outputs import montage_name
-    from .plots import data_uri, thumbnail
+def _class_view(c: ClassRecord) -> dict[str, Any]:
+    """A class as the template reads it (a plain dict; ``disagreement`` always present, None with one method)."""
+    return {**c.to_dict(), "disagreement": c.disagreement.to_dict() if c.disagreement is not None else None}
 
+
+def _montages(s: ScanEntry, montages: int, thumb_width: int) -> list[dict[str, Any]]:
+    """Up to ``montages`` montage thumbnails of the scan's full-resolution classes, highest score first."""
+    images: list[dict[str, Any]] = []
+    for c in sorted((c for c in s.classes if c.full_resolution), key=lambda c: (-c.score, c.index)):
+        if len(images) >= montages:
+            break
+        p = s.folder / montage_name(c.index, c.label)
+        if p.is_file():
+            images.append({"label": c.label, "score": c.score, "probability": c.probability,
+                           "src": data_uri(thumbnail(p, thumb_width), "image/jpeg")})
+    return images
+
+
+def _scan_sections(cohort: Cohort, max_scans: int, findings: int, montages: int, thumb_width: int) -> list[dict]:
     out = []
     for s in cohort.scans[:max_scans]:
-        cls = sorted(s.classes, key=lambda c: (-float(c.get("probability") or 0.0), c["index"]))
-        top = cls[:findings]
-        images = []
-        for c in sorted((c for c in s.classes if c.get("full_resolution")), key=lambda c: (-c["score"], c["index"])):
-            if len(images) >= montages:
-                break
-            p = s.folder / montage_name(int(c["index"]), c["label"])
-            if p.is_file():
-                images.append({"label": c["label"], "score": c["score"], "probability": c["probability"],
-                               "src": data_uri(thumbnail(p, thumb_width), "image/jpeg")})
-        inp = s.summary.get("input") or {}
-        out.append({"scan_id": s.scan_id, "anchor": f"scan-{s.folder.name}", "top": top, "images": images,
-                    "positives": [c["label"] for c in cls if c.get("predicted")],
-                    "shape": inp.get("shape"), "spacing": inp.get("spacing_mm"), "path": inp.get("path"),
-                    "shares": (s.summary.get("organ_shares") or {}).get("classes") or {}})
+        cls = sorted(s.classes, key=lambda c: (-float(c.probability or 0.0), c.index))
+        inp = s.summary.input
+        out.append({"scan_id": s.scan_id, "anchor": f"scan-{s.folder.name}",
+                    "top": [_class_view(c) for c in cls[:findings]], "images": _montages(s, montages, thumb_width),
+                    "positives": [c.label for c in cls if c.predicted],
+                    "shape": inp.shape or None, "spacing": inp.spacing_mm or None, "path": inp.path,
+                    "shares": (s.summary.organ_shares or {}).get("classes") or {}})
     return out
 
 
 def render_html(cohort: Cohort, cols: Sequence[str], rows: Sequence[dict[str, Any]], *, title: str,
                 max_scans: int = 200, findings: int = 5, montages: int = 2, thumb_width: int = 900,
                 disagree_below: float = 0.5, flag_outside: float = 0.5, include_paths: bool = False) -> str:
-    from .plots import (
-        data_uri,
-        disagreement_figure,
-        organ_shares_figure,
-        score_distribution,
-    )
-
     stats = cohort_stats(cohort, rows, disagree_below, flag_outside)
     labels = cohort.labels
     figures: dict[str, str] = {}
@@ -244,7 +231,7 @@ def render_html(cohort: Cohort, cols: Sequence[str], rows: Sequence[dict[str, An
 
 
 def _weasyprint() -> Any:
-    try:
+    try:  # weasyprint: optional (extra: pdf), imported only for --pdf
         import weasyprint
     except (ImportError, OSError):  # OSError: the package is there but its system libraries (pango) are not
         raise InputError("--pdf needs weasyprint: pip install 'medcam3d[pdf]' (and its system libraries, "
@@ -271,7 +258,7 @@ def write_report(root: str | Path, *, html: str | Path | None = None, pdf: bool 
     if weasyprint is not None:
         pdf_path = Path(pdf).expanduser().resolve() if not isinstance(pdf, bool) else html_path.with_suffix(".pdf")
         data = weasyprint.HTML(string=page, base_url=str(cohort.root)).write_pdf()
-        _atomic_bytes(pdf_path, data)
+        write_bytes_atomic(pdf_path, data)
         files.pdf = pdf_path
-    _atomic_bytes(html_path, page.encode("utf-8"))
+    write_bytes_atomic(html_path, page.encode("utf-8"))
     return files

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from .folder import OutputFolder
+from .layers import DEFAULT_OPACITY, DEFAULT_THRESHOLD, WINDOWS
 
 __all__ = ["cmd_view", "register"]
 
@@ -36,10 +37,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--class", dest="class_", metavar="CLASS", help="label or index to show (default: highest score)")
     p.add_argument("--methods", nargs=2, metavar=("LEFT", "RIGHT"),
                    help="method of each pane (default: hirescam gradcam)")
-    p.add_argument("--window", choices=("lung", "soft_tissue"), default="lung", help="CT window (default: lung)")
-    p.add_argument("--threshold", type=float, default=0.2,
-                   help="show maps above this fraction of their peak, in [0, 1) (default: 0.2)")
-    p.add_argument("--opacity", type=float, default=0.7, help="map opacity in [0, 1] (default: 0.7)")
+    p.add_argument("--window", choices=WINDOWS, default="lung", help="CT window (default: lung)")
+    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                   help=f"show maps above this fraction of their peak, in [0, 1) (default: {DEFAULT_THRESHOLD})")
+    p.add_argument("--opacity", type=float, default=DEFAULT_OPACITY,
+                   help=f"map opacity in [0, 1] (default: {DEFAULT_OPACITY})")
     p.add_argument("--3d", dest="three_d", action="store_true", help="start in 3-D rendering")
     p.add_argument("--screenshot", metavar="FILE.png",
                    help="render the view to this PNG and exit instead of opening an interactive window")
@@ -71,9 +73,10 @@ def cmd_view(args: argparse.Namespace) -> int:
         raise InputError("--threshold must be in [0, 1) and --opacity in [0, 1]")
     folder = OutputFolder(maps)
     _check_gui()
+    # napari and Qt are heavy and optional: imported only when the command runs (keeps `medcam3d --help` fast)
     import napari
 
-    from .app import open_viewer
+    from .window import open_viewer
 
     app = open_viewer(folder, scan, methods=args.methods, class_=args.class_, window=args.window,
                       threshold=args.threshold, opacity=args.opacity, ndisplay=3 if args.three_d else 2)

@@ -31,11 +31,11 @@ from qtpy.QtWidgets import (
 from ..config import available_configs
 from ..errors import InputError
 from ..io import Volume
-from ..methods import METHODS
-from ..pipeline import DEFAULT_CONFIG, DEFAULT_METHODS, Session
+from ..methods import DEFAULT_METHODS, METHODS, method_title
+from ..pipeline import DEFAULT_CONFIG, Session
 from .folder import OutputFolder
 from .geometry import ras_affine
-from .layers import map_layer, method_title
+from .layers import map_layer
 
 if TYPE_CHECKING:
     import napari
@@ -48,6 +48,7 @@ STAGES = ("loading the model", "explaining", "writing the output folder")
 
 def layer_volume(layer: Image) -> Volume:
     """The scan held by a 3-D image layer: its voxels and RAS affine (from the layer's data -> world transform)."""
+    # napari is heavy: imported where used, as in the whole viewer package
     from napari.utils.transforms import Affine
 
     if layer.ndim != 3 or layer.rgb or layer.multiscale:

@@ -1,6 +1,7 @@
 """An output folder of ``medcam3d explain`` opened for display (layout: :mod:`medcam3d.outputs`).
 
-Reads ``summary.json`` (classes with scores, methods, the scan's path) and the maps: a class's full-resolution
+Reads ``summary.json`` (:func:`medcam3d.outputs.load_summary`: classes with scores, methods, the scan's path) and
+the maps: a class's full-resolution
 heatmap when the folder has one, else its feature-resolution signed raw map from ``lowres_<method>.nii.gz``
 (volume ``k`` of the 4-D file is ``summary["classes"][k]``), each placed in the napari world by its own affine.
 Nothing is recomputed. No Qt, no napari.
@@ -8,7 +9,7 @@ Nothing is recomputed. No Qt, no napari.
 
 from __future__ import annotations
 
-import json
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -17,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
-from ..outputs import SUMMARY, fullres_name, lowres_name
+from ..outputs import SUMMARY, Summary, fullres_name, load_summary, lowres_name
+from ..selection import find_class
 from .geometry import Placed, place
 
 __all__ = ["ClassEntry", "MapImage", "OutputFolder"]
@@ -55,25 +57,17 @@ class OutputFolder:
 
     Raises :class:`InputError` naming the folder or file when it is not a readable medcam3d output folder."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path).expanduser().resolve()
-        summary_path = self.path / SUMMARY
-        if not summary_path.is_file():
+        if not (self.path / SUMMARY).is_file():
             raise InputError(f"not a medcam3d output folder (no {SUMMARY}; make one with `medcam3d explain`)",
                              self.path)
-        try:
-            self.summary: dict[str, Any] = json.loads(summary_path.read_text(encoding="utf-8"))
-            self.classes = [
-                ClassEntry(k, int(c["index"]), str(c["label"]), float(c["score"]), float(c["probability"]),
-                           bool(c["predicted"]), bool(c["full_resolution"]))
-                for k, c in enumerate(self.summary["classes"])
-            ]
-            listed = [str(m) for m in self.summary["methods"]]
-        except (OSError, ValueError) as e:
-            raise InputError(f"unreadable ({e})", summary_path) from None
-        except (KeyError, TypeError) as e:
-            raise InputError(f"not a medcam3d summary (bad or missing {e})", summary_path) from None
-        self.methods = [m for m in listed if (self.path / lowres_name(m)).is_file()]
+        self.summary: Summary = load_summary(self.path / SUMMARY)
+        self.classes = [
+            ClassEntry(k, c.index, c.label, c.score, c.probability, c.predicted, c.full_resolution)
+            for k, c in enumerate(self.summary.classes)
+        ]
+        self.methods = [m for m in self.summary.methods if (self.path / lowres_name(m)).is_file()]
         if not self.classes or not self.methods:
             raise InputError("no explained classes or no lowres_<method>.nii.gz maps", self.path)
         self._lowres = lru_cache(maxsize=None)(self._read_lowres)
@@ -82,7 +76,7 @@ class OutputFolder:
     @property
     def scan_path(self) -> Path | None:
         """The explained scan as recorded in the summary (it may since have moved)."""
-        p = self.summary.get("input", {}).get("path")
+        p = self.summary.input.path
         return Path(p) if p else None
 
     def by_score(self) -> list[ClassEntry]:
@@ -91,9 +85,9 @@ class OutputFolder:
 
     def entry(self, class_: str | int) -> ClassEntry:
         """The class with this label or model output index."""
-        for c in self.classes:
-            if str(class_) in (c.label, str(c.index)):
-                return c
+        position = find_class(class_, [c.label for c in self.classes], [c.index for c in self.classes])
+        if position is not None:
+            return self.classes[position]
         raise InputError(f"class {class_!r} was not explained in this folder (explained: "
                          f"{', '.join(c.label for c in self.classes[:6])}{', ...' if len(self.classes) > 6 else ''})",
                          self.path)
@@ -113,10 +107,10 @@ class OutputFolder:
                         self.path / lowres_name(method))
 
     def _read_lowres(self, method: str) -> tuple[np.ndarray, np.ndarray]:
-        import nibabel as nib
+        import nibabel as nib  # imported when maps are read, as everywhere in medcam3d (keeps `medcam3d` light)
 
         path = self.path / lowres_name(method)
-        img = nib.load(str(path))
+        img: Any = nib.load(str(path))
         data = np.asarray(img.dataobj, dtype=np.float32)
         if data.ndim != 4 or data.shape[3] != len(self.classes):
             raise InputError(f"expected a 4-D map with {len(self.classes)} classes, found shape {data.shape}", path)
@@ -124,7 +118,7 @@ class OutputFolder:
 
     @staticmethod
     def _read_fullres(path: Path) -> Placed:
-        import nibabel as nib
+        import nibabel as nib  # see _read_lowres
 
-        img = nib.load(str(path))
+        img: Any = nib.load(str(path))
         return place(np.asarray(img.dataobj, dtype=np.float32), np.asarray(img.affine, dtype=np.float64))

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..io import read_volume
+from ..methods import METHOD_TITLES, method_title
 from ..outputs import WINDOWS as CT_WINDOWS
 from .folder import ClassEntry, MapImage, OutputFolder
 from .geometry import WORLD_AXES, Placed, place
@@ -40,14 +41,9 @@ WINDOWS: tuple[str, ...] = tuple(CT_WINDOWS)
 MAP_COLORMAP = "inferno"
 DEFAULT_THRESHOLD = 0.2
 DEFAULT_OPACITY = 0.7
-_TITLES = {"hirescam": "HiResCAM", "gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "xgradcam": "XGrad-CAM",
-           "layercam": "LayerCAM", "cam": "CAM"}
+# method_title and _TITLES stay importable from this module for one release (home: medcam3d.methods)
+_TITLES = METHOD_TITLES
 _WORLD = {"axis_labels": WORLD_AXES, "units": ("mm", "mm", "mm")}
-
-
-def method_title(method: str) -> str:
-    """How a method is written for people (``"hirescam"`` -> ``"HiResCAM"``)."""
-    return _TITLES.get(method, method)
 
 
 def window_limits(window: str) -> tuple[float, float]:

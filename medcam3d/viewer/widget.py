@@ -1,9 +1,10 @@
 """The dock widget of ``medcam3d view``: classes by score, a method per pane, CT window, map opacity and
-threshold, jump to a map's peak, 2-D slices or 3-D rendering. It only drives a :class:`~.app.Comparison`."""
+threshold, jump to a map's peak, 2-D slices or 3-D rendering. It only drives a :class:`~.comparison.Comparison`."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 from qtpy.QtGui import QFont
 from qtpy.QtWidgets import (
@@ -21,12 +22,21 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .app import PANES, Comparison
-from .layers import WINDOWS, method_title
+from ..methods import method_title
+from .comparison import PANES, Comparison
+from .layers import WINDOWS
 
 __all__ = ["ComparisonWidget"]
 
 _COLUMNS = ("class", "score", "p", "full res.")
+T = TypeVar("T")
+
+
+def _present(part: T | None) -> T:
+    """A part Qt's typing marks optional (header, scroll bar, selection model) that a table always has."""
+    if part is None:
+        raise RuntimeError("the class table lacks a header, scroll bar or selection model")
+    return part
 
 
 def _spin(value: float, maximum: float, changed: Callable[[float], None]) -> QDoubleSpinBox:
@@ -54,11 +64,11 @@ class ComparisonWidget(QWidget):
 
         self.table = QTableWidget(len(self.entries), len(_COLUMNS))
         self.table.setHorizontalHeaderLabels(_COLUMNS)
-        self.table.verticalHeader().setVisible(False)
+        _present(self.table.verticalHeader()).setVisible(False)
         self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
         self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-        header = self.table.horizontalHeader()
+        header = _present(self.table.horizontalHeader())
         header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
         bold = QFont()
         bold.setBold(True)
@@ -71,7 +81,7 @@ class ComparisonWidget(QWidget):
                 item.setToolTip(f"{e.label} (output {e.index}): {'predicted' if e.predicted else 'not predicted'}; "
                                 f"{'full-resolution' if e.full_resolution else 'feature-resolution'} maps")
                 self.table.setItem(row, col, item)
-        scrollbar = self.table.verticalScrollBar().sizeHint().width()
+        scrollbar = _present(self.table.verticalScrollBar()).sizeHint().width()
         self.table.setMinimumWidth(header.length() + scrollbar + 2 * self.table.frameWidth())  # labels in full
         self.table.selectRow(self._row(comparison.entry.index))
         self.table.itemSelectionChanged.connect(self._on_class)
@@ -109,8 +119,8 @@ class ComparisonWidget(QWidget):
         self.three_d.toggled.connect(lambda on: comparison.set_ndisplay(3 if on else 2))
 
         form = QFormLayout()
-        for pane, box in zip(PANES, self.method_boxes, strict=True):
-            form.addRow(f"{pane} pane", box)
+        for pane_name, box in zip(PANES, self.method_boxes, strict=True):
+            form.addRow(f"{pane_name} pane", box)
         form.addRow("CT window", self.window_box)
         form.addRow("map opacity", self.opacity_box)
         form.addRow("map threshold", self.threshold_box)
@@ -124,7 +134,7 @@ class ComparisonWidget(QWidget):
         return next(r for r, e in enumerate(self.entries) if e.index == class_index)
 
     def _on_class(self) -> None:
-        rows = self.table.selectionModel().selectedRows()
+        rows = _present(self.table.selectionModel()).selectedRows()
         if rows:
             self.comparison.show_class(self.entries[rows[0].row()].index)
 

@@ -1,0 +1,204 @@
+"""HiResCAM next to Grad-CAM on the scan: two panes of one napari viewer (grid mode, linked cameras).
+
+Layer order ``[left scan, left map, right scan, right map]`` with a grid stride of 2 puts each scan under its map
+in its own pane; both scan layers share one array. :class:`Comparison` changes what the panes show (class, method,
+window, threshold, opacity, slice, 2-D/3-D); :meth:`Comparison.screenshot` renders the panes at a chosen size.
+The window around it (viewer + dock widget) is :mod:`medcam3d.viewer.window`. No Qt import here; napari is
+imported when a comparison is built.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..errors import InputError
+from ..files import atomic_path
+from ..io import Volume
+from ..methods import DEFAULT_METHODS
+from .folder import ClassEntry, MapImage, OutputFolder
+from .geometry import place
+from .layers import (
+    DEFAULT_OPACITY,
+    DEFAULT_THRESHOLD,
+    map_layer,
+    map_limits,
+    map_name,
+    scan_layer,
+    window_limits,
+)
+
+if TYPE_CHECKING:
+    import napari
+
+__all__ = ["PANES", "Comparison", "default_methods"]
+
+PANES: tuple[str, str] = ("left", "right")
+_SCAN_OPACITY_3D = 0.35  # a projection of the whole CT would hide the maps
+
+
+def default_methods(available: Sequence[str]) -> tuple[str, str]:
+    """HiResCAM left and Grad-CAM right when present, else the first two methods (or one method twice)."""
+    preferred = [m for m in DEFAULT_METHODS if m in available]
+    picked = (preferred + [m for m in available if m not in preferred])[:2]
+    return (picked[0], picked[-1])
+
+
+class Comparison:
+    """The two panes of a viewer showing one output folder over its scan.
+
+    Args:
+        viewer: an empty napari viewer (the panes become its first four layers).
+        folder: the output folder.
+        scan: the explained scan.
+        methods: method of the left and of the right pane (default :func:`default_methods`).
+        class_: label or index of the class to show (default: the highest score).
+        window: ``"lung"`` or ``"soft_tissue"``.
+        threshold: maps are shown above this fraction of their peak, in [0, 1).
+        opacity: of the maps, in [0, 1].
+    """
+
+    def __init__(
+        self,
+        viewer: napari.Viewer,
+        folder: OutputFolder,
+        scan: Volume,
+        methods: Sequence[str] | None = None,
+        class_: str | int | None = None,
+        window: str = "lung",
+        threshold: float = DEFAULT_THRESHOLD,
+        opacity: float = DEFAULT_OPACITY,
+    ) -> None:
+        # napari (and Qt) load only when a viewer is built: importing this module stays cheap
+        from napari.layers import Layer
+
+        self.viewer = viewer
+        self.folder = folder
+        self.methods = list(methods or default_methods(folder.methods))
+        if len(self.methods) != 2:
+            raise InputError(f"two methods are needed (left, right), got {len(self.methods)}")
+        self.entry: ClassEntry = folder.entry(class_) if class_ is not None else folder.by_score()[0]
+        if not 0.0 <= opacity <= 1.0:
+            raise InputError(f"opacity {opacity} is not in [0, 1]")
+        self.threshold, self.opacity, self.window = threshold, opacity, window
+        placed = place(scan.array, scan.affine)
+        self.scan_layers = []
+        self.map_layers = []
+        for pane, method in zip(PANES, self.methods, strict=True):
+            m = self._map(method)
+            scan_l = Layer.create(*scan_layer(placed, f"{pane}: CT", window, scan.source))
+            map_l = Layer.create(*map_layer(m, f"{pane}: {map_name(m.entry, m.method, m.full_resolution)}",
+                                            threshold, opacity))
+            map_l.name_overlay.visible = True
+            viewer.add_layer(scan_l)
+            viewer.add_layer(map_l)
+            self.scan_layers.append(scan_l)
+            self.map_layers.append(map_l)
+        viewer.canvas.grid.update({"enabled": True, "stride": 2, "shape": (1, 2)})
+        viewer.canvas.overlays.scale_bar.visible = True
+        viewer.canvas.overlays.text.update({"visible": True, "position": "bottom_left", "font_size": 10})
+        self._caption()
+        self.jump_to_peak(0)
+        viewer.reset_view()
+
+    # what is shown --------------------------------------------------------------------------------------------------
+    def _map(self, method: str) -> MapImage:
+        return self.folder.map(method, self.entry.index)
+
+    def _show(self, pane: int, m: MapImage) -> None:
+        layer = self.map_layers[pane]
+        data, kwargs, _ = map_layer(m, f"{PANES[pane]}: {map_name(m.entry, m.method, m.full_resolution)}",
+                                    self.threshold, self.opacity)
+        layer.data = data
+        for key in ("affine", "interpolation2d", "interpolation3d", "name", "metadata"):
+            setattr(layer, key, kwargs[key])
+        lo, hi = kwargs["contrast_limits"]
+        layer.contrast_limits_range = (min(float(data.min()), lo), hi)
+        layer.contrast_limits = (lo, hi)
+
+    def _caption(self) -> None:
+        e = self.entry
+        self.viewer.canvas.overlays.text.text = (
+            f"{e.label}   score {e.score:+.3f}   p = {e.probability:.3f}{'   predicted' if e.predicted else ''}"
+        )
+
+    def show_class(self, class_: str | int) -> None:
+        """Show this class's maps in both panes."""
+        self.entry = self.folder.entry(class_)
+        for pane in range(2):
+            self._show(pane, self._map(self.methods[pane]))
+        self._caption()
+
+    def set_method(self, pane: int, method: str) -> None:
+        """Show ``method`` in pane 0 (left) or 1 (right)."""
+        m = self.folder.map(method, self.entry.index)
+        self.methods[pane] = method
+        self._show(pane, m)
+        self._caption()
+
+    def set_window(self, window: str) -> None:
+        """CT window of both panes: ``"lung"`` or ``"soft_tissue"``."""
+        limits = window_limits(window)
+        self.window = window
+        for layer in self.scan_layers:
+            layer.contrast_limits = limits
+
+    def set_threshold(self, threshold: float) -> None:
+        """Show the maps above this fraction of their peak."""
+        for layer in self.map_layers:
+            layer.contrast_limits = map_limits(np.asarray(layer.data), threshold)
+        self.threshold = threshold
+
+    def set_opacity(self, opacity: float) -> None:
+        """Opacity of both maps, in [0, 1]."""
+        if not 0.0 <= opacity <= 1.0:
+            raise InputError(f"opacity {opacity} is not in [0, 1]")
+        self.opacity = opacity
+        for layer in self.map_layers:
+            layer.opacity = opacity
+
+    # where ----------------------------------------------------------------------------------------------------------
+    def peak(self, pane: int) -> np.ndarray:
+        """World position (mm, napari axes) of the maximum of the map in ``pane``."""
+        layer = self.map_layers[pane]
+        data = np.asarray(layer.data)
+        ijk = np.unravel_index(int(np.argmax(data)), data.shape)
+        return (layer.affine.affine_matrix @ np.array([*ijk, 1.0]))[:3]
+
+    def jump_to_peak(self, pane: int = 0) -> None:
+        """Move the slices through, and centre the camera on, the peak of the map in ``pane``."""
+        world = self.peak(pane)
+        self.viewer.dims.set_point(range(3), tuple(float(v) for v in world))
+        self.viewer.scene.camera.center = tuple(float(world[d]) for d in self.viewer.dims.displayed)
+
+    def set_ndisplay(self, ndisplay: int) -> None:
+        """2 (slices) or 3 (maximum intensity projections, the CT faint under the maps)."""
+        for layer in self.scan_layers:
+            layer.opacity = _SCAN_OPACITY_3D if ndisplay == 3 else 1.0
+        self.viewer.dims.ndisplay = ndisplay
+
+    # pictures -------------------------------------------------------------------------------------------------------
+    def screenshot(self, size: tuple[int, int], path: str | os.PathLike[str] | None = None) -> np.ndarray:
+        """Render the panes on a canvas of ``size`` = (width, height) pixels, the view fitted to it (the canvas
+        keeps that size); optionally write a PNG (atomically). Returns ``uint8 [height, width, 4]``."""
+        shape = (int(size[1]), int(size[0]))
+        self.viewer.canvas.size = shape
+        self.viewer.fit_to_view()
+        image = self.viewer.screenshot(canvas_only=True, flash=False, size=shape)
+        if path is not None:
+            _write_png(image, Path(path))
+        return image
+
+
+def _write_png(image: np.ndarray, path: Path) -> None:
+    # Pillow: imported when a screenshot is written
+    from PIL import Image
+
+    if path.suffix.lower() != ".png":
+        raise InputError("screenshot file name must end with .png", path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(image[..., :3])).save(tmp, optimize=True)
