@@ -113,6 +113,11 @@ def _dims(shape: Sequence[int]) -> str:
     return " x ".join(str(int(s)) for s in shape)
 
 
+def _count(n: int) -> str:
+    """Exact below ten million (so that a limit of 7999 and a claim of 8000 read differently), else ``1.5e+09``."""
+    return str(n) if n < 10_000_000 else f"{n:.3g}"
+
+
 def check_voxels(
     shape: Sequence[int],
     bytes_per_voxel: float,
@@ -137,7 +142,7 @@ def check_voxels(
     n = math.prod(int(s) for s in shape)
     if n > limit:
         raise InputError(
-            f"size check: {claim} {_dims(shape)} = {n:.3g} voxels, more than the limit of {limit:.3g} voxels "
+            f"size check: {claim} {_dims(shape)} = {_count(n)} voxels, more than the limit of {_count(limit)} voxels "
             "(raise it with --max-voxels / max_voxels= if this is really meant)",
             where if where is not None else None,  # type: ignore[arg-type]
         )
@@ -145,7 +150,7 @@ def check_voxels(
     need = n * float(bytes_per_voxel)
     if budget is not None and need > budget:
         raise InputError(
-            f"size check: {claim} {_dims(shape)} = {n:.3g} voxels, which needs about {format_bytes(need)} "
+            f"size check: {claim} {_dims(shape)} = {_count(n)} voxels, which needs about {format_bytes(need)} "
             f"({bytes_per_voxel:g} bytes per voxel), more than the memory budget of {format_bytes(budget)} "
             "(half of this machine's memory)",
             where if where is not None else None,  # type: ignore[arg-type]
