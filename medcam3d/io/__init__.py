@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from ..files import atomic_path  # its home is medcam3d.files; re-exported here for one release
 from .dicom import SeriesInfo, list_series
-from .dicom_export import write_parametric_map, write_segmentation
+from .dicom_export import check_dicom_source, write_parametric_map, write_segmentation
 from .limits import DEFAULT_MAX_VOXELS, check_voxels, memory_budget
 from .modality import check_modality, looks_like_ct
 from .readers import read_volume
@@ -40,6 +40,7 @@ __all__ = [
     "Volume",
     "affine_to_itk",
     "atomic_path",
+    "check_dicom_source",
     "check_min_size",
     "check_modality",
     "check_voxels",

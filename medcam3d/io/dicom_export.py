@@ -19,6 +19,7 @@ such assumption is reported as one note line (``on_note``, default :func:`warnin
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from importlib.metadata import version
@@ -32,7 +33,7 @@ from ..files import atomic_path
 from .volume import Volume
 from .writers import _to_numpy
 
-__all__ = ["write_parametric_map", "write_segmentation"]
+__all__ = ["check_dicom_source", "write_parametric_map", "write_segmentation"]
 
 #: type-2 attributes (present, possibly empty) that highdicom copies from the source into the patient/study modules
 _TYPE2_COPIED = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyID", "AccessionNumber",
@@ -59,20 +60,40 @@ def _software() -> str:
         return "medcam3d"
 
 
+def check_dicom_source(source_volume: Volume, where: str | os.PathLike[str] | None = None) -> list[str]:
+    """The source's slice files when maps on its grid can be exported as DICOM, else :class:`InputError` (one line,
+    naming ``where`` or the scan): not a DICOM series, resampled on reading, a multi-frame file, highdicom missing.
+    Commands call it right after reading the scan, before any work."""
+    where = where if where is not None else source_volume.source
+    files = list(source_volume.meta.get("dicom_files") or [])
+    if source_volume.meta.get("format") != "dicom" or not files:
+        raise InputError(f"{source_volume.source} is not a DICOM series; DICOM export (--dicom-out) needs a DICOM "
+                         "source", where)
+    if source_volume.meta.get("resampled_slices"):
+        raise InputError(f"{source_volume.source} was resampled on reading; its grid is not the DICOM slices', so "
+                         "maps on it cannot be exported as DICOM", where)
+    if len(files) != source_volume.shape[2]:
+        raise InputError(f"{source_volume.source}: multi-frame DICOM sources are not supported for DICOM export",
+                         where)
+    try:
+        _, pydicom = _highdicom()
+    except ImportError as e:
+        raise InputError(f"{e}", where) from None
+    for f in files:  # headers only: an export must reference every slice
+        if not str(pydicom.dcmread(f, stop_before_pixels=True).get("SOPInstanceUID", "") or ""):
+            raise InputError(f"source slice {f} has no SOPInstanceUID, so a DICOM export could not reference it",
+                             where)
+    return files
+
+
 def _check_export(map_on_source_grid: Any, source_volume: Volume, p: Path) -> tuple[np.ndarray, list[str]]:
     """The map as float32 ``[I, J, K]`` and the source's slice files, or :class:`InputError` before any work."""
     if p.suffix.lower() != ".dcm":
         raise InputError("output file name must end with .dcm", p)
-    files = list(source_volume.meta.get("dicom_files") or [])
-    if source_volume.meta.get("format") != "dicom" or not files:
-        raise InputError(f"{source_volume.source} is not a DICOM series; DICOM export needs a DICOM source", p)
-    if source_volume.meta.get("resampled_slices"):
-        raise InputError(f"{source_volume.source} was resampled on reading; its grid is not the DICOM slices'", p)
+    files = check_dicom_source(source_volume, p)
     m = np.asarray(_to_numpy(map_on_source_grid), dtype=np.float32)
     if m.shape != source_volume.shape:
         raise InputError(f"map has shape {m.shape} but the scan has {source_volume.shape}", p)
-    if len(files) != m.shape[2]:
-        raise InputError(f"{source_volume.source}: multi-frame DICOM sources are not supported for export", p)
     if not np.isfinite(m).all():
         raise InputError("map contains NaN or Inf", p)
     return m, files
@@ -85,14 +106,11 @@ def _note(on_note: Callable[[str], None] | None, text: str) -> None:
         on_note(text)
 
 
-def _source_headers(files: Sequence[str], out: Path, on_note: Callable[[str], None] | None) -> list[Any]:
-    """The source slices' headers, with missing UIDs generated and missing type-2 attributes emptied (one note
-    each); :class:`InputError` if a slice cannot be referenced (no SOPInstanceUID)."""
-    hd, pydicom = _highdicom()
+def _source_headers(files: Sequence[str], on_note: Callable[[str], None] | None) -> list[Any]:
+    """The source slices' headers (each with a SOPInstanceUID: :func:`check_dicom_source`), with missing UIDs
+    generated and missing type-2 attributes emptied (one note each)."""
+    _, pydicom = _highdicom()
     sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
-    for f, ds in zip(files, sources):
-        if not str(ds.get("SOPInstanceUID", "") or ""):
-            raise InputError(f"source slice {f} has no SOPInstanceUID, so the export could not reference it", out)
     for tag, what in (("FrameOfReferenceUID", "viewers will not register the map with the scan automatically"),
                       ("StudyInstanceUID", "the map goes into a new study")):
         if any(not str(ds.get(tag, "") or "") for ds in sources):
@@ -101,7 +119,7 @@ def _source_headers(files: Sequence[str], out: Path, on_note: Callable[[str], No
             uid = str(pydicom.uid.generate_uid(entropy_srcs=[series, tag]))
             for ds in sources:
                 setattr(ds, tag, uid)
-            _note(on_note, f"{out.name}: the source series has no {tag}; a generated one ({uid}) is used, so "
+            _note(on_note, f"DICOM export: the source series has no {tag}; a generated one ({uid}) is used, so "
                            f"{what}")
     empty = [tag for tag in _TYPE2_COPIED if any(tag not in ds for ds in sources)]
     for ds in sources:
@@ -109,15 +127,20 @@ def _source_headers(files: Sequence[str], out: Path, on_note: Callable[[str], No
             if tag not in ds:
                 setattr(ds, tag, "")
     if empty:
-        _note(on_note, f"{out.name}: the source series lacks {', '.join(empty)}; left empty in the export")
+        _note(on_note, f"DICOM export: the source series lacks {', '.join(empty)}; left empty in the export")
     if any("SliceThickness" not in ds for ds in sources) and len(sources) > 1:
         step = float(np.linalg.norm(np.subtract(sources[1].ImagePositionPatient, sources[0].ImagePositionPatient)))
         for ds in sources:
             if "SliceThickness" not in ds:
                 ds.SliceThickness = round(step, 6)
-        _note(on_note, f"{out.name}: the source series lacks SliceThickness; the spacing between slices "
+        _note(on_note, f"DICOM export: the source series lacks SliceThickness; the spacing between slices "
                        f"({step:.4g} mm) is used")
     return sources
+
+
+def _code_string(text: str) -> str:
+    """A DICOM Code String (CS): up to 16 upper-case letters, digits, spaces or underscores."""
+    return re.sub(r"[^A-Z0-9_ ]", "_", text.upper())[:16] or "MAP"
 
 
 def _save(dataset: Any, p: Path) -> Path:
@@ -157,7 +180,7 @@ def write_parametric_map(
     p = Path(path)
     m, files = _check_export(map_on_source_grid, source_volume, p)
     hd, _ = _highdicom()
-    sources = _source_headers(files, p, on_note)
+    sources = _source_headers(files, on_note)
     frames = np.stack([m[:, :, k].T for k in range(m.shape[2])])  # [slices, rows (j), columns (i)]
     lo, hi = float(frames.min()), float(frames.max())
     if hi <= lo:
@@ -181,7 +204,7 @@ def write_parametric_map(
             contains_recognizable_visual_features=False,
             real_world_value_mappings=[mapping],
             voi_lut_transformations=[hd.VOILUTTransformation(window_center=(lo + hi) / 2, window_width=hi - lo)],
-            content_label=label.upper().replace(" ", "_")[:16],
+            content_label=_code_string(label),
             content_description=description[:64],
         )
     except _HIGHDICOM_ERRORS as e:
@@ -220,7 +243,7 @@ def write_segmentation(
     hd, _ = _highdicom()
     from pydicom.sr.codedict import codes  # lazy: with highdicom (optional extra)
 
-    sources = _source_headers(files, p, on_note)
+    sources = _source_headers(files, on_note)
     mask = np.stack([(m[:, :, k] >= threshold).T for k in range(m.shape[2])]).astype(np.uint8)
     algorithm = hd.AlgorithmIdentificationSequence(
         name="medcam3d", version=_software(), family=codes.cid7162.ArtificialIntelligence)
@@ -247,7 +270,7 @@ def write_segmentation(
             software_versions=_software(),
             device_serial_number="0",
             content_description=f"{description} at {threshold:g}"[:64],
-            content_label=label.upper().replace(" ", "_")[:16],
+            content_label=_code_string(label),
             omit_empty_frames=False,
         )
     except _HIGHDICOM_ERRORS as e:

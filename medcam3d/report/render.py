@@ -195,7 +195,8 @@ def _scan_sections(cohort: Cohort, max_scans: int, findings: int, montages: int,
                     "top": [_class_view(c) for c in cls[:findings]], "images": _montages(s, montages, thumb_width),
                     "positives": [c.label for c in cls if c.predicted],
                     "shape": inp.shape or None, "spacing": inp.spacing_mm or None, "path": inp.path,
-                    "shares": (s.summary.organ_shares or {}).get("classes") or {}})
+                    "shares": (s.summary.organ_shares or {}).get("classes") or {},
+                    "warnings": list(s.summary.warnings or [])})
     return out
 
 
