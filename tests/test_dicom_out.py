@@ -192,3 +192,22 @@ def test_missing_sop_instance_uid_is_one_line_before_any_work(tmp_path, capsys, 
     assert not out.exists()
     with pytest.raises(InputError, match="has no SOPInstanceUID"):
         write_parametric_map(np.zeros(read_volume(d).shape, np.float32), read_volume(d), tmp_path / "x.dcm")
+
+
+def test_batch_dicom_out_writes_the_same_objects_per_scan(tmp_path, series):
+    cohort = tmp_path / "cohort"
+    shutil.copytree(series, cohort / "case1")
+    out = tmp_path / "batch"
+    code = main(["batch", str(cohort), "--out", str(out), "--shard", "0/1", "--quiet", "--no-report",
+                 "--full-res", "top-1", "--dicom-out"])
+    assert code == 0
+    (folder,) = (out / "scans").iterdir()
+    summary = json.loads((folder / "summary.json").read_text())
+    pms = summary["dicom_export"]["parametric_maps"]
+    assert len(pms) == 2 and summary["dicom_export"]["segmentations"] == []
+    assert sorted(p.name for p in folder.glob("dicom_*.dcm")) == sorted(pms)
+    source = next(iter(_sources(series).values()))
+    for name in pms:
+        ds = pydicom.dcmread(folder / name)
+        assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID
+        assert int(ds.NumberOfFrames) == SHAPE[0]

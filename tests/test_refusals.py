@@ -322,3 +322,17 @@ def test_memory_bombs_are_refused_by_the_size_check_under_a_memory_cap(capped_ru
     assert "MemoryError" not in stderr
     assert not out.exists() and not list(out.parent.glob(f".{out.name}*"))  # nothing written
     assert sha(scan) == digest  # input unchanged
+
+
+def test_python_api_applies_the_same_limits(tmp_path):
+    """explain_scan and Session take max_voxels; the refusal comes before anything is written."""
+    from medcam3d.pipeline import Session, explain_scan
+
+    scan = save_nifti(tmp_path / "s.nii.gz", np.full((20, 20, 20), -1000.0, np.float32), np.eye(4))
+    with pytest.raises(InputError, match="8000 voxels, more than the limit of 7999 voxels"):
+        explain_scan(scan, tmp_path / "out", max_voxels=7999)
+    assert not (tmp_path / "out").exists()
+    session = Session(max_voxels=1000)
+    assert session.preprocessor.max_voxels == 1000
+    with pytest.raises(InputError, match=r"size check: preprocessing\[0\] \(Orientation\) would turn this 20 x 20 x 20"):
+        session.explain_volume(read_volume(scan))
