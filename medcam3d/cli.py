@@ -17,10 +17,12 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from . import __version__
+from .argtypes import int_at_least, probability
 from .errors import InputError
+from .io import DEFAULT_MAX_VOXELS, check_dicom_source
 from .methods import DEFAULT_METHODS
-from .outputs import Summary
-from .pipeline import Session, read_scan
+from .outputs import Summary, check_output_folder
+from .pipeline import DicomExport, ScanResult, Session, read_scan
 
 __all__ = ["build_parser", "main"]
 
@@ -30,6 +32,7 @@ EXPLAIN_EXAMPLES = """examples:
   medcam3d explain scan.nii.gz --config configs/axialnet_chestct.yaml --model my_axialnet.pt
   medcam3d explain scan.nii.gz --classes positive --full-res top-5 --methods hirescam gradcam gradcampp
   medcam3d explain scan.nii.gz --classes nodule_right_lung 3 --device cuda --quiet
+  medcam3d explain dicom_folder/ --dicom-out --dicom-seg 0.5   # also DICOM Parametric Maps and SEGs of the maps
 """
 
 
@@ -58,23 +61,42 @@ def _default_out(scan: str) -> Path:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    out = check_output_folder(args.out if args.out else _default_out(args.scan))  # before any work
+    if args.dicom_seg is not None and not args.dicom_out:
+        raise InputError("--dicom-seg needs --dicom-out")
+    dicom = DicomExport(seg_threshold=args.dicom_seg) if args.dicom_out else None
     stages = _Stages(4, args.quiet)
     try:
         stages("reading scan", advance=False)
-        volume, t_read = read_scan(args.scan, args.series_uid, args.allow_resample)
+        volume, t_read = read_scan(args.scan, args.series_uid, args.allow_resample, max_voxels=args.max_voxels)
+        if dicom is not None:
+            check_dicom_source(volume)
         stages("loading model")
-        session = Session(args.config, args.model, args.methods, args.device, map_geometry=args.map_geometry)
+        session = Session(args.config, args.model, args.methods, args.device, map_geometry=args.map_geometry,
+                          max_voxels=args.max_voxels, ignore_modality=args.ignore_modality)
         stages("explaining")
         result = session.explain_volume(volume, args.classes, read_seconds=t_read)
+        _say(result)
         stages("writing")
-        out = Path(args.out) if args.out else _default_out(args.scan)
-        summary = session.write_folder(result, out, args.classes, args.full_res, progress=lambda s: stages(s, False))
+        summary = session.write_folder(result, out, args.classes, args.full_res, progress=lambda s: stages(s, False),
+                                       dicom=dicom)
         stages("done")
     finally:
         stages.close()
+    for line in (summary.assumptions or [])[len(result.notes):]:  # made while writing (DICOM export)
+        print(f"medcam3d: note: {line}", file=sys.stderr)
     if not args.quiet:
         _print_result(summary, out)
     return 0
+
+
+def _say(result: ScanResult) -> None:
+    """Print what was assumed (``note``) and what to check (``warning``) on stderr, one line each, even when quiet:
+    they are also in the summary."""
+    for line in result.notes:
+        print(f"medcam3d: note: {line}", file=sys.stderr)
+    for line in result.warnings:
+        print(f"medcam3d: warning: {line}", file=sys.stderr)
 
 
 def _print_result(summary: Summary, out: Path) -> None:
@@ -101,11 +123,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     scan_dir = out / "scan"
-    exp_dir = out / "explanation"
+    exp_dir = check_output_folder(out / "explanation")  # before any work
     stages = _Stages(4, args.quiet)
     try:
         stages("loading demo model", advance=False)
-        session = Session(None, None, args.methods, args.device, map_geometry=args.map_geometry)
+        session = Session(None, None, args.methods, args.device, map_geometry=args.map_geometry,
+                          max_voxels=args.max_voxels, ignore_modality=args.ignore_modality)
         stages("making a synthetic phantom")
         present = {"nodule_right_lung": True, "pleural_effusion_left": True, "cardiomegaly": True}
         phantom = make_phantom(args.seed, present=present, prevalence=0.0)
@@ -113,8 +136,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         scan_path = scan_dir / "phantom.nii.gz"
         write_nifti(phantom, scan_path)
         stages("explaining")
-        volume, t_read = read_scan(scan_path)
+        volume, t_read = read_scan(scan_path, max_voxels=args.max_voxels)
         result = session.explain_volume(volume, read_seconds=t_read)
+        _say(result)
         stages("writing")
         summary = session.write_folder(result, exp_dir, None, None, progress=lambda s: stages(s, False),
                                        extra={"demo": {"seed": args.seed, "planted": sorted(present)}})
@@ -136,7 +160,14 @@ def _add_explain_options(p: argparse.ArgumentParser) -> None:
                    help="where feature-resolution cells go on the scan: field (the field of view divided evenly, the "
                         "paper's convention; default) or receptive (the cells' receptive-field centres, which the "
                         "model declares; AxialNet does)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or printed result")
+    p.add_argument("--max-voxels", type=int_at_least(1), default=None, metavar="N",
+                   help=f"largest scan or preprocessing grid, in voxels, checked from headers and spacings before "
+                        f"anything that size is allocated (default {DEFAULT_MAX_VOXELS:.3g}; see the README's "
+                        "'What medcam3d refuses' table)")
+    p.add_argument("--ignore-modality", action="store_true",
+                   help="explain a DICOM scan whose Modality the config does not accept (default: refused)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or printed result (notes and warnings "
+                                                         "are still printed on stderr)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,6 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--series-uid", help="DICOM SeriesInstanceUID to read when the folder holds several series")
     p.add_argument("--allow-resample", action="store_true",
                    help="accept irregularly spaced DICOM series by resampling")
+    p.add_argument("--dicom-out", action="store_true",
+                   help="DICOM inputs: also write each full-resolution heatmap as a DICOM Parametric Map referencing "
+                        "the source series (dicom_pm_*.dcm beside the NIfTIs; needs highdicom)")
+    p.add_argument("--dicom-seg", type=probability, metavar="LEVEL",
+                   help="with --dicom-out: also each heatmap >= LEVEL (0-1) as a binary DICOM SEG (dicom_seg_*.dcm)")
     _add_explain_options(p)
     p.set_defaults(func=cmd_explain)
 

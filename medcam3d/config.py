@@ -23,6 +23,8 @@ Schema (every key is checked; an unknown key, a wrong type or an unknown transfo
     probability: sigmoid              # optional: sigmoid (multi-label, default) | softmax
     threshold: 0.5                    # optional: probability at or above which a class is called positive
     allowed_regions: {}               # optional: label -> list of organ names where its evidence may lie
+    modality: CT                      # optional: the DICOM modality (or list of them) the model reads; absent:
+                                      #   no modality check (see "Modality" below)
 
 Transforms: ``_target_`` names a class of ``monai.transforms`` (``Spacing`` or ``monai.transforms.Spacing``) from
 its spatial, crop/pad, intensity or utility array transforms; dictionary (``...d``), random, compose and I/O
@@ -30,6 +32,11 @@ transforms are refused (preprocessing must be deterministic, invertible where it
 files). The other keys are the transform's arguments, checked against its signature and by instantiating it.
 The network grid is expected in MONAI axcodes ``"SPL"`` (docs/architecture.md): start with
 ``{_target_: Orientation, axcodes: SPL}``; ``Spacing.pixdim`` is then (slice, row, column) mm.
+
+Modality: with ``modality``, a DICOM series whose Modality tag is not listed is refused (unless the caller
+overrides the check), and a scan without a Modality tag (NIfTI, NRRD) whose intensities do not look like the
+config's modality gets one warning line (:mod:`medcam3d.io.modality`). Codes are upper-cased DICOM Modality values
+(``CT``, ``MR``, ``PT``, ...).
 
 ``load_config(x)`` accepts a path, ``"package:medcam3d/configs/NAME.yaml"`` or the bare name of a shipped
 config (``"axialnet_chestct"``, ``"demo_axialnet"``; see :func:`available_configs`).
@@ -62,7 +69,7 @@ __all__ = [
 
 TOP_LEVEL_KEYS = (
     "name", "description", "model", "weights", "target_layer", "layout", "labels", "input_size", "min_size",
-    "preprocessing", "probability", "threshold", "allowed_regions",
+    "preprocessing", "probability", "threshold", "allowed_regions", "modality",
 )
 _REQUIRED = ("name", "model", "labels", "preprocessing")
 _LAYOUTS = ("slices_as_batch", "channels_first", "channels_last")
@@ -330,6 +337,19 @@ def _check_regions(data: Mapping[str, Any], labels: Sequence[str], where: Path |
     return allowed
 
 
+def _check_modality(data: Mapping[str, Any], where: Path | str) -> tuple[str, ...] | None:
+    """``modality``: one DICOM Modality code or a list of them, upper-cased; ``None`` when absent."""
+    value = data.get("modality")
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else value
+    if (not isinstance(items, list) or not items
+            or not all(isinstance(m, str) and m.strip().isalnum() and len(m.strip()) <= 16 for m in items)):
+        raise InputError(f"modality must be a DICOM Modality code like CT or MR, or a list of them, got {value!r}",
+                         where)
+    return tuple(dict.fromkeys(m.strip().upper() for m in items))
+
+
 def _check_preprocessing(data: Mapping[str, Any], input_size: tuple[int, int, int] | None,
                          where: Path | str) -> list[dict[str, Any]]:
     """The transform specs, each validated by instantiating it; the last crop/pad must produce ``input_size``."""
@@ -365,6 +385,7 @@ class Config:
     probability: str = "sigmoid"
     threshold: float = 0.5
     allowed_regions: dict[str, list[str]] = field(default_factory=dict)
+    modality: tuple[str, ...] | None = None
     path: Path | None = None
 
     # construction ------------------------------------------------------------------------------------------------
@@ -381,10 +402,11 @@ class Config:
         probability, threshold = _check_scoring(data, where)
         allowed = _check_regions(data, labels, where)
         specs = _check_preprocessing(data, input_size, where)
+        modality = _check_modality(data, where)
         return cls(
             name=name, model=model, labels=labels, preprocessing=specs, description=description, weights=weights,
             target_layer=target_layer, layout=layout, input_size=input_size, min_size=min_size,
-            probability=probability, threshold=threshold, allowed_regions=allowed,
+            probability=probability, threshold=threshold, allowed_regions=allowed, modality=modality,
             path=Path(path).resolve() if path is not None else None,
         )
 
@@ -436,6 +458,7 @@ class Config:
             "min_size": list(self.min_size) if self.min_size else None,
             "preprocessing": [dict(s) for s in self.preprocessing], "probability": self.probability,
             "threshold": self.threshold, "allowed_regions": {k: list(v) for k, v in self.allowed_regions.items()},
+            "modality": list(self.modality) if self.modality is not None else None,
         }
         return d
 

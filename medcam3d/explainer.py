@@ -488,12 +488,14 @@ class Explainer:
         self._fx = None
 
     # -- the call -------------------------------------------------------------------------------------------
-    def __call__(self, x: Tensor, classes: Sequence[int | str] | None = None) -> Explanation:
+    def __call__(self, x: Tensor, classes: Sequence[int | str] | None = None, *,
+                 allow_nonfinite: bool = False) -> Explanation:
         """Explain ``x``.
 
         Args:
             x: ``[B, C, *spatial]`` input (a MONAI MetaTensor is accepted; its affine is kept).
             classes: output indices or labels to explain; default all M outputs.
+            allow_nonfinite: explain an input holding NaN or Inf (refused by default, as the command line does).
         Returns: an :class:`Explanation` with ``raw[method]`` of shape ``[B, K, *map_spatial]``.
         """
         affine = None
@@ -506,6 +508,9 @@ class Explainer:
             raise InputError(f"x must be [B, C, *spatial] with 1-3 spatial axes, got shape {tuple(x.shape)}")
         if not torch.is_floating_point(x):
             x = x.float()
+        if not allow_nonfinite and not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).sum())
+            raise InputError(f"x: {bad} value(s) are NaN or Inf (allow_nonfinite=True explains it anyway)")
         with torch.inference_mode(False):
             x = x.detach().clone() if x.is_inference() else x.detach()
             state = _ModelState(self.model, save_buffers=not self.eval_mode)

@@ -213,9 +213,10 @@ def test_parquet_table_when_pyarrow_is_installed(batch, tmp_path):
 
 # --- map placement and the cam certificate (issue 14) -----------------------------------------------------------------
 def scan_sections(html: str) -> dict[str, str]:
-    """Each scan's section of the page, by the scan id shown in its heading (as escaped in the HTML)."""
+    """Each scan's section of the page (up to the next one; the last one runs to the page's end), by the scan id
+    shown in its heading (as escaped in the HTML)."""
     parts = re.split(r'<div class="scan" id="[^"]*">', text_of(html))[1:]
-    return {re.search(r"<h3>(.*?)</h3>", p, re.S)[1]: p.split("</div>")[0] for p in parts}
+    return {re.search(r"<h3>(.*?)</h3>", p, re.S)[1]: p for p in parts}
 
 
 def test_placement_text_by_hand():

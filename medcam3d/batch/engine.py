@@ -377,6 +377,8 @@ def fingerprint(settings: BatchSettings) -> dict[str, Any]:
         "full_res": list(settings.full_res) if settings.full_res else None,
         "organ_codes": dict(settings.organ_codes),
         "map_geometry": settings.map_geometry,
+        # outputs added by issue 18: recorded only when asked for, so that older batch folders keep their hash
+        **({"dicom_out": {"seg_threshold": settings.dicom_seg}} if settings.dicom_out else {}),
     }
 
 

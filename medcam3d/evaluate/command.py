@@ -46,7 +46,7 @@ from ..pipeline import resolve_device
 from .parts import PARTS, REGISTRY, ModelUnderTest, SuiteOptions
 from .parts.base import MAP_GEOMETRIES, RANDOMISATION_MODES
 from .perturbation import FILLS
-from .report import write_outputs
+from .report import check_out_dir, write_outputs
 from .suite import evaluate
 
 if TYPE_CHECKING:  # types only: the phantoms import scipy (see build_suite)
@@ -110,7 +110,8 @@ def build_suite(args: argparse.Namespace) -> tuple[ModelUnderTest, PhantomSource
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Run ``medcam3d evaluate``: the suite, then the output folder."""
+    """Run ``medcam3d evaluate``: the suite, then the output folder (checked first: nothing runs for a bad one)."""
+    check_out_dir(args.out)
     mut, source, options = build_suite(args)
     say = (lambda s: None) if args.quiet else (lambda s: print(f"  {s}", file=sys.stderr, flush=True))
     result = evaluate(mut, source, options, progress=say)

@@ -195,7 +195,10 @@ def _model_info(scans: list[ScanEntry]) -> dict[str, Any]:
 def _private(summary: Summary) -> Summary:
     """Drop what could identify a patient or a site: input path, UIDs, descriptions, hosts."""
     inp = replace(summary.input, path=None, meta={}, sha256=None)
-    return replace(summary, input=inp, extra={k: v for k, v in summary.extra.items() if k != "batch_host"})
+    # warnings (e.g. a scan that does not look like CT) stay, without paths; assumptions name DICOM UIDs: dropped
+    warnings = [redact_paths(w) for w in summary.warnings] if summary.warnings else summary.warnings
+    return replace(summary, input=inp, extra={k: v for k, v in summary.extra.items() if k != "batch_host"},
+                   warnings=warnings, assumptions=None)
 
 
 def _num(v: Any) -> float | None:

@@ -218,6 +218,7 @@ def _scan_sections(cohort: Cohort, max_scans: int, findings: int, montages: int,
                     "positives": [c.label for c in cls if c.predicted],
                     "shape": inp.shape or None, "spacing": inp.spacing_mm or None, "path": inp.path,
                     "shares": (s.summary.organ_shares or {}).get("classes") or {},
+                    "warnings": list(s.summary.warnings or []),
                     "placement": placement_text(s.summary.map_geometry),
                     "coincide": bool(top) and all(c["coincide"] for c in top),
                     "compared": [method_title(m) for m in s.summary.methods[:2]]})
