@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .autolayer import LayerChoice
 from .certificate import Certificate, disagreement
 from .errors import InputError
 from .geometry import GEOMETRIES, MapGeometry, covered_region
@@ -41,6 +42,8 @@ class Explanation:
             ``"field"``), offset, stride and how it was found (``"declared"``, ``"derived"``, ``"requested"`` or
             ``"fallback: <reason>"``); see :class:`medcam3d.placement.Placement`. None on explanations built by
             hand: ``"auto"`` then means :attr:`geometry` if known, else the field.
+        layer: the explained layer and why it was explained (given, declared by the model, or chosen by
+            ``target_layer="auto"``; :class:`medcam3d.autolayer.LayerChoice`). None on explanations built by hand.
     """
 
     scores: Tensor
@@ -55,6 +58,7 @@ class Explanation:
     timings: dict[str, float] = field(default_factory=dict)
     geometry: MapGeometry | None = None
     placement: Placement | None = None
+    layer: LayerChoice | None = None
 
     # -- naming ---------------------------------------------------------------------------------------------
     @property

@@ -379,8 +379,9 @@ def test_bad_arguments_are_input_errors():
     net = seeded(ConvFC(nd=2))
     with pytest.raises(InputError, match="no module named"):
         Explainer(net, "nope")
+    # no layer named or declared: target_layer="auto" (issue 16), refused on the first call when no layer keeps space
     with pytest.raises(InputError, match="medcam3d_target_layer"):
-        Explainer(net)
+        Explainer(nn.Sequential(nn.Flatten(), nn.Linear(16, 2)))(torch.zeros(1, 1, 4, 4))
     with pytest.raises(InputError, match="unknown method"):
         Explainer(net, "act", methods=("magic",))
     with pytest.raises(InputError, match="shape"):
