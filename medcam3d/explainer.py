@@ -544,9 +544,10 @@ class Explainer:
                 covariates), passed to every forward pass of the call.
         Returns: an :class:`Explanation` with ``raw[method]`` of shape ``[B, K, *map_spatial]``.
         """
-        affine = None
+        affine, meta = None, None
         if hasattr(x, "as_tensor") and hasattr(x, "affine"):  # MONAI MetaTensor, duck-typed
             affine = torch.as_tensor(x.affine).detach().clone()
+            meta = _meta_out(x)
             x = x.as_tensor()
         if not isinstance(x, Tensor):
             raise InputError(f"x must be a tensor [B, C, *spatial], got {type(x).__name__}")
@@ -562,9 +563,10 @@ class Explainer:
                 with ExitStack() as stack:
                     stack.enter_context(torch.enable_grad())
                     self._choose_layer(x, forward_kwargs)
-                    return self._explain(x, classes, affine, forward_kwargs)
+                    exp = self._explain(x, classes, affine, forward_kwargs)
             finally:
                 state.restore()
+        return exp if meta is None else _with_meta(exp, meta)
 
     def _explain(
         self, x: Tensor, classes: Sequence[int | str] | None, affine: Tensor | None, kwargs: Mapping[str, Any]
@@ -714,6 +716,22 @@ class Explainer:
         per_class = activations.numel() * activations.element_size() * (6 + 2 * len(self.methods))
         size = max(1, min(len(classes), self.max_chunk_bytes // max(per_class, 1)))
         return [classes[i : i + size] for i in range(0, len(classes), size)]
+
+
+def _meta_out(x: Any) -> Any:
+    """What the maps of a MetaTensor input carry (:class:`medcam3d.monai.meta.MetaOut`)."""
+    from .monai.meta import MetaOut  # lazy: MONAI is imported only when the input is a MetaTensor
+
+    return MetaOut.of(x)
+
+
+def _with_meta(exp: Explanation, meta: Any) -> Explanation:
+    """The explanation of a MetaTensor input: raw maps as MetaTensors with their world affine (the default
+    placement's), and ``meta`` kept for the display maps (:meth:`Explanation.heatmap`)."""
+    step = exp.map_geometry("auto").index_affine()
+    exp.raw = {m: meta.feature_grid(r, step) for m, r in exp.raw.items()}
+    exp.meta = meta
+    return exp
 
 
 def _layer_hint(model: nn.Module, target: str) -> str:

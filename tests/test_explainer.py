@@ -372,7 +372,11 @@ def test_metatensor_input_keeps_affine():
     exp = explain(net, x, "act")
     assert exp.affine is not None
     assert torch.equal(exp.affine.float(), aff)
-    assert type(exp.raw["hirescam"]) is torch.Tensor
+    # issue 16: a MetaTensor in gives MetaTensors out (raw maps with their own world affine), same values
+    assert isinstance(exp.raw["hirescam"], monai_data.MetaTensor)
+    plain = explain(net, x.as_tensor(), "act")
+    assert type(plain.raw["hirescam"]) is torch.Tensor
+    assert torch.equal(exp.raw["hirescam"].as_tensor(), plain.raw["hirescam"])
 
 
 def test_bad_arguments_are_input_errors():
