@@ -6,7 +6,8 @@ in a ``Compose`` or a ``Dataset``'s transforms, or a collated batch ``[B, C, *sp
 * ``image_<method>`` -- display heatmaps ``[K, *spatial]`` in [0, 1] for the K explained classes, MetaTensors
   with the image's meta and transform history, so ``Invertd(keys="image_hirescam", orig_keys="image", ...)``
   maps them back to the scan and ``SaveImaged`` writes them there;
-* ``image_scores`` -- the raw scores ``[M]`` of all outputs; ``image_classes`` -- the K explained class indices.
+* ``image_scores`` -- the raw scores ``[M]`` of all outputs; ``image_classes`` -- the K explained class indices;
+  ``image_certificate`` -- the certificate kind (``"cam"``, ``"affine-head"``, ``"none"``).
 
 The model runs only inside the explainer (one forward pass with an fx-traceable model; the head evaluations of
 the certificate are head-only): ``Explaind`` adds no forward pass of its own (``scripts/bench_monai.py``).
@@ -118,6 +119,7 @@ class Explaind(MapTransform):
             scores = exp.scores.detach()
             d[f"{key}_scores"] = scores if batched else scores[0]
             d[f"{key}_classes"] = torch.as_tensor(chosen if chosen is not None else exp.classes)
+            d[f"{key}_certificate"] = exp.certificate.kind
         return d
 
     def _chosen(self, exp: Explanation, batched: bool) -> list[int] | None:
