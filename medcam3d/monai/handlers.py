@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from copy import deepcopy
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,15 @@ def _copy(image: Any) -> Any:
     out.meta = deepcopy(image.meta)
     out.applied_operations = deepcopy(image.applied_operations)
     return out
+
+
+def _named(name: str) -> Callable[[dict[str, Any], Any], dict[str, Any]]:
+    """A ``SaveImage`` file-name formatter writing ``<name>.nii.gz``."""
+
+    def formatter(meta: dict[str, Any], saver: Any) -> dict[str, Any]:
+        return {"subject": name}
+
+    return formatter
 
 
 def _case_name(image: Any, index: int) -> str:
@@ -162,7 +171,7 @@ class ExplainHandler:
             if maps.shape[0] == 0:  # no class selected (e.g. none positive): scores.json only
                 continue
             saver = SaveImage(output_dir=str(folder), output_postfix="", separate_folder=False, print_log=False,
-                              output_name_formatter=lambda meta, saver, m=m: {"subject": m})
+                              output_name_formatter=_named(m))
             saver(maps)
         scores = d[f"{self.image_key}_scores"].detach().cpu().double()
         assert self.explainer is not None
