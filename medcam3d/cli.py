@@ -17,6 +17,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from . import __version__
+from .config import Config
 from .errors import InputError
 from .methods import DEFAULT_METHODS
 from .outputs import Summary
@@ -63,7 +64,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         stages("reading scan", advance=False)
         volume, t_read = read_scan(args.scan, args.series_uid, args.allow_resample)
         stages("loading model")
-        session = Session(args.config, args.model, args.methods, args.device, map_geometry=args.map_geometry)
+        session = Session(_config_or_bundle(args), args.model, args.methods, args.device,
+                          map_geometry=args.map_geometry)
         stages("explaining")
         result = session.explain_volume(volume, args.classes, read_seconds=t_read)
         stages("writing")
@@ -75,6 +77,17 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if not args.quiet:
         _print_result(summary, out)
     return 0
+
+
+def _config_or_bundle(args: argparse.Namespace) -> Config | str | None:
+    """``--config`` (a path or name), or the config of the MONAI bundle given with ``--bundle``."""
+    if getattr(args, "bundle", None) is None:
+        return args.config
+    if args.config is not None:
+        raise InputError("give --config or --bundle, not both")
+    from .monai.bundle import load_bundle  # lazy: MONAI's bundle parser is needed only with --bundle
+
+    return load_bundle(args.bundle)
 
 
 def _print_result(summary: Summary, out: Path) -> None:
@@ -156,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--series-uid", help="DICOM SeriesInstanceUID to read when the folder holds several series")
     p.add_argument("--allow-resample", action="store_true",
                    help="accept irregularly spaced DICOM series by resampling")
+    p.add_argument("--bundle", metavar="DIR", help="a MONAI bundle folder (configs/inference.json, models/model.pt) "
+                                                   "instead of --config")
     _add_explain_options(p)
     p.set_defaults(func=cmd_explain)
 
