@@ -153,3 +153,21 @@ def test_config_accepts_dictionary_transforms_and_short_targets():
     names = [type(t).__name__ for t in Preprocessor.from_config(cfg).transforms]
     assert names[-2:] == ["Orientation", "Spacing"] or names == ["Orientation", "Spacing"]
     assert full_target("monai.networks.nets.DenseNet121") == "monai.networks.nets.DenseNet121"
+
+
+def test_readme_bundle_command(tmp_path, scan, monkeypatch):
+    """The README's ``--bundle`` command line, run as written (in a folder holding scan.nii.gz and my_bundle/)."""
+    import re
+    import shlex
+    import shutil
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Use in a MONAI pipeline"):]
+    (command,) = [line for line in re.findall(r"```bash\n(.*?)```", section, flags=re.S)[0].splitlines() if line]
+    make_bundle(tmp_path / "my_bundle")
+    shutil.copy(scan, tmp_path / "scan.nii.gz")
+    monkeypatch.chdir(tmp_path)
+    argv = shlex.split(command)
+    assert argv[0] == "medcam3d"
+    assert main([*argv[1:], "--quiet"]) == 0
+    assert {c.label for c in load_summary(tmp_path / "scan_maps").classes} == {"no_nodule", "nodule"}

@@ -4,10 +4,10 @@ Tested with MONAI 1.6.1 (pyproject allows >= 1.3). One sample at a time (MONAI s
 MONAI's ``compute_map`` (ReLU'd, no upsampling or post-processing) against medcam3d's raw map for the same class
 after a ReLU, each divided by its maximum: equal to 1e-4 for Grad-CAM and 2e-3 for Grad-CAM++ (MONAI computes in
 float32 with a ``+1e-7`` in the Grad-CAM++ denominator; where gradients are so small that this epsilon moves
-MONAI's map by more than 2e-3 -- the small 3-D DenseNet, ~3e-3 -- medcam3d is compared with MONAI's formula on
-MONAI's own hooked activations and gradients without the epsilon). MONAI's Grad-CAM++ takes ``Σ_space(A ⊙ g³)`` where the
-paper (and medcam3d) take ``Σ_space(A) · g³``; on these global-average-pool heads ``g`` is constant over space and
-the two agree. Frozen features: MONAI's hooks raise, medcam3d explains (its head-only gradients never need the
+MONAI's map by more than 2e-3 -- the small 3-D DenseNet, ~3e-3 -- medcam3d is compared with MONAI's formula
+on MONAI's own hooked activations and gradients without the epsilon). MONAI's Grad-CAM++ takes
+``Σ_space(A ⊙ g³)`` where the paper (and medcam3d) take ``Σ_space(A) · g³``; on these global-average-pool heads
+``g`` is constant over space and the two agree. Frozen features: MONAI's hooks raise, medcam3d explains (its head-only gradients never need the
 backbone's parameters to require grad).
 """
 

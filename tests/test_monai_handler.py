@@ -101,3 +101,35 @@ def test_max_cases(tmp_path):
     handler = ExplainHandler(tmp_path / "maps", classes="all", max_cases=2)
     _evaluator(TinyNet().eval(), handler)
     assert len(handler.written) == 2 and handler.seen == 2
+
+
+def test_readme_handler_snippet(tmp_path, monkeypatch):
+    """The README's handler snippet, run on an evaluator over NIfTI files read by the README's preprocessing."""
+    from monai.data import Dataset
+    from test_monai_pipeline import readme_snippets
+
+    rng = np.random.default_rng(2)
+    files = []
+    for i, shape in enumerate([(20, 22, 18), (24, 18, 16), (18, 18, 22)]):
+        aff = np.diag([1.2, 1.4, 2.0 + i, 1.0])
+        nib.save(nib.Nifti1Image(rng.normal(0, 300, shape).astype(np.float32), aff), str(tmp_path / f"s{i}.nii.gz"))
+        files.append({"image": str(tmp_path / f"s{i}.nii.gz")})
+    torch.manual_seed(0)
+    model = TinyNet().eval()
+    with torch.no_grad():
+        model.fc.bias.copy_(torch.tensor([8.0, -8.0, 8.0]))  # classes 0 and 2 positive, class 1 not
+    env = {"model": model, "out_dir": str(tmp_path / "unused"), "files": files}
+    exec(readme_snippets()[0], env)
+    loader = DataLoader(Dataset(files, transform=env["pre"]), batch_size=2, collate_fn=pad_list_data_collate)
+    env["evaluator"] = SupervisedEvaluator(device=torch.device("cpu"), val_data_loader=loader, network=model)
+    monkeypatch.chdir(tmp_path)
+    exec(readme_snippets()[3], env)
+    handler_dirs = sorted(p.name for p in (tmp_path / "validation_maps").iterdir())
+    assert handler_dirs == ["s0", "s1", "s2"]
+    for i in range(3):
+        src = nib.load(str(tmp_path / f"s{i}.nii.gz"))
+        rec = json.loads((tmp_path / "validation_maps" / f"s{i}" / "scores.json").read_text())
+        assert rec["classes"] == ["class_0", "class_2"]
+        img = nib.load(str(tmp_path / "validation_maps" / f"s{i}" / "hirescam.nii.gz"))
+        assert img.shape[:3] == src.shape and 2 in img.shape[3:]  # the scan's grid, the 2 positive classes
+        np.testing.assert_allclose(img.affine, src.affine, atol=1e-4)

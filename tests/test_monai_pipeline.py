@@ -156,3 +156,22 @@ def test_explaind_positive_classes_and_forward_kwargs():
     positive = [int(i) for i in torch.argsort(scores, descending=True) if torch.sigmoid(scores[i]) >= 0.5]
     assert d["image_classes"].tolist() == positive and d["image_hirescam"].shape[0] == len(positive)
     torch.testing.assert_close(d["image_scores"], scores)
+
+
+def test_explaind_adds_no_forward_pass():
+    """Backbone passes (a hook on the first layer) of Explaind equal those of the explainer called directly."""
+    from monai.transforms import Compose, ScaleIntensityd
+
+    from medcam3d.monai import Explaind
+
+    torch.manual_seed(0)
+    model = TinyNet().eval()
+    explainer = Explainer(model, "a2")
+    calls = []
+    model.c1.register_forward_hook(lambda *a: calls.append(1))
+    image = MetaTensor(torch.rand(1, 16, 16, 16))
+    explainer(image[None])
+    direct = len(calls)
+    calls.clear()
+    Compose([ScaleIntensityd("image"), Explaind("image", explainer=explainer)])({"image": image})
+    assert len(calls) == direct == 1

@@ -150,7 +150,7 @@ class ExplainHandler:
         d = PadListDataCollate.inverse(d)  # back to the case's own size when the batch was padded
         d = explaind(d)
         keys = [f"{self.image_key}_{m}" for m in self.methods]
-        if self.invert is not None:
+        if self.invert is not None and d[f"{self.image_key}_classes"].numel() > 0:
             d = Invertd(keys=keys, transform=self.invert, orig_keys=self.image_key, nearest_interp=False)(d)
         final = self.output_dir / name
         tmp = self.output_dir / f".{name}.tmp"
