@@ -7,8 +7,8 @@ float32 with a ``+1e-7`` in the Grad-CAM++ denominator; where gradients are so s
 MONAI's map by more than 2e-3 -- the small 3-D DenseNet, ~3e-3 -- medcam3d is compared with MONAI's formula
 on MONAI's own hooked activations and gradients without the epsilon). MONAI's Grad-CAM++ takes
 ``Σ_space(A ⊙ g³)`` where the paper (and medcam3d) take ``Σ_space(A) · g³``; on these global-average-pool heads
-``g`` is constant over space and the two agree. Frozen features: MONAI's hooks raise, medcam3d explains (its head-only gradients never need the
-backbone's parameters to require grad).
+``g`` is constant over space and the two agree. Frozen features: MONAI's hooks raise, medcam3d explains (its
+head-only gradients never need the backbone's parameters to require grad).
 """
 
 from __future__ import annotations
