@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .argtypes import int_at_least, probability
+from .config import Config
 from .errors import InputError
 from .io import DEFAULT_MAX_VOXELS, check_dicom_source
 from .methods import DEFAULT_METHODS
@@ -72,8 +73,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
         if dicom is not None:
             check_dicom_source(volume)
         stages("loading model")
-        session = Session(args.config, args.model, args.methods, args.device, map_geometry=args.map_geometry,
-                          max_voxels=args.max_voxels, ignore_modality=args.ignore_modality)
+        session = Session(_config_or_bundle(args), args.model, args.methods, args.device,
+                          map_geometry=args.map_geometry, max_voxels=args.max_voxels,
+                          ignore_modality=args.ignore_modality)
         stages("explaining")
         result = session.explain_volume(volume, args.classes, read_seconds=t_read)
         _say(result)
@@ -97,6 +99,17 @@ def _say(result: ScanResult) -> None:
         print(f"medcam3d: note: {line}", file=sys.stderr)
     for line in result.warnings:
         print(f"medcam3d: warning: {line}", file=sys.stderr)
+
+
+def _config_or_bundle(args: argparse.Namespace) -> Config | str | None:
+    """``--config`` (a path or name), or the config of the MONAI bundle given with ``--bundle``."""
+    if getattr(args, "bundle", None) is None:
+        return args.config
+    if args.config is not None:
+        raise InputError("give --config or --bundle, not both")
+    from .monai.bundle import load_bundle  # lazy: MONAI's bundle parser is needed only with --bundle
+
+    return load_bundle(args.bundle)
 
 
 def _print_result(summary: Summary, out: Path) -> None:
@@ -192,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the source series (dicom_pm_*.dcm beside the NIfTIs; needs highdicom)")
     p.add_argument("--dicom-seg", type=probability, metavar="LEVEL",
                    help="with --dicom-out: also each heatmap >= LEVEL (0-1) as a binary DICOM SEG (dicom_seg_*.dcm)")
+    p.add_argument("--bundle", metavar="DIR", help="a MONAI bundle folder (configs/inference.json, models/model.pt) "
+                                                   "instead of --config")
     _add_explain_options(p)
     p.set_defaults(func=cmd_explain)
 

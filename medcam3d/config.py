@@ -27,9 +27,11 @@ Schema (every key is checked; an unknown key, a wrong type or an unknown transfo
                                       #   no modality check (see "Modality" below)
 
 Transforms: ``_target_`` names a class of ``monai.transforms`` (``Spacing`` or ``monai.transforms.Spacing``) from
-its spatial, crop/pad, intensity or utility array transforms; dictionary (``...d``), random, compose and I/O
-transforms are refused (preprocessing must be deterministic, invertible where it moves voxels, and must not touch
-files). The other keys are the transform's arguments, checked against its signature and by instantiating it.
+its spatial, crop/pad, intensity or utility array transforms; a dictionary transform (``Spacingd``, as MONAI bundles
+write them) stands for its array version, its dictionary-only arguments (``keys``, ``allow_missing_keys``, ...)
+dropped; random, compose and I/O transforms are refused (preprocessing must be deterministic, invertible where
+it moves voxels, and must not touch files). The other keys are the transform's arguments, checked against its
+signature and by instantiating it.
 The network grid is expected in MONAI axcodes ``"SPL"`` (docs/architecture.md): start with
 ``{_target_: Orientation, axcodes: SPL}``; ``Spacing.pixdim`` is then (slice, row, column) mm.
 
@@ -37,6 +39,9 @@ Modality: with ``modality``, a DICOM series whose Modality tag is not listed is 
 overrides the check), and a scan without a Modality tag (NIfTI, NRRD) whose intensities do not look like the
 config's modality gets one warning line (:mod:`medcam3d.io.modality`). Codes are upper-cased DICOM Modality values
 (``CT``, ``MR``, ``PT``, ...).
+
+The model's ``_target_`` may be a short name (``DenseNet121``): it is resolved the way MONAI bundles resolve
+it (``monai.bundle.ComponentLocator``: the first MONAI module defining that name).
 
 ``load_config(x)`` accepts a path, ``"package:medcam3d/configs/NAME.yaml"`` or the bare name of a shipped
 config (``"axialnet_chestct"``, ``"demo_axialnet"``; see :func:`available_configs`).
@@ -64,6 +69,7 @@ __all__ = [
     "instantiate_transform",
     "load_config",
     "resolve_package_path",  # its home is medcam3d.models.loading (models never import config); re-exported
+    "full_target",
     "resolve_transform",
 ]
 
@@ -172,9 +178,10 @@ def resolve_transform(name: Any, where: Path | str | None = None, item: str = ""
     if not inspect.isclass(cls) or not issubclass(cls, Transform):
         raise InputError(f"{item}unknown transform {name!r} (expected a class of monai.transforms, e.g. "
                          "Orientation, Spacing, ScaleIntensityRange, ResizeWithPadOrCrop)", where)
-    if issubclass(cls, MapTransform):
-        raise InputError(f"{item}{short} is a dictionary transform; use the array version "
-                         f"({short.removesuffix('d')})", where)
+    if issubclass(cls, MapTransform):  # a dictionary transform stands for its array version
+        short, cls = _array_version(short, cls)
+        if cls is None:
+            raise InputError(f"{item}{name} is a dictionary transform without an array version", where)
     if cls.__module__ not in _ALLOWED_MODULES or short in _REFUSED:
         raise InputError(f"{item}transform {short} ({cls.__module__}) is not allowed in preprocessing; use spatial, "
                          "crop/pad, intensity or utility array transforms", where)
@@ -186,6 +193,34 @@ def resolve_transform(name: Any, where: Path | str | None = None, item: str = ""
     return cls
 
 
+def _array_version(short: str, cls: type) -> tuple[str, Any]:
+    """``(name, class)`` of the array transform a dictionary transform wraps (``Spacingd`` -> ``Spacing``; MONAI
+    also spells them ``SpacingD`` and ``SpacingDict``); class None when there is none."""
+    import monai.transforms as mt  # lazy: as in resolve_transform
+
+    base = cls.__name__
+    for suffix in ("Dict", "D", "d"):
+        if base.endswith(suffix):
+            array = getattr(mt, base[: -len(suffix)], None)
+            if inspect.isclass(array) and not issubclass(array, mt.MapTransform):
+                return array.__name__, array
+    return short, None
+
+
+def _dictionary_only(name: Any) -> set[str]:
+    """Arguments of the dictionary transform ``name`` that its array version does not take (``keys``, ...)."""
+    import monai.transforms as mt  # lazy: as in resolve_transform
+
+    short = str(name).removeprefix("monai.transforms.")
+    cls = getattr(mt, short, None) if "." not in short else None
+    if not inspect.isclass(cls) or not issubclass(cls, mt.MapTransform):
+        return set()
+    _, array = _array_version(short, cls)
+    if array is None:
+        return set()
+    return set(inspect.signature(cls).parameters) - set(inspect.signature(array).parameters)
+
+
 def instantiate_transform(spec: Mapping[str, Any], where: Path | str | None = None, item: str = "",
                           overrides: Mapping[str, Any] | None = None) -> Any:
     """Instantiate one ``{_target_: Name, **args}`` spec (``overrides`` replace arguments the class accepts)."""
@@ -195,7 +230,8 @@ def instantiate_transform(spec: Mapping[str, Any], where: Path | str | None = No
     if "_target_" not in spec:
         raise InputError(f"{item}has no _target_ (the transform's name)", where)
     cls = resolve_transform(spec["_target_"], where, item)
-    args = {k: v for k, v in spec.items() if k != "_target_"}
+    dropped = _dictionary_only(spec["_target_"])
+    args = {k: v for k, v in spec.items() if k != "_target_" and k not in dropped}
     for k in args:
         if not isinstance(k, str) or k.startswith("_"):
             raise InputError(f"{item}{cls.__name__}: unknown key {k!r}", where)
@@ -281,6 +317,7 @@ def _check_model_and_labels(data: Mapping[str, Any], where: Path | str) -> tuple
     if not isinstance(model, Mapping) or not isinstance(model.get("_target_"), str):
         raise InputError("model must be a mapping with a _target_ (import path of the network class), e.g. "
                          "{_target_: medcam3d.models.AxialNet, n_outputs: 80}", where)
+    model = {**model, "_target_": full_target(model["_target_"], where)}
     labels = data["labels"]
     if (not isinstance(labels, list) or not labels
             or not all(isinstance(x, str) and x.strip() for x in labels)):
@@ -292,6 +329,21 @@ def _check_model_and_labels(data: Mapping[str, Any], where: Path | str) -> tuple
     if isinstance(n_out, int) and not isinstance(n_out, bool) and n_out != len(labels):
         raise InputError(f"{len(labels)} labels but model.n_outputs is {n_out}", where)
     return dict(model), list(labels)
+
+
+def full_target(target: str, where: Path | str | None = None) -> str:
+    """A model ``_target_`` as a dotted path: a short name (``DenseNet121``) is looked up the way MONAI bundles do
+    (``monai.bundle.ComponentLocator``; the first module when several define it). Dotted paths are kept."""
+    if "." in target or target.startswith(("$", "@", "%")):
+        return target
+    from monai.bundle import ComponentLocator  # lazy: MONAI takes seconds to import
+
+    found = ComponentLocator().get_component_module_name(target)
+    if isinstance(found, list):
+        found = found[0] if found else None
+    if not found:
+        raise InputError(f"model: _target_ {target!r} is neither a dotted import path nor a name MONAI knows", where)
+    return f"{found}.{target}"
 
 
 def _check_declarations(data: Mapping[str, Any], where: Path | str) -> tuple[str | None, str | None, str | None]:

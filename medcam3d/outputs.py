@@ -329,12 +329,13 @@ class ConfigRecord(_Record):
 
 @dataclass(kw_only=True)
 class ModelRecord(_Record):
-    """The model: its spec in the config, weights file and SHA-256, explained layer, model card."""
+    """The model: its spec in the config, weights file and SHA-256, explained layer and why, model card."""
 
     spec: Any = None
     weights: str | None = None
     weights_sha256: str | None = None
     target_layer: str | None = None
+    target_layer_reason: str | None = None  # why this layer (given, declared, or target_layer="auto"'s choice)
     synthetic_data_only: bool = False
     card: dict[str, Any] | None = None
 

@@ -365,6 +365,7 @@ class Session:
             weights=str(w) if w else None,
             weights_sha256=sha256_of(w) if w and w.is_file() else None,
             target_layer=self.explainer.layer_name,
+            target_layer_reason=self.explainer.layer_choice.reason if self.explainer.layer_choice else None,
             synthetic_data_only=self.synthetic_only,
             card=self.model_card,
         )
