@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,16 +38,31 @@ EXPLAIN_EXAMPLES = """examples:
 """
 
 
+FULL_RES_HELP = (
+    "classes also written at full resolution (a heatmap per method on the scan's own grid, uint8, and a montage): "
+    "'all', 'none', 'top-N', 'positive', labels or indices (default: predicted positive, at least the top 3 and at "
+    "most 10, highest scores first; a note says when the cap cuts). Cost on a 512 x 512 x 300 CT with HiResCAM + "
+    "Grad-CAM (2 cores): about @COST_S@ s and @COST_MB@ MB per class; 'none' writes the low-resolution maps only "
+    "(under a second, a few MB)"
+)
+
+
 class _Stages:
-    """A progress bar over named stages (tqdm) that steps aside when quiet or when stderr is not a terminal."""
+    """Progress over named stages: a tqdm bar when stderr is a terminal; otherwise (log files, SLURM) one line per
+    stage on stderr, ``medcam3d [  12.3 s] <stage>``, with the time since the command started; nothing when
+    quiet."""
 
     def __init__(self, total: int, quiet: bool) -> None:
+        self.t0 = time.perf_counter()
+        self.lines = not quiet and not sys.stderr.isatty()
         self.bar = tqdm(total=total, disable=quiet or not sys.stderr.isatty(), leave=False, unit="step")
 
     def __call__(self, name: str, advance: bool = True) -> None:
         self.bar.set_description(name)
         if advance:
             self.bar.update(1)
+        if self.lines:
+            print(f"medcam3d [{time.perf_counter() - self.t0:7.1f} s] {name}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         self.bar.close()
@@ -88,6 +104,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     for line in (summary.assumptions or [])[len(result.notes):]:  # made while writing (DICOM export)
         print(f"medcam3d: note: {line}", file=sys.stderr)
     if not args.quiet:
+        _print_notes(summary)
         _print_result(summary, out)
     return 0
 
@@ -110,6 +127,12 @@ def _config_or_bundle(args: argparse.Namespace) -> Config | str | None:
     from .monai.bundle import load_bundle  # lazy: MONAI's bundle parser is needed only with --bundle
 
     return load_bundle(args.bundle)
+
+
+def _print_notes(summary: Summary) -> None:
+    """The summary's one-line notes (e.g. the full-resolution cap), on stderr."""
+    for note in summary.notes or []:
+        print(f"medcam3d: note: {note}", file=sys.stderr)
 
 
 def _print_result(summary: Summary, out: Path) -> None:
@@ -155,9 +178,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         stages("writing")
         summary = session.write_folder(result, exp_dir, None, None, progress=lambda s: stages(s, False),
                                        extra={"demo": {"seed": args.seed, "planted": sorted(present)}})
+        stages("done")
     finally:
         stages.close()
     if not args.quiet:
+        _print_notes(summary)
         _print_result(summary, exp_dir)
         print(f"planted lesions: {', '.join(sorted(present))}; phantom scan and masks: {scan_dir.resolve()}")
     return 0
@@ -169,10 +194,11 @@ def _add_explain_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
                    help="methods to compute (hirescam gradcam gradcampp xgradcam layercam; cam on GAP+FC heads)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N")
-    p.add_argument("--map-geometry", choices=["field", "receptive"], default="field",
+    p.add_argument("--map-geometry", choices=["field", "receptive", "auto"], default="field",
                    help="where feature-resolution cells go on the scan: field (the field of view divided evenly, the "
-                        "paper's convention; default) or receptive (the cells' receptive-field centres, which the "
-                        "model declares; AxialNet does)")
+                        "paper's convention; default), receptive (the cells' receptive-field centres, which the "
+                        "model declares or its layers give; AxialNet declares them) or auto (receptive when known, "
+                        "else field with a note)")
     p.add_argument("--max-voxels", type=int_at_least(1), default=None, metavar="N",
                    help=f"largest scan or preprocessing grid, in voxels, checked from headers and spacings before "
                         f"anything that size is allocated (default {DEFAULT_MAX_VOXELS:.3g}; see the README's "
@@ -194,9 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: <scan name>_medcam3d)")
     p.add_argument("--classes", nargs="+", metavar="CLASS",
                    help="labels, indices, 'positive' or 'top-K' (default: all classes, at feature resolution)")
-    p.add_argument("--full-res", nargs="+", metavar="CLASS",
-                   help="classes also written at full resolution with montages (default: predicted positive, at "
-                        "least the top 3); same tokens as --classes, or 'none'")
+    p.add_argument("--full-res", nargs="+", metavar="CLASS", help=FULL_RES_HELP)
     p.add_argument("--series-uid", help="DICOM SeriesInstanceUID to read when the folder holds several series")
     p.add_argument("--allow-resample", action="store_true",
                    help="accept irregularly spaced DICOM series by resampling")

@@ -15,14 +15,22 @@ number of outputs the model really gives (on the first forward), the ``device`` 
 What is assumed rather than refused is said: :attr:`ScanResult.notes` (e.g. which of several DICOM series was read)
 and :attr:`ScanResult.warnings` (a scan that does not look like the config's modality) go to the summary's
 ``assumptions`` and ``warnings`` and are printed by the command line.
+
+Full-resolution maps are sampled on the scan's own grid straight from the feature-resolution maps
+(:mod:`medcam3d.onscan`: through the map's placement and the preprocessing's affine, a slab of slices and a chunk of
+classes at a time), quantised to uint8 (``scl_slope = 1/255``) and compressed in a thread pool while the montages
+are drawn from the same arrays. Preprocessing that is not purely affine-geometric falls back to MONAI's inverse
+(:meth:`~medcam3d.preprocess.Preprocessor.invert`), one class at a time.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import platform
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from importlib import metadata
@@ -38,18 +46,20 @@ from .explainer import Explainer, select_scores
 from .explanation import Explanation
 from .files import sha256_of
 from .geometry import GEOMETRIES
+from .heatmaps import normalize
 from .io import (
     Volume,
     check_dicom_source,
     check_modality,
     read_volume,
     write_lowres_maps,
-    write_map_like,
     write_parametric_map,
     write_segmentation,
 )
 from .io.limits import resolve_max_voxels
+from .io.writers import DISPLAY_SLOPE, ChunkedNifti, nifti_header_bytes
 from .methods import DEFAULT_METHODS, method_title
+from .onscan import SLAB_VOXELS, ScanSampler, affine_reason, voxel_to_cells
 from .outputs import (
     DICOM_PM_PREFIX,
     DICOM_SEG_PREFIX,
@@ -64,6 +74,7 @@ from .outputs import (
     InputRecord,
     MapGeometryRecord,
     ModelRecord,
+    MontageRenderer,
     PeakRecord,
     Summary,
     check_output_folder,
@@ -96,7 +107,13 @@ __all__ = [
 # stay importable from this module for one release: other code imported them from here.
 
 DEFAULT_CONFIG = "demo_axialnet"
+#: default full resolution: the predicted-positive classes, at least the top MIN_FULL_RES and at most MAX_FULL_RES
+#: (highest scores first)
 MIN_FULL_RES = 3
+MAX_FULL_RES = 10
+#: uint8 display maps held at once per chunk of full-resolution classes (all methods of a class stay together:
+#: the montage is drawn from them); two chunks are alive while one is compressed and the next sampled
+FULLRES_CHUNK_BYTES = 256 << 20
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -180,6 +197,7 @@ class OutputPlan:
         grid_shape: ``(S, H, W)`` of the network grid.
         map_affine: ``[4, 4]`` affine of the low-resolution maps (where the model's cells sit), None unless the
             maps are 3-D.
+        notes: one-line remarks for the user (e.g. that the default full-resolution cap cut classes).
     """
 
     explained: list[int]
@@ -187,6 +205,7 @@ class OutputPlan:
     grid_affine: np.ndarray
     grid_shape: tuple[int, ...]
     map_affine: np.ndarray | None
+    notes: list[str] = field(default_factory=list)
 
 
 class Session:
@@ -198,8 +217,9 @@ class Session:
         methods: methods to compute (HiResCAM and Grad-CAM by default).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
         map_geometry: where feature-resolution cells go on the scan: ``"field"`` (the field of view divided evenly,
-            the paper's convention) or ``"receptive"`` (the receptive-field centres the model declares; AxialNet
-            does). Used for full-resolution heatmaps and the low-resolution maps' affine.
+            the paper's convention), ``"receptive"`` (the receptive-field centres the model declares or its layers
+            give; AxialNet declares them) or ``"auto"`` (receptive when known, else the field, with a note); see
+            :mod:`medcam3d.placement`. Used for full-resolution heatmaps and the low-resolution maps' affine.
         max_voxels: the largest grid a preprocessing step may make (default
             :data:`~medcam3d.io.limits.DEFAULT_MAX_VOXELS`; scans are checked by :func:`read_scan`).
         ignore_modality: explain a DICOM scan whose Modality the config does not accept (a warning instead of an
@@ -234,7 +254,7 @@ class Session:
         self.preprocessor = Preprocessor.from_config(cfg, max_voxels=self.max_voxels)
         self.model = cfg.build_model().to(self.device).eval()
         self.explainer = Explainer(self.model, cfg.target_layer, self.methods, labels=cfg.labels,
-                                   output=self._checked_scores)
+                                   output=self._checked_scores, map_geometry=map_geometry)
         wp = cfg.weights_path
         self.weights_path = wp
         card = wp.with_suffix(".json") if wp is not None else None
@@ -308,26 +328,47 @@ class Session:
 
         Args:
             classes: which explained classes go to the outputs (default: all explained).
-            full_res: which of those also get full-resolution maps and montages (default: predicted positive,
-                and at least the top 3 by score).
+            full_res: which of those also get full-resolution maps and montages (default: predicted positive, at
+                least the top 3 and at most the top 10 by score, with a note in ``notes`` when the cap cuts).
         """
         cfg, exp = self.config, result.explanation
         scores, probs = result.scores, result.probabilities
         explained = [c for c in select_classes(classes, scores, probs, cfg.labels, cfg.threshold) if c in exp.classes]
         if not explained:
             raise InputError("--classes selects no explained class")
-        spec = ["positive", f"top-{MIN_FULL_RES}"] if full_res is None else full_res
-        fr = select_classes(spec, scores, probs, cfg.labels, cfg.threshold, what="--full-res")
+        placement = exp.placement
+        notes = [placement.note()] if placement is not None and placement.fallback else []
+        if full_res is None:
+            fr, note = self._default_full_res(result, explained)
+            notes += [note] if note else []
+        else:
+            fr = [c for c in select_classes(full_res, scores, probs, cfg.labels, cfg.threshold, what="--full-res")
+                  if c in explained]
         grid_affine = np.asarray(result.grid.affine, dtype=np.float64)
         geometry = exp.map_geometry(self.map_geometry)  # InputError when the model declares no receptive geometry
         map_affine = grid_affine @ geometry.index_affine().numpy() if len(exp.map_size) == 3 else None
         return OutputPlan(
             explained=explained,
-            full_res=[c for c in fr if c in explained],
+            full_res=fr,
             grid_affine=grid_affine,
             grid_shape=tuple(int(s) for s in result.grid.shape[1:]),
             map_affine=map_affine,
+            notes=notes,
         )
+
+    def _default_full_res(self, result: ScanResult, explained: Sequence[int]) -> tuple[list[int], str | None]:
+        """The default full-resolution classes among ``explained``, highest score first: predicted positive and
+        the top :data:`MIN_FULL_RES`, at most :data:`MAX_FULL_RES`; and a note when the cap cuts."""
+        cfg, scores = self.config, result.scores
+        spec = ["positive", f"top-{MIN_FULL_RES}"]
+        wanted = [c for c in select_classes(spec, scores, result.probabilities, cfg.labels, cfg.threshold)
+                  if c in explained]
+        wanted.sort(key=lambda c: -scores[c])
+        if len(wanted) <= MAX_FULL_RES:
+            return wanted, None
+        return wanted[:MAX_FULL_RES], (
+            f"{len(wanted)} classes are predicted positive; full resolution and montages for the {MAX_FULL_RES} "
+            "highest-scoring only (all are in the low-resolution maps; --full-res all writes every one)")
 
     def summarise(self, result: ScanResult, plan: OutputPlan) -> Summary:
         """The summary of ``result`` as ``plan`` writes it (its timings and file list are completed by
@@ -345,8 +386,9 @@ class Session:
             network_grid=GridRecord(shape=list(plan.grid_shape), affine=plan.grid_affine.tolist()),
             map_shape=list(exp.map_size),
             map_affine=plan.map_affine.tolist() if plan.map_affine is not None else None,
-            map_geometry=MapGeometryRecord(kind=self.map_geometry, offset_voxels=list(geo.offset),
-                                           stride_voxels=list(geo.stride)),
+            map_geometry=MapGeometryRecord(kind=geo.kind, offset_voxels=list(geo.offset),
+                                           stride_voxels=list(geo.stride),
+                                           source=exp.placement.source if exp.placement is not None else None),
             methods=list(exp.methods),
             device=str(self.device),
             versions=versions,
@@ -356,6 +398,7 @@ class Session:
             classes=_class_records(result, plan, cfg.labels, cfg.threshold),
             warnings=list(result.warnings),
             assumptions=list(result.notes),
+            notes=list(plan.notes) or None,
         )
 
     def _model_record(self) -> ModelRecord:
@@ -380,26 +423,36 @@ class Session:
         progress: Callable[[str], None] | None = None,
         extra: dict[str, Any] | None = None,
         dicom: DicomExport | None = None,
+        threads: int | None = None,
     ) -> Summary:
         """Write the output folder (atomically) and return its :class:`~medcam3d.outputs.Summary`.
 
         ``classes`` and ``full_res`` as in :meth:`plan_outputs`; ``progress`` is called with each stage's name;
         ``extra`` adds top-level sections to the summary (e.g. ``batch``, ``organ_shares``); ``dicom`` also writes
-        the full-resolution maps as DICOM (:class:`DicomExport`; the scan must be a single-frame DICOM series)."""
+        the full-resolution maps as DICOM (:class:`DicomExport`; the scan must be a single-frame DICOM series);
+        ``threads``: threads compressing maps (default: torch's thread count, which ``batch`` sets to each worker's
+        share of the cores). A failed write (disk full, folder not writable) is an InputError naming the folder; the
+        partial folder is removed and an earlier output folder at ``out_dir`` is kept."""
         t0 = time.perf_counter()
         plan = self.plan_outputs(result, classes, full_res)
         summary = self.summarise(result, plan)
         if dicom is not None:
             check_dicom_source(result.volume)
         notes: list[str] = []
-        with output_folder(out_dir) as tmp:
-            written = self._write_files(result, plan, tmp, progress or (lambda s: None), dicom, notes)
-            timings = {**result.timings, "write": time.perf_counter() - t0}
-            summary = replace(summary, timings_s={k: round(v, 4) for k, v in timings.items()},
-                              files=sorted([*written, SUMMARY]),
-                              assumptions=[*(summary.assumptions or []), *dict.fromkeys(notes)],
-                              dicom_export=_dicom_record(written, dicom)).with_sections(extra)
-            write_summary(summary, tmp / SUMMARY)
+        timings = dict(result.timings)
+        try:
+            with output_folder(out_dir) as tmp:
+                written = self._write_files(result, plan, tmp, progress or (lambda s: None), threads, timings,
+                                            dicom, notes)
+                timings["write"] = time.perf_counter() - t0
+                summary = replace(summary, timings_s={k: round(v, 4) for k, v in timings.items()},
+                                  files=sorted([*written, SUMMARY]),
+                                  assumptions=[*(summary.assumptions or []), *dict.fromkeys(notes)],
+                                  dicom_export=_dicom_record(written, dicom)).with_sections(extra)
+                write_summary(summary, tmp / SUMMARY)
+        except OSError as e:
+            raise InputError(f"cannot write the output folder ({e.strerror or e}); nothing was written",
+                             Path(out_dir).expanduser()) from None
         return summary
 
     def write(
@@ -411,20 +464,27 @@ class Session:
         progress: Callable[[str], None] | None = None,
         extra: dict[str, Any] | None = None,
         dicom: DicomExport | None = None,
+        threads: int | None = None,
     ) -> dict[str, Any]:
         """:meth:`write_folder`, returning the summary as the JSON object written to ``summary.json``."""
-        return self.write_folder(result, out_dir, classes, full_res, progress, extra, dicom).to_dict()
+        return self.write_folder(result, out_dir, classes, full_res, progress, extra, dicom, threads).to_dict()
 
     def _write_files(self, result: ScanResult, plan: OutputPlan, folder: Path, step: Callable[[str], None],
-                     dicom: DicomExport | None = None, notes: list[str] | None = None) -> list[str]:
+                     threads: int | None, timings: dict[str, float], dicom: DicomExport | None = None,
+                     notes: list[str] | None = None) -> list[str]:
         """scores.csv, the low-resolution maps, and each full-resolution class's maps and montage (and DICOM
-        objects); their names. ``notes`` collects the DICOM export's notes."""
+        objects); their names. Adds ``write.*`` stage times to ``timings``; ``notes`` collects the DICOM export's
+        notes."""
+        t0 = time.perf_counter()
         write_scores_csv(_score_rows(result, plan, self.config.labels, self.config.threshold), folder / SCORES)
         step("low-resolution maps")
         written = [SCORES, *self._write_lowres(result, plan, folder)]
-        for c in plan.full_res:
-            step(f"full resolution: {self.config.labels[c]}")
-            written += self._write_fullres(result, plan, c, folder, dicom, notes if notes is not None else [])
+        timings["write.lowres"] = time.perf_counter() - t0
+        if plan.full_res:
+            n = max(1, int(threads or torch.get_num_threads()))
+            with ThreadPoolExecutor(max_workers=n, thread_name_prefix="medcam3d-gzip") as pool:
+                writer = _FullResWriter(self, result, plan, folder, pool, dicom, notes if notes is not None else [])
+                written += writer.run(step, timings)
         return written
 
     def _write_lowres(self, result: ScanResult, plan: OutputPlan, folder: Path) -> list[str]:
@@ -437,27 +497,148 @@ class Session:
                               map_affine=plan.map_affine)
         return [lowres_name(m) for m in exp.methods]
 
-    def _write_fullres(self, result: ScanResult, plan: OutputPlan, c: int, folder: Path,
-                       dicom: DicomExport | None = None, notes: list[str] | None = None) -> list[str]:
-        """Class ``c``'s heatmap per method on the scan grid (and as DICOM with ``dicom``), and its montage."""
-        exp, label = result.explanation, self.config.labels[c]
-        on_scan: dict[str, np.ndarray] = {}
-        written = []
-        for m in exp.methods:
-            hm = exp.heatmap(m, size=plan.grid_shape, classes=[c], geometry=self.map_geometry)[0]  # [1, S, H, W]
-            on_scan[m] = self.preprocessor.invert(hm, result.grid)[0]
-            name = fullres_name(m, c, label)
-            write_map_like(on_scan[m], result.volume, folder / name, description=f"medcam3d {m} heatmap {label}"[:79])
-            written.append(name)
-            if dicom is not None:
-                written += _write_dicom(on_scan[m], result.volume, folder, m, c, label, dicom,
-                                        notes if notes is not None else [])
+
+class _FullResWriter:
+    """The full-resolution maps and montages of one output folder, a chunk of classes at a time.
+
+    Each chunk's display maps are sampled on the scan grid (uint8 ``[maps, K, J, I]``, i.e. each map's Fortran-order
+    voxel bytes) slab by slab; every slab goes to the thread pool to be compressed as soon as it exists, the montages
+    are drawn from the same arrays meanwhile, and the chunk's files are written once the next chunk is sampled."""
+
+    def __init__(self, session: Session, result: ScanResult, plan: OutputPlan, folder: Path,
+                 pool: ThreadPoolExecutor, dicom: DicomExport | None = None, notes: list[str] | None = None) -> None:
+        self.session, self.result, self.plan, self.folder, self.pool = session, result, plan, folder, pool
+        self.dicom, self.notes = dicom, notes if notes is not None else []
+        self.exp = result.explanation
+        self.methods = list(self.exp.methods)
+        self.labels = session.config.labels
+        vol = result.volume
+        self.shape = tuple(int(n) for n in vol.shape)
+        geometry = self.exp.map_geometry(session.map_geometry)
+        self.sampler: ScanSampler | None = None
+        if len(self.exp.map_size) == 3 and affine_reason(result.grid, vol.affine, vol.shape) is None:
+            to_cells = voxel_to_cells(vol.affine, plan.grid_affine, geometry)
+            self.sampler = ScanSampler(to_cells, self.exp.map_size, self.shape)
+        self.slab = self.sampler.slab if self.sampler else max(1, SLAB_VOXELS // (self.shape[0] * self.shape[1]))
+        self._buffers: list[np.ndarray] = []  # two uint8 buffers, alternating between chunks (no fresh pages)
+        self._chunks = 0
+        self.renderer = MontageRenderer()  # one figure for every montage of the scan
+
+    def run(self, step: Callable[[str], None], timings: dict[str, float]) -> list[str]:
+        """Write every full-resolution class; returns the file names. Adds ``write.fullres_maps`` (sampling and
+        files) and ``write.montages`` to ``timings``."""
+        classes = self.plan.full_res
+        per_chunk = max(1, FULLRES_CHUNK_BYTES // (math.prod(self.shape) * len(self.methods)))
+        written: list[str] = []
+        pending: list[ChunkedNifti] = []
+        t_maps = t_montages = 0.0
+        try:
+            for n0 in range(0, len(classes), per_chunk):
+                chunk = classes[n0:n0 + per_chunk]
+                step(f"full resolution {n0 + len(chunk)}/{len(classes)}: {', '.join(self.labels[c] for c in chunk)}")
+                t0 = time.perf_counter()
+                volumes, files = self._sample(chunk)
+                t1 = time.perf_counter()
+                written += [self._montage(c, volumes, n) for n, c in enumerate(chunk)]
+                if self.dicom is not None:
+                    written += [f for n, c in enumerate(chunk) for f in self._dicom(c, volumes, n)]
+                t2 = time.perf_counter()
+                written += [f.finish().name for f in pending]  # the previous chunk: compressed meanwhile
+                pending = files
+                t_maps, t_montages = t_maps + (t1 - t0) + (time.perf_counter() - t2), t_montages + (t2 - t1)
+            t3 = time.perf_counter()
+            written += [f.finish().name for f in pending]
+            t_maps += time.perf_counter() - t3
+        except BaseException:
+            for f in pending:
+                f.cancel()
+            raise
+        timings.update({"write.fullres_maps": t_maps, "write.montages": t_montages})
+        return written
+
+    def _display_maps(self, chunk: Sequence[int]) -> torch.Tensor:
+        """``[methods x classes, *map_size]`` display maps (ReLU, whole-map min-max), method-major."""
+        pos = [self.exp.index(c) for c in chunk]
+        return torch.cat([normalize(self.exp.raw[m][:, pos])[0] for m in self.methods])
+
+    def _sample(self, chunk: Sequence[int]) -> tuple[np.ndarray, list[ChunkedNifti]]:
+        """The chunk's uint8 maps ``[methods x classes, K, J, I]`` and their files, fed slab by slab."""
+        volumes = self._volumes(len(self.methods) * len(chunk))
+        header = nifti_header_bytes(self.shape, self.result.volume.affine, np.uint8, slope=DISPLAY_SLOPE)
+        files = []
+        for n in range(volumes.shape[0]):
+            m, c = self.methods[n // len(chunk)], chunk[n % len(chunk)]
+            files.append(ChunkedNifti(self.folder / fullres_name(m, c, self.labels[c]), header, volumes[n].nbytes,
+                                      self.pool))
+        try:
+            if self.sampler is not None:
+                for _, _, slab in self.sampler.slabs(self._display_maps(chunk), out=volumes):
+                    for n, f in enumerate(files):
+                        f.add(slab[n])  # compressed in the pool while the next slab is sampled
+            else:
+                self._sample_by_inverse(chunk, volumes, files)
+        except BaseException:
+            for f in files:
+                f.cancel()
+            raise
+        return volumes, files
+
+    def _volumes(self, n: int) -> np.ndarray:
+        """uint8 ``[n, K, J, I]`` for the next chunk: the buffer the chunk before last used (its files are written
+        by now), so its pages are already mapped."""
+        i, j, k = self.shape
+        slot = self._chunks % 2
+        self._chunks += 1
+        if len(self._buffers) <= slot or self._buffers[slot].shape[0] < n:
+            buffer = np.empty((n, k, j, i), dtype=np.uint8)
+            self._buffers[slot:slot + 1] = [buffer]
+        return self._buffers[slot][:n]
+
+    def _sample_by_inverse(self, chunk: Sequence[int], volumes: np.ndarray, files: list[ChunkedNifti]) -> None:
+        """Fallback for preprocessing that is not purely affine: each map on the network grid, then MONAI's
+        inverse, one map at a time."""
+        session, grid = self.session, self.result.grid
+        for n in range(volumes.shape[0]):
+            m, c = self.methods[n // len(chunk)], chunk[n % len(chunk)]
+            hm = self.exp.heatmap(m, size=self.plan.grid_shape, classes=[c], geometry=session.map_geometry)[0]
+            on_scan = session.preprocessor.invert(hm, grid)[0]  # [I, J, K] float32
+            volumes[n] = np.clip(on_scan * 255.0 + 0.5, 0.0, 255.0).astype(np.uint8).transpose(2, 1, 0)
+            for k0 in range(0, volumes.shape[1], self.slab):
+                files[n].add(volumes[n, k0:k0 + self.slab])
+
+    def _dicom(self, c: int, volumes: np.ndarray, n: int) -> list[str]:
+        """Class ``c``'s maps as DICOM objects (``--dicom-out``), from the same uint8 arrays as the NIfTIs, scaled
+        the same way (``DISPLAY_SLOPE``), so the DICOM values equal the NIfTI's as read."""
+        assert self.dicom is not None
+        per_method = volumes.shape[0] // len(self.methods)
+        out: list[str] = []
+        for a, m in enumerate(self.methods):
+            heatmap = volumes[a * per_method + n].transpose(2, 1, 0).astype(np.float32) * np.float32(DISPLAY_SLOPE)
+            out += _write_dicom(heatmap, self.result.volume, self.folder, m, c, self.labels[c], self.dicom, self.notes)
+        return out
+
+    def _montage(self, c: int, volumes: np.ndarray, n: int) -> str:
+        """Class ``c``'s montage from its maps (row ``n`` of each method's block in ``volumes``)."""
+        result, exp, label = self.result, self.exp, self.labels[c]
+        per_method = volumes.shape[0] // len(self.methods)
+        maps = {m: volumes[a * per_method + n].transpose(2, 1, 0) for a, m in enumerate(self.methods)}  # [I, J, K]
+        k = exp.index(c)
+        scales = {}
+        for m in self.methods:
+            pos = torch.relu(exp.raw[m][0, k])
+            scales[m] = (float(pos.min()), float(pos.max()))
+        cam = exp.certificate.per_class[k] == "cam" and len(self.methods) > 1
+        note = (f"certificate 'cam': {', '.join(self.methods)} coincide for this class by proof (global average "
+                "pooling + one linear layer), so one row is shown") if cam else None
         p = float(result.probabilities[c])
         title = (f"{label}  score {result.scores[c]:+.3f}  p={p:.3f}  "
-                 f"({'synthetic demo model' if self.synthetic_only else self.config.name})")
-        render_montage(result.volume.array, on_scan, result.volume.affine, folder / montage_name(c, label), title,
-                       peak_from=exp.methods[0])
-        return [*written, montage_name(c, label)]
+                 f"({'synthetic demo model' if self.session.synthetic_only else self.session.config.name})")
+        name = montage_name(c, label)
+        render_montage(result.volume.array, maps, result.volume.affine, self.folder / name, title,
+                       peak_from=self.methods[0], scales=scales, note=note,
+                       covered=self.sampler.covered_at if self.sampler is not None else None,
+                       methods=self.methods[:1] if cam else None, renderer=self.renderer)
+        return name
 
 
 def _write_dicom(heatmap: np.ndarray, volume: Volume, folder: Path, method: str, c: int, label: str,

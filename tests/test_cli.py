@@ -89,9 +89,12 @@ def test_fullres_maps_carry_the_scan_affine_and_shape(explained, scan):
         img = nib.load(str(m))
         assert img.shape == src.shape
         assert np.allclose(img.affine, src.affine, atol=1e-5)
-        assert img.get_data_dtype() == np.float32
+        # display maps are stored as uint8 with scl_slope 1/255: readers that apply the scaling see [0, 1]
+        assert img.get_data_dtype() == np.uint8
+        assert img.dataobj.slope == pytest.approx(1 / 255) and img.dataobj.inter == 0
         data = np.asarray(img.dataobj)
         assert 0.0 <= data.min() and data.max() <= 1.0 + 1e-6
+        assert np.allclose(data * 255, np.round(data * 255), atol=1e-4)  # steps of 1/255
         peaks.append(data.max())
     # maps are normalised over the whole network grid, whose padding lies outside this small scan
     assert max(peaks) > 0.1
@@ -265,7 +268,7 @@ def test_receptive_map_geometry_places_cells_at_their_receptive_field_centres(tm
     summary = json.loads((out / "summary.json").read_text())
     field = json.loads((explained / "summary.json").read_text())
     assert summary["map_geometry"] == {"kind": "receptive", "offset_voxels": [1.0, 32.0, 32.0],
-                                       "stride_voxels": [3.0, 8.0, 8.0]}
+                                       "stride_voxels": [3.0, 8.0, 8.0], "source": "declared"}
     assert field["map_geometry"]["kind"] == "field" and field["map_geometry"]["stride_voxels"] == [3.0, 16.0, 16.0]
     img = nib.load(str(out / "lowres_hirescam.nii.gz"))
     assert np.allclose(np.sqrt((img.affine[:3, :3] ** 2).sum(0)), [15.0, 20.0, 20.0])  # 3 x 8 x 8 voxels apart
@@ -313,3 +316,86 @@ def test_class_selection_tokens():
     assert find_class("b", labels) == 1 and find_class(3, labels) == 3
     assert find_class(7, ["x", "y"], [3, 7]) == 1 and find_class("y", ["x", "y"], [3, 7]) == 1
     assert find_class("3", ["x", "y"], [5, 7]) is None
+
+
+def test_default_full_resolution_is_positive_at_least_3_at_most_10(scan, untrained_config):
+    """Hand-made scores on the 13 demo labels: all positive -> the 10 highest, with a note; two positive -> the top
+    3; an explicit --full-res is not capped."""
+    from dataclasses import replace
+
+    from medcam3d.pipeline import MAX_FULL_RES, Session
+
+    session = Session(untrained_config)
+    result = session.explain_volume(read_volume(scan))
+
+    def with_scores(scores):
+        t = torch.tensor([scores], dtype=torch.float32)
+        return replace(result, explanation=replace(result.explanation, scores=t),
+                       probabilities=torch.sigmoid(t)[0].double().numpy())
+
+    all_positive = with_scores([0.5 + 0.1 * c for c in range(13)])  # class 12 highest ... class 0 lowest
+    plan = session.plan_outputs(all_positive)
+    assert MAX_FULL_RES == 10 and plan.full_res == [12, 11, 10, 9, 8, 7, 6, 5, 4, 3]
+    assert len(plan.notes) == 1 and "13 classes are predicted positive" in plan.notes[0] and "\n" not in plan.notes[0]
+    assert session.summarise(all_positive, plan).notes == plan.notes
+    two = with_scores([-1.0, 2.0, -3.0, 0.5, -0.2, -4.0, -5.0, -6.0, -7.0, -8.0, -9.0, -10.0, -11.0])
+    plan = session.plan_outputs(two)
+    assert plan.full_res == [1, 3, 4] and plan.notes == []
+    assert session.plan_outputs(all_positive, full_res=["all"]).full_res == list(range(13))
+    assert session.plan_outputs(all_positive, full_res=["top-2", "0"]).full_res == [12, 11, 0]
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, scan, untrained_config, capsys):
+    """Without a terminal (a SLURM log) every stage is one line on stderr with the time since the start."""
+    out = tmp_path / "o"
+    args = ["explain", str(scan), "--config", str(untrained_config), "--out", str(out), "--full-res", "top-2"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("medcam3d [")]
+    stages = [re.fullmatch(r"medcam3d \[\s*(\d+\.\d) s\] (.+)", ln) for ln in lines]
+    assert all(stages), lines
+    names = [m.group(2) for m in stages]
+    for expected in ("reading scan", "loading model", "explaining", "writing", "low-resolution maps", "done"):
+        assert expected in names
+    assert any(n.startswith("full resolution") for n in names)
+    times = [float(m.group(1)) for m in stages]
+    assert times == sorted(times)
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"read", "preprocess", "explain", "write", "write.lowres", "write.fullres_maps",
+            "write.montages"} <= set(summary["timings_s"])
+    assert main(["explain", str(scan), "--config", str(untrained_config), "--out", str(out), "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_disk_full_while_writing_exits_with_one_line_and_keeps_the_previous_output(tmp_path, scan, untrained_config,
+                                                                                   monkeypatch, capsys):
+    """A simulated ENOSPC while a map is compressed: exit 1 or 2, one line naming the folder and the problem, the
+    partial folder removed and the earlier output folder at --out untouched."""
+    import errno
+
+    from medcam3d.io import writers
+
+    out = tmp_path / "out"
+    args = ["explain", str(scan), "--config", str(untrained_config), "--out", str(out), "--quiet", "--full-res",
+            "top-1"]
+    assert main(args) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writers, "_gzip_member", full)
+    capsys.readouterr()
+    code = main(args + ["--full-res", "top-2"])
+    err = capsys.readouterr().err.strip()
+    assert code in (1, 2)
+    assert "\n" not in err and "No space left on device" in err and str(out) in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no partial or old folder left
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_help_says_what_full_resolution_costs(capsys):
+    with pytest.raises(SystemExit):
+        main(["explain", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "per class" in text and "'none' writes the low-resolution maps only" in text and "@" not in text

@@ -246,7 +246,9 @@ def process_scan(task: ScanTask, settings: BatchSettings, attempt: int = 1) -> d
                                                "run_id": settings.run_id}}
             if task.organs:
                 extra["organ_shares"] = _organ_shares(session, result, task.organs, dict(settings.organ_codes))
-            session.write(result, dest, settings.classes, settings.full_res, extra=extra, dicom=settings.dicom)
+            # maps are compressed with this worker's share of the cores (set for torch above)
+            session.write(result, dest, settings.classes, settings.full_res, extra=extra, dicom=settings.dicom,
+                          threads=torch.get_num_threads())
             _fsync_dir(scans)
             _write_json_atomic({
                 "scan_id": task.scan_id, "run_id": settings.run_id, "fingerprint_sha": settings.fingerprint_sha,
