@@ -18,9 +18,10 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .errors import InputError
+from .geometry import GEOMETRIES
 from .methods import DEFAULT_METHODS
 from .outputs import Summary
-from .pipeline import Session, read_scan
+from .pipeline import ScanResult, Session, read_scan
 
 __all__ = ["build_parser", "main"]
 
@@ -57,6 +58,14 @@ def _default_out(scan: str) -> Path:
     return Path(f"{name}_medcam3d")
 
 
+def _note_placement(result: ScanResult) -> None:
+    """One line on stderr (even when quiet) when the map placement fell back to the field (no receptive geometry
+    found); it is also recorded in the summary's ``map_geometry.source``."""
+    placement = result.explanation.placement
+    if placement is not None and placement.fallback:
+        tqdm.write(f"medcam3d: note: {placement.note()}", file=sys.stderr)  # above a progress bar, if any
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     stages = _Stages(4, args.quiet)
     try:
@@ -66,6 +75,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         session = Session(args.config, args.model, args.methods, args.device, map_geometry=args.map_geometry)
         stages("explaining")
         result = session.explain_volume(volume, args.classes, read_seconds=t_read)
+        _note_placement(result)
         stages("writing")
         out = Path(args.out) if args.out else _default_out(args.scan)
         summary = session.write_folder(result, out, args.classes, args.full_res, progress=lambda s: stages(s, False))
@@ -115,6 +125,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         stages("explaining")
         volume, t_read = read_scan(scan_path)
         result = session.explain_volume(volume, read_seconds=t_read)
+        _note_placement(result)
         stages("writing")
         summary = session.write_folder(result, exp_dir, None, None, progress=lambda s: stages(s, False),
                                        extra={"demo": {"seed": args.seed, "planted": sorted(present)}})
@@ -132,10 +143,11 @@ def _add_explain_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
                    help="methods to compute (hirescam gradcam gradcampp xgradcam layercam; cam on GAP+FC heads)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N")
-    p.add_argument("--map-geometry", choices=["field", "receptive"], default="field",
-                   help="where feature-resolution cells go on the scan: field (the field of view divided evenly, the "
-                        "paper's convention; default) or receptive (the cells' receptive-field centres, which the "
-                        "model declares; AxialNet does)")
+    p.add_argument("--map-geometry", choices=list(GEOMETRIES), default=None,
+                   help="where feature-resolution cells go on the scan: auto (the receptive-field centres the model "
+                        "declares or its layers give, else the field with a note; default, unless the config sets "
+                        "map_geometry), field (the field of view divided evenly, the paper's convention) or "
+                        "receptive (the receptive-field centres, else an error)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or printed result")
 
 

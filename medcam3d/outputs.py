@@ -314,11 +314,14 @@ class GridRecord(_Record):
 @dataclass(kw_only=True)
 class MapGeometryRecord(_Record):
     """Where feature-resolution cells sit on the network grid: ``kind`` (``field`` | ``receptive``); cell ``i`` of
-    axis ``d`` is centred at network voxel ``offset_voxels[d] + stride_voxels[d] * i``."""
+    axis ``d`` is centred at network voxel ``offset_voxels[d] + stride_voxels[d] * i``; ``source``: how that was
+    found (:attr:`medcam3d.placement.Placement.source`: ``declared``, ``derived``, ``requested`` or
+    ``fallback: <reason>``; None in summaries written before it was recorded)."""
 
     kind: str = "field"
     offset_voxels: list[float] = field(default_factory=list)
     stride_voxels: list[float] = field(default_factory=list)
+    source: str | None = None
 
 
 @dataclass(kw_only=True)

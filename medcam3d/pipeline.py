@@ -146,9 +146,12 @@ class Session:
         checkpoint: weights file overriding the config's ``weights``.
         methods: methods to compute (HiResCAM and Grad-CAM by default).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
-        map_geometry: where feature-resolution cells go on the scan: ``"field"`` (the field of view divided evenly,
-            the paper's convention) or ``"receptive"`` (the receptive-field centres the model declares; AxialNet
-            does). Used for full-resolution heatmaps and the low-resolution maps' affine.
+        map_geometry: where feature-resolution cells go on the scan (:mod:`medcam3d.placement`): ``"auto"`` (the
+            receptive-field centres the model declares or its layers give, else the field with the reason recorded),
+            ``"field"`` (the field of view divided evenly, the paper's convention) or ``"receptive"`` (the
+            receptive-field centres, else an InputError). Default (None): the config's ``map_geometry``, else
+            ``"auto"``. Used for full-resolution heatmaps, the low-resolution maps' affine and the summary's
+            ``map_geometry`` record (:attr:`Explanation.placement`).
     """
 
     def __init__(
@@ -157,12 +160,13 @@ class Session:
         checkpoint: str | Path | None = None,
         methods: Sequence[str] = DEFAULT_METHODS,
         device: str | torch.device = "auto",
-        map_geometry: str = "field",
+        map_geometry: str | None = None,
     ) -> None:
+        cfg = config if isinstance(config, Config) else load_config(config or DEFAULT_CONFIG)
+        map_geometry = map_geometry or cfg.map_geometry or "auto"
         if map_geometry not in GEOMETRIES:
             raise InputError(f"map geometry must be one of {', '.join(GEOMETRIES)}, got {map_geometry!r}")
         self.map_geometry = map_geometry
-        cfg = config if isinstance(config, Config) else load_config(config or DEFAULT_CONFIG)
         if checkpoint is not None:
             cp = Path(checkpoint).expanduser().resolve()
             if not cp.is_file():
@@ -173,7 +177,8 @@ class Session:
         self.methods = tuple(methods)
         self.preprocessor = Preprocessor.from_config(cfg)
         self.model = cfg.build_model().to(self.device).eval()
-        self.explainer = Explainer(self.model, cfg.target_layer, self.methods, labels=cfg.labels)
+        self.explainer = Explainer(self.model, cfg.target_layer, self.methods, labels=cfg.labels,
+                                   map_geometry=map_geometry)
         wp = cfg.weights_path
         self.weights_path = wp
         card = wp.with_suffix(".json") if wp is not None else None
@@ -256,8 +261,8 @@ class Session:
             network_grid=GridRecord(shape=list(plan.grid_shape), affine=plan.grid_affine.tolist()),
             map_shape=list(exp.map_size),
             map_affine=plan.map_affine.tolist() if plan.map_affine is not None else None,
-            map_geometry=MapGeometryRecord(kind=self.map_geometry, offset_voxels=list(geo.offset),
-                                           stride_voxels=list(geo.stride)),
+            map_geometry=MapGeometryRecord(kind=geo.kind, offset_voxels=list(geo.offset),
+                                           stride_voxels=list(geo.stride), source=_placement_source(exp)),
             methods=list(exp.methods),
             device=str(self.device),
             versions=versions,
@@ -352,6 +357,11 @@ class Session:
         render_montage(result.volume.array, on_scan, result.volume.affine, folder / montage_name(c, label), title,
                        peak_from=exp.methods[0])
         return [*written, montage_name(c, label)]
+
+
+def _placement_source(exp: Explanation) -> str | None:
+    """How the cells' placement was found (:attr:`medcam3d.placement.Placement.source`), None when unknown."""
+    return exp.placement.source if exp.placement is not None else None
 
 
 def _score_rows(result: ScanResult, plan: OutputPlan, labels: Sequence[str], threshold: float) -> list[dict[str, Any]]:

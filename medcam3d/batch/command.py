@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..geometry import GEOMETRIES
 from ..methods import DEFAULT_METHODS
 from .cohort import parse_shard
 from .engine import EngineOptions, run_batch
@@ -133,8 +134,9 @@ def register(subparsers: Any) -> None:
                    help="JSON/YAML {organ name: label value} of the organ label maps (default: the phantoms' codes, "
                         "medcam3d.data.ORGAN_CODES)")
     p.add_argument("--allow-resample", action="store_true", help="accept irregular DICOM series by resampling")
-    p.add_argument("--map-geometry", choices=["field", "receptive"], default="field",
-                   help="as in medcam3d explain; also where the organ shares' blocks lie (default: field)")
+    p.add_argument("--map-geometry", choices=list(GEOMETRIES), default=None,
+                   help="as in medcam3d explain; also where the organ shares' blocks lie (default: the config's "
+                        "map_geometry, else auto)")
     g = p.add_argument_group("where it runs")
     g.add_argument("--workers", type=int,
                    help="embedded cluster: CPU worker processes (default: one per core up to 4, then cores/2, <= 8)")

@@ -58,8 +58,8 @@ class BatchSettings:
         torch_threads: intra-op threads for torch on the worker (None: the worker's own thread count).
         organ_codes: organ name -> label value of the organ label maps.
         allow_resample: accept irregular DICOM series by resampling.
-        map_geometry: ``field`` | ``receptive``, as ``medcam3d explain --map-geometry`` (also used for the organ
-            shares' blocks).
+        map_geometry: ``auto`` | ``field`` | ``receptive``, as ``medcam3d explain --map-geometry`` (also used for
+            the organ shares' blocks); None: the config's ``map_geometry``, else ``auto``.
         run_id: this run's id (recorded in the done markers).
         fingerprint_sha: the batch folder's settings fingerprint (recorded in the done markers; a marker with
             another fingerprint does not count as done).
@@ -75,7 +75,7 @@ class BatchSettings:
     torch_threads: int | None = None
     organ_codes: tuple[tuple[str, int], ...] = ()
     allow_resample: bool = False
-    map_geometry: str = "field"
+    map_geometry: str | None = None
     run_id: str = ""
     fingerprint_sha: str = ""
 
@@ -192,7 +192,7 @@ def _organ_shares(session: Session, result: ScanResult, organs: str, codes: dict
     rec = shares_record(raw, exp.classes, session.config.labels, names, frac, session.config.allowed_regions)
     rec["codes"] = dict(codes)
     rec["resolution"] = "feature"
-    rec["map_geometry"] = session.map_geometry
+    rec["map_geometry"] = geometry.kind  # where the blocks lie: field or receptive (summary: map_geometry)
     rec["seconds"] = round(time.perf_counter() - t0, 4)
     return rec
 
