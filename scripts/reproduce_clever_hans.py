@@ -22,6 +22,8 @@ import argparse
 import sys
 import time
 
+from medcam3d.evaluate.numbers import md_table
+from medcam3d.evaluate.parts import SuiteOptions
 from medcam3d.evaluate.phantoms import PhantomSource
 from medcam3d.evaluate.report import update_section
 from medcam3d.evaluate.reproduce import (
@@ -32,18 +34,18 @@ from medcam3d.evaluate.reproduce import (
     results_section,
     set_threads,
 )
-from medcam3d.evaluate.suite import SuiteOptions, evaluate, md_table
+from medcam3d.evaluate.suite import evaluate
 
 LABEL = "nodule_right_lung"
 
 
-def run(name: str, n: int, seed: int) -> dict:
+def run(name: str, n: int, seed: int) -> tuple[dict, dict]:
+    """(the result as evaluation.json has it, the model card)"""
     mut, grid = demo_model(name)
     source = PhantomSource(grid, n, seed, clever_hans={"label": LABEL, "p_with": 1.0, "p_without": 1.0})
     opts = SuiteOptions(parts=("ground_truth",), classes="present", seed=seed)
     res = evaluate(mut, source, opts, progress=lambda s: print(f"  {s}", file=sys.stderr, flush=True))
-    res["_mut"] = mut
-    return res
+    return res.to_dict(), mut.card or {}
 
 
 def _mean(xs):
@@ -80,9 +82,8 @@ def main() -> None:
     rows = []
     cards = []
     for name, title in (("demo_axialnet_cleverhans", "marker-trained"), ("demo_axialnet", "clean (control)")):
-        res = run(name, args.n, args.seed)
+        res, card = run(name, args.n, args.seed)
         rows.append(row(title, res))
-        card = res["_mut"].card or {}
         effect = (card.get("held_out") or {}).get("marker_effect")
         if effect:
             cards.append(f"- {title} model card (held-out, marker independent of the label): mean {LABEL} score "
@@ -90,11 +91,11 @@ def main() -> None:
                          f"; AUROC of the score for the marker {effect['auroc_marker_as_target']}.")
     n_nod = rows[0][1]
     text = "\n".join([
-        f"Every phantom carries the marker. Score drops are raw-score (logit) changes of {LABEL} when the marker is "
+        (f"Every phantom carries the marker. Score drops are raw-score (logit) changes of {LABEL} when the marker is "
         f"removed from the same patient (all phantoms; those showing a nodule; those without), the mean over the "
         f"other 12 labels, and the drop when the nodule itself is removed. Shares: fraction of each method's positive "
         f"contribution to {LABEL} (and, mean over the other labels) that lies on the marker; chance = the marker's "
-        f"volume share; last two columns: share inside the nodule.", "",
+        f"volume share; last two columns: share inside the nodule."), "",
         md_table(["model", "n", "drop w/o marker", "(nodule shown)", "(no nodule)", "other labels", "drop w/o nodule",
                   "marker chance", "HiResCAM on marker", "Grad-CAM on marker", "HiResCAM on marker (others)",
                   "Grad-CAM on marker (others)", "HiResCAM in nodule", "Grad-CAM in nodule"], rows, 4), "",

@@ -22,6 +22,8 @@ import argparse
 import sys
 import time
 
+from medcam3d.evaluate.numbers import md_table
+from medcam3d.evaluate.parts import SuiteOptions
 from medcam3d.evaluate.phantoms import PhantomSource
 from medcam3d.evaluate.report import update_section
 from medcam3d.evaluate.reproduce import (
@@ -33,16 +35,17 @@ from medcam3d.evaluate.reproduce import (
     results_section,
     set_threads,
 )
-from medcam3d.evaluate.suite import SuiteOptions, evaluate, md_table, method_name
-
-METHODS = ("hirescam", "gradcam")
+from medcam3d.evaluate.suite import evaluate
+from medcam3d.methods import DEFAULT_METHODS as METHODS
+from medcam3d.methods import method_title as method_name
 
 
 def run(mut, grid, n: int, seed: int, steps: int, fills: tuple[str, ...], rand_scans: int, prevalence: float) -> dict:
     source = PhantomSource(grid, n, seed, prevalence=prevalence)
     opts = SuiteOptions(parts=("perturbation", "randomisation"), classes="present", fills=fills, steps=steps,
                         randomisation_scans=rand_scans, randomisation_depth=2, seed=seed)
-    return evaluate(mut, source, opts, progress=lambda s: print(f"  {s}", file=sys.stderr, flush=True))
+    result = evaluate(mut, source, opts, progress=lambda s: print(f"  {s}", file=sys.stderr, flush=True))
+    return result.to_dict()  # the numbers as evaluation.json has them
 
 
 def tables(res: dict, steps: int) -> str:
@@ -54,8 +57,8 @@ def tables(res: dict, steps: int) -> str:
             d, i = per[m]["deletion"], per[m]["insertion"]
             rows.append([fill, method_name(m), per["n"], d["morf"]["auc"], d["random"]["auc"], d["lerf"]["auc"],
                          i["morf"]["auc"], i["random"]["auc"], i["lerf"]["auc"]])
-    out += ["Area under the raw-score curves (mean over (scan, label) pairs; deletion: lower MoRF = better, insertion: "
-            "higher MoRF = better):", "",
+    out += [("Area under the raw-score curves (mean over (scan, label) pairs; deletion: lower MoRF = better, insertion: "
+            "higher MoRF = better):"), "",
             md_table(["fill", "method", "pairs", "deletion MoRF", "deletion random", "deletion LeRF", "insertion MoRF",
                       "insertion random", "insertion LeRF"], rows), ""]
     air = s["perturbation"].get("air")
@@ -79,11 +82,11 @@ def tables(res: dict, steps: int) -> str:
         heads = ["randomised " + ("down to" if mode == "cascading" else "layer")]
         for m in METHODS:
             heads += [f"{method_name(m)} Spearman", f"{method_name(m)} abs. Spearman", f"{method_name(m)} SSIM"]
-        out += [f"{mode.capitalize()} randomisation ({e['n']} (scan, label) pairs; similarity to the trained model's "
-                "maps):", "", md_table(heads, rows), ""]
+        out += [(f"{mode.capitalize()} randomisation ({e['n']} (scan, label) pairs; similarity to the trained model's "
+                "maps):"), "", md_table(heads, rows), ""]
     p = res["passes"]
-    out += [f"Model passes spent: perturbation {p['perturbation']}, randomisation {p['randomisation']} explanations "
-            f"(costs: {res['costs']['perturbation']}).", ""]
+    out += [(f"Model passes spent: perturbation {p['perturbation']}, randomisation {p['randomisation']} explanations "
+            f"(costs: {res['costs']['perturbation']})."), ""]
     return "\n".join(out)
 
 

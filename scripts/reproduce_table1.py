@@ -22,6 +22,8 @@ import sys
 import time
 
 from medcam3d.data import LABELS
+from medcam3d.evaluate.numbers import md_table
+from medcam3d.evaluate.parts import SuiteOptions
 from medcam3d.evaluate.phantoms import PhantomSource
 from medcam3d.evaluate.report import update_section
 from medcam3d.evaluate.reproduce import (
@@ -33,13 +35,14 @@ from medcam3d.evaluate.reproduce import (
     results_section,
     set_threads,
 )
-from medcam3d.evaluate.suite import SuiteOptions, evaluate, md_table
+from medcam3d.evaluate.suite import evaluate
 
 
 def run(mut, grid, n: int, seed: int) -> dict:
     source = PhantomSource(grid, n, seed)
     opts = SuiteOptions(parts=("exactness",), classes="present", seed=seed)
-    return evaluate(mut, source, opts, progress=lambda s: print(f"  {s}", file=sys.stderr, flush=True))
+    result = evaluate(mut, source, opts, progress=lambda s: print(f"  {s}", file=sys.stderr, flush=True))
+    return result.to_dict()  # the numbers as evaluation.json has them
 
 
 def table(result: dict) -> str:
@@ -81,8 +84,8 @@ def main() -> None:
     res = run(mut, grid, args.n, args.seed)
     text = table(res)
     auc = mut.card.get("held_out", {}).get("mean_auroc") if mut.card else None
-    parts += [f"### Demo AxialNet (2-D ResNet-18 on slice triples, explained layer conv2d.7, maps 20 x 8 x 8 on a "
-              f"60 x 128 x 128 grid; held-out mean AUROC {auc if auc is not None else '–'} from its model card)", "",
+    parts += [(f"### Demo AxialNet (2-D ResNet-18 on slice triples, explained layer conv2d.7, maps 20 x 8 x 8 on a "
+              f"60 x 128 x 128 grid; held-out mean AUROC {auc if auc is not None else '–'} from its model card)"), "",
               f"{args.n} phantoms. {evidence(res)}", "", text, ""]
     print(text)
     if not args.skip_resnet:
@@ -94,12 +97,12 @@ def main() -> None:
         tr = card.get("training", {})
         ho = card.get("held_out", {})
         aucs = ", ".join(f"{k} {v:.2f}" for k, v in (ho.get("auroc") or {}).items() if v is not None)
-        parts += ["### 3-D ResNet-34v-style model (explained layer: the 512-map kernel-2 convolution, maps 3 x 7 x 7 on "
-                  "a 30 x 64 x 64 grid)", "",
-                  f"Trained by the script: {tr.get('n_train')} phantoms, {tr.get('epochs')} of "
+        parts += [("### 3-D ResNet-34v-style model (explained layer: the 512-map kernel-2 convolution, maps 3 x 7 x 7 on "
+                  "a 30 x 64 x 64 grid)"), "",
+                  (f"Trained by the script: {tr.get('n_train')} phantoms, {tr.get('epochs')} of "
                   f"{tr.get('epochs_planned')} planned epochs, {tr.get('minutes_training')} min on {tr.get('threads')} "
                   f"thread(s). Held-out ({ho.get('n')} phantoms) mean AUROC **{ho.get('mean_auroc')}**; per label: "
-                  f"{aucs}.", "",
+                  f"{aucs}."), "",
                   f"{args.n} phantoms. {evidence(res)}", "", text2, ""]
         print(text2)
     notes = ("Paper's Table 1 analogue. L2 = ‖norm(Grad-CAM) − norm(HiResCAM)‖₂ between the ReLU + whole-map min-max "

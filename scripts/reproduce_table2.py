@@ -25,6 +25,8 @@ import sys
 import time
 
 from medcam3d.data import LABELS
+from medcam3d.evaluate.numbers import md_table
+from medcam3d.evaluate.parts import SuiteOptions
 from medcam3d.evaluate.phantoms import PhantomSource
 from medcam3d.evaluate.report import update_section
 from medcam3d.evaluate.reproduce import (
@@ -36,13 +38,14 @@ from medcam3d.evaluate.reproduce import (
     results_section,
     set_threads,
 )
-from medcam3d.evaluate.suite import SuiteOptions, evaluate, md_table
+from medcam3d.evaluate.suite import evaluate
 
 
 def run(mut, grid, n: int, seed: int, map_geometry: str = "field") -> dict:
     source = PhantomSource(grid, n, seed)
     opts = SuiteOptions(parts=("ground_truth", "localisation"), classes="present", seed=seed, map_geometry=map_geometry)
-    return evaluate(mut, source, opts, progress=lambda s: print(f"  {s}", file=sys.stderr, flush=True))
+    result = evaluate(mut, source, opts, progress=lambda s: print(f"  {s}", file=sys.stderr, flush=True))
+    return result.to_dict()  # the numbers as evaluation.json has them
 
 
 def _mean(xs):
@@ -72,11 +75,11 @@ def tables(res: dict) -> str:
                     _mean(r[7] for r in rows_gt)])
     rows_desc.append(["**mean over labels**", *[_mean(r[i] for r in rows_desc) for i in range(1, 7)]])
     return "\n".join([
-        "Best-threshold IoU with the lesion masks (threshold chosen on the validation phantoms, IoU of the test "
-        "phantoms):", "",
+        ("Best-threshold IoU with the lesion masks (threshold chosen on the validation phantoms, IoU of the test "
+        "phantoms):"), "",
         md_table(["label", "n val / test", "HiResCAM IoU", "threshold", "Grad-CAM IoU", "threshold"], rows), "",
-        "Ground truth by construction: share of positive contribution inside the lesion, chance (= its volume "
-        "share), lift (share / chance), and the raw-score drop when the lesion is removed:", "",
+        ("Ground truth by construction: share of positive contribution inside the lesion, chance (= its volume "
+        "share), lift (share / chance), and the raw-score drop when the lesion is removed:"), "",
         md_table(["label", "n", "chance", "HiResCAM share", "Grad-CAM share", "HiResCAM lift", "Grad-CAM lift",
                   "score drop"], rows_gt), "",
         "Relevance rank accuracy, pointing game (ties shared) and allowed-region score a/(a+b):", "",

@@ -546,10 +546,10 @@ def test_block_fractions_with_receptive_geometry():
 def test_suite_receptive_geometry_moves_the_heatmap_and_the_blocks():
     """On the demo AxialNet, the suite's map geometry decides where cells lie: the ground-truth share equals the
     relevance mass over the voxels nearest each receptive-field centre (computed here with numpy)."""
+    from medcam3d import Explainer
+    from medcam3d.evaluate.phantoms import PhantomSource
     from medcam3d.evaluate.reproduce import demo_model
     from medcam3d.evaluate.suite import SuiteOptions, evaluate
-    from medcam3d.evaluate.phantoms import PhantomSource
-    from medcam3d import Explainer
 
     mut, grid = demo_model()
     source = PhantomSource(grid, 1, 5, prevalence=0.0, present={"cardiomegaly": True})

@@ -17,7 +17,11 @@ module                                 what
 :mod:`~medcam3d.evaluate.randomization` cascading / independent parameter randomisation curves
 :mod:`~medcam3d.evaluate.figure`       the paper's step-by-step figure (Figure 7)
 :mod:`~medcam3d.evaluate.phantoms`     phantoms on a network grid with masks; the same patient without a lesion
-:mod:`~medcam3d.evaluate.suite`        everything on phantoms in one call (:func:`evaluate`), markdown summary
+:mod:`~medcam3d.evaluate.parts`        the suite's parts (exactness, ground truth, localisation, perturbation,
+                                       randomisation, figure), one module each, and their protocol and registry
+:mod:`~medcam3d.evaluate.suite`        everything on phantoms in one call (:func:`evaluate`)
+:mod:`~medcam3d.evaluate.result`       the typed result, its JSON form and its markdown summary
+:mod:`~medcam3d.evaluate.numbers`      JSON numbers, means over cases, markdown tables
 :mod:`~medcam3d.evaluate.report`       output folder and docs/results.md sections
 :mod:`~medcam3d.evaluate.small_models` the small 3-D ResNet-34v-style model of the reproduction scripts
 :mod:`~medcam3d.evaluate.command`      ``medcam3d evaluate`` (command line)
@@ -42,7 +46,10 @@ _EXPORTS = {
     "randomization": ("randomization_groups", "randomized_models", "randomization_curves", "map_similarity"),
     "figure": ("step_by_step", "plot_step_by_step", "FeatureBreakdown"),
     "phantoms": ("PhantomSource", "ConfigGrid", "DirectGrid", "Case"),
-    "suite": ("evaluate", "SuiteOptions", "ModelUnderTest", "to_markdown", "PARTS"),
+    "parts": ("SuiteOptions", "ModelUnderTest", "PARTS", "Part", "PartBase", "register_part", "get_part"),
+    "suite": ("evaluate",),
+    "result": ("EvaluationResult", "to_markdown"),
+    "numbers": ("md_table",),
     "report": ("write_outputs", "update_section"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

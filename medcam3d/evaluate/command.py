@@ -25,7 +25,8 @@ of :mod:`medcam3d.evaluate.suite` run on them:
 
 Outputs in ``--out`` (created if needed; files replaced atomically): ``evaluation.json`` (everything, with the
 command and seed), ``evaluation.md`` (tables) and ``step_by_step.png``. Bad arguments exit with code 2 and write
-nothing. Cheap to import: the work happens inside :func:`cmd_evaluate`.
+nothing. Cheap to import (no scipy, MONAI or matplotlib): the work happens inside :func:`cmd_evaluate`; the choices
+of ``--parts`` are the registered parts (:mod:`medcam3d.evaluate.parts`).
 """
 
 from __future__ import annotations
@@ -33,15 +34,27 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
 
 from ..argtypes import int_at_least, probability
+from ..config import load_config
 from ..errors import InputError
+from ..methods import DEFAULT_METHODS
+from ..pipeline import resolve_device
+from .parts import PARTS, REGISTRY, ModelUnderTest, SuiteOptions
+from .parts.base import MAP_GEOMETRIES, RANDOMISATION_MODES
+from .perturbation import FILLS
+from .report import write_outputs
+from .suite import evaluate
 
-__all__ = ["build_suite", "cmd_evaluate", "command_line", "register"]
+if TYPE_CHECKING:  # types only: the phantoms import scipy (see build_suite)
+    from .phantoms import PhantomSource
 
-PARTS = ("exactness", "ground_truth", "localisation", "perturbation", "randomisation", "figure")
-FILLS = ("air", "soft_tissue", "blur")
+# PARTS (the built-in parts) and FILLS stay importable from here for one release; their homes are
+# medcam3d.evaluate.parts and medcam3d.evaluate.perturbation
+__all__ = ["FILLS", "PARTS", "build_suite", "cmd_evaluate", "command_line", "register"]
 
 EXAMPLES = """examples:
   medcam3d evaluate --out eval/                                   # demo model, 4 phantoms, seed 0
@@ -51,15 +64,11 @@ EXAMPLES = """examples:
 """
 
 
-def build_suite(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+def build_suite(args: argparse.Namespace) -> tuple[ModelUnderTest, PhantomSource, SuiteOptions]:
     """(ModelUnderTest, PhantomSource, SuiteOptions) from parsed arguments; InputError for bad ones."""
-    import torch
-
-    from ..config import load_config
+    # lazy: the phantoms (medcam3d.data) import scipy, which the command line must not load to show its help
     from ..data import LABELS
-    from ..pipeline import resolve_device
     from .phantoms import ConfigGrid, PhantomSource
-    from .suite import ModelUnderTest, SuiteOptions
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -101,17 +110,14 @@ def build_suite(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .report import write_outputs
-    from .suite import evaluate
-
+    """Run ``medcam3d evaluate``: the suite, then the output folder."""
     mut, source, options = build_suite(args)
     say = (lambda s: None) if args.quiet else (lambda s: print(f"  {s}", file=sys.stderr, flush=True))
     result = evaluate(mut, source, options, progress=say)
     files = write_outputs(result, args.out, command=command_line(args))
     if not args.quiet:
-        s = result["summary"]
         print(f"evaluated {mut.name} on {len(source)} phantoms (seed {source.seed}); certificate: "
-              f"{', '.join(s['certificate'])}")
+              f"{', '.join(result.certificates)}")
         for kind, path in files.items():
             print(f"{kind}: {path}")
     return 0
@@ -127,10 +133,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=int_at_least(0), default=0, help="phantom dataset seed; case i is seed (S, i) (default 0)")
     p.add_argument("--config", help="YAML config (default: the embedded demo model's)")
     p.add_argument("--model", metavar="CHECKPOINT", help="weights file overriding the config's")
-    p.add_argument("--methods", nargs="+", default=["hirescam", "gradcam"], metavar="METHOD",
-                   help="methods to evaluate (default: hirescam gradcam)")
-    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, metavar="PART",
-                   help=f"parts to run (default all: {' '.join(PARTS)})")
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
+                   help=f"methods to evaluate (default: {' '.join(DEFAULT_METHODS)})")
+    parts = list(REGISTRY)
+    p.add_argument("--parts", nargs="+", default=parts, choices=parts, metavar="PART",
+                   help=f"parts to run (default all: {' '.join(parts)})")
     p.add_argument("--classes", nargs="+", metavar="CLASS",
                    help="'present' (default: each phantom's shown labels), 'all', or labels")
     p.add_argument("--prevalence", type=probability, default=0.3, help="probability of each label (default 0.3)")
@@ -139,20 +146,19 @@ def register(subparsers: Any) -> None:
                    help="put the spurious marker on every phantom (the marker-trained model's label)")
     p.add_argument("--no-removal", action="store_true", help="skip the score change when lesions are removed")
     p.add_argument("--fills", nargs="+", default=["air"], choices=FILLS, metavar="FILL",
-                   help="perturbation fills: air soft_tissue blur (default: air)")
+                   help=f"perturbation fills: {' '.join(FILLS)} (default: air)")
     p.add_argument("--steps", type=int_at_least(1), default=8, help="perturbation steps T (default 8)")
     p.add_argument("--perturbation-scans", type=int_at_least(0), default=2,
                    help="phantoms with perturbation curves (default 2)")
     p.add_argument("--batch-size", type=int_at_least(1), default=8, help="inputs per forward pass (default 8)")
-    p.add_argument("--randomisation", nargs="*", default=["cascading", "independent"],
-                   choices=("cascading", "independent"), metavar="MODE",
-                   help="randomisation modes (default: cascading independent)")
+    p.add_argument("--randomisation", nargs="*", default=list(RANDOMISATION_MODES), choices=RANDOMISATION_MODES,
+                   metavar="MODE", help=f"randomisation modes (default: {' '.join(RANDOMISATION_MODES)})")
     p.add_argument("--randomisation-scans", type=int_at_least(0), default=2,
                    help="phantoms with randomisation curves (default 2)")
     p.add_argument("--depth", type=int_at_least(0), default=2,
                    help="group layers for randomisation by this many name parts (0: every layer; default 2)")
     p.add_argument("--figure-label", metavar="LABEL", help="label of the step-by-step figure")
-    p.add_argument("--map-geometry", choices=["field", "receptive"], default="field",
+    p.add_argument("--map-geometry", choices=list(MAP_GEOMETRIES), default="field",
                    help="where feature cells lie for shares, localisation heatmaps and a/(a+b): field (the paper's "
                         "convention; default) or receptive (the receptive-field centres the model declares)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N")

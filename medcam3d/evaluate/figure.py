@@ -23,6 +23,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..files import atomic_path
+from ..methods import method_title
+
 __all__ = ["FeatureBreakdown", "plot_step_by_step", "step_by_step"]
 
 
@@ -119,9 +122,7 @@ def plot_step_by_step(
     "= map". One axial slice is shown (default: through the maximum of the HiResCAM map).
 
     Returns: the written path."""
-    import tempfile
-
-    import matplotlib
+    import matplotlib  # lazy: matplotlib is heavy and only the figure needs it
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
@@ -133,7 +134,6 @@ def plot_step_by_step(
     cols = n + 2
     methods = [m for m in ("gradcam", "hirescam") if m in parts]
     fig, axes = plt.subplots(3 * len(methods), cols, figsize=(1.9 * cols, 1.9 * 3 * len(methods)), squeeze=False)
-    names = {"gradcam": "Grad-CAM", "hirescam": "HiResCAM"}
     for mi, m in enumerate(methods):
         p = parts[m]
         lim = float(max(p.final.abs().max(), p.contributions.abs().max() if p.contributions.numel() else 0.0,
@@ -145,7 +145,7 @@ def plot_step_by_step(
             f = int(p.features[j])
             ax = axes[3 * mi, j]
             ax.imshow(_slice(p.activations[j], slice_index), cmap="gray")
-            ax.set_title(f"{names[m]} #{j + 1}: A^{f}", fontsize=7)
+            ax.set_title(f"{method_title(m)} #{j + 1}: A^{f}", fontsize=7)
             ax = axes[3 * mi + 1, j]
             if m == "gradcam":
                 ax.text(0.5, 0.5, f"α = {float(p.scalar_weights[j]):+.3g}", ha="center", va="center", fontsize=9,
@@ -164,22 +164,14 @@ def plot_step_by_step(
         ax.set_title(f"+ other features\nΣ = {float(p.rest.sum()):+.3g}", fontsize=7)
         ax = axes[3 * mi + 2, n + 1]
         ax.imshow(_slice(p.final, slice_index), cmap="RdBu_r", vmin=-lim, vmax=lim)
-        ax.set_title(f"= {names[m]}\nΣ = {float(p.final.sum()):+.3g}", fontsize=7)
+        ax.set_title(f"= {method_title(m)}\nΣ = {float(p.final.sum()):+.3g}", fontsize=7)
     where = f"axial slice {slice_index} of the feature grid; red +, blue −"
     fig.suptitle(f"{title}\n({where})" if title else f"Step by step ({where})", fontsize=9)
     fig.tight_layout()
     dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=dpi, format="png")
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, dest)
+        with atomic_path(dest) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return dest

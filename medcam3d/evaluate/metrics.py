@@ -71,6 +71,7 @@ def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     """Area under the ROC curve (Mann-Whitney U, ties counted half); NaN when only one class is present.
 
     Args: labels ``[N]`` in {0, 1}; scores ``[N]``."""
+    # lazy: scipy costs a second to import; the command line must stay quick
     from scipy.stats import rankdata
 
     y = np.asarray(labels).astype(bool).ravel()
@@ -337,6 +338,7 @@ def spearman(a: Any, b: Any, spatial_axes: int = 3, absolute: bool = False) -> T
     Returns:
         float64 ``[...]`` in [-1, 1]; NaN where either map is constant.
     """
+    # lazy: scipy costs a second to import; the command line must stay quick
     from scipy.stats import rankdata
 
     x, y, lead = _flat_pairs(a, b, spatial_axes, "spearman")
@@ -373,6 +375,7 @@ def ssim(
     Returns:
         float64 ``[...]``; identical maps give 1.
     """
+    # lazy: scipy costs a second to import
     from scipy.ndimage import gaussian_filter
 
     x = as_tensor(a).numpy()

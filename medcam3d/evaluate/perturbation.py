@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import Tensor
@@ -40,8 +40,10 @@ from .metrics import area_under_curve
 
 __all__ = [
     "FILLS",
+    "FILL_HU",
     "MODES",
     "ORDERS",
+    "HuToInput",
     "PerturbationCurves",
     "cell_orders",
     "cell_partition",
@@ -60,7 +62,14 @@ FILL_HU = {"air": -1000.0, "soft_tissue": 40.0}
 ScoreFn = Callable[[Tensor], Tensor]
 """``score_fn(x [n, C, *S]) -> [n, M]`` raw scores of a batch of inputs."""
 
+HuToInput = Callable[[float], float]
+"""``hu_to_input(hu) -> value``: HU -> network-grid units."""
 
+
+@overload
+def demo_hu_to_input(hu: float) -> float: ...
+@overload
+def demo_hu_to_input(hu: Tensor) -> Tensor: ...
 def demo_hu_to_input(hu: float | Tensor) -> float | Tensor:
     """The demo preprocessing's intensity mapping, HU -> network-grid units: ``(clip(h,-1000,800)+1000)/1800-0.449``."""
     if isinstance(hu, Tensor):
@@ -93,7 +102,7 @@ def cell_partition(map_shape: Sequence[int], input_shape: Sequence[int]) -> Tens
 def make_fill(
     x: Tensor,
     kind: str | float,
-    hu_to_input: Callable[[float], float] = demo_hu_to_input,  # type: ignore[assignment]
+    hu_to_input: HuToInput = demo_hu_to_input,
     cell_size: Sequence[float] | None = None,
 ) -> Tensor:
     """The fill volume for one input.
@@ -110,6 +119,7 @@ def make_fill(
     if kind in FILL_HU:
         return torch.full_like(x, float(hu_to_input(FILL_HU[kind])))
     if kind == "blur":
+        # lazy: scipy costs a second to import and only the blur needs it
         from scipy.ndimage import gaussian_filter
 
         nd = x.ndim - 1
@@ -175,7 +185,7 @@ def perturbation_curves(
     modes: Sequence[str] = MODES,
     batch_size: int = 8,
     seed: int = 0,
-    hu_to_input: Callable[[float], float] = demo_hu_to_input,  # type: ignore[assignment]
+    hu_to_input: HuToInput = demo_hu_to_input,
 ) -> PerturbationCurves:
     """Deletion and insertion curves of one input for several methods and classes.
 
@@ -196,56 +206,18 @@ def perturbation_curves(
     """
     if x.ndim >= 2 and x.shape[0] == 1 and x.ndim == next(iter(relevance.values())).ndim + 1:
         x = x[0]
-    if steps < 1:
-        raise ValueError("steps must be >= 1")
-    bad = [o for o in orders if o not in ORDERS] + [m for m in modes if m not in MODES]
-    if bad:
-        raise ValueError(f"unknown order/mode {bad[0]!r}; orders {ORDERS}, modes {MODES}")
     classes = [int(c) for c in classes]
-    maps = {m: r.detach().cpu() for m, r in relevance.items()}
+    maps = _checked_maps(relevance, classes, steps, orders, modes)
     map_shape = tuple(next(iter(maps.values())).shape[1:])
-    for m, r in maps.items():
-        if r.shape[0] != len(classes) or tuple(r.shape[1:]) != map_shape:
-            raise ValueError(f"relevance[{m!r}] has shape {tuple(r.shape)}; expected [{len(classes)}, *{map_shape}]")
     spatial = tuple(x.shape[1:])
-    cells = cell_partition(map_shape, spatial).to(x.device)
     n_cells = math.prod(map_shape)
     cell_size = [n / m for n, m in zip(spatial, map_shape)]
     fill_vol = fill if isinstance(fill, Tensor) else make_fill(x, fill, hu_to_input, cell_size)
     fill_vol = fill_vol.to(device=x.device, dtype=x.dtype).reshape(x.shape)
     counts = [round(t / steps * n_cells) for t in range(steps + 1)]
-    fractions = torch.tensor([t / steps for t in range(steps + 1)], dtype=torch.float64)
-
-    # every input to score: (order of the cells, number of cells switched, mode); curve slot (key, step)
-    pending: list[tuple[tuple[Any, ...], Tensor, int, str]] = []
-    slots: list[tuple[tuple[Any, ...], int]] = []
     orders_by_method = {m: cell_orders(r.reshape(len(classes), -1), seed) for m, r in maps.items()}
-    random_order = orders_by_method[next(iter(maps))]["random"]
-    for mode in modes:
-        if "random" in orders:
-            for t in range(1, steps):
-                pending.append((("*", mode, "random", None), random_order, counts[t], mode))
-                slots.append((("*", mode, "random", None), t))
-        for m in maps:
-            for order in ("morf", "lerf"):
-                if order not in orders:
-                    continue
-                for k in range(len(classes)):
-                    for t in range(1, steps):
-                        key = (m, mode, order, k)
-                        pending.append((key, orders_by_method[m][order][k], counts[t], mode))
-                        slots.append((key, t))
-
-    ends = {"deletion": (x, fill_vol), "insertion": (fill_vol, x)}
-    cache: dict[str, Any] = {"key": None, "rank": None}
-
-    def perturbed(key: tuple[Any, ...], order: Tensor, count: int, mode: str) -> Tensor:
-        if cache["key"] != key:  # rank of each voxel's cell in the visiting order (consecutive inputs share it)
-            rank = torch.empty(n_cells, dtype=torch.int32)
-            rank[order] = torch.arange(n_cells, dtype=torch.int32)
-            cache["key"], cache["rank"] = key, rank.to(x.device)[cells]
-        start, target = ends[mode]
-        return torch.where((cache["rank"] < count).unsqueeze(0), target, start)
+    pending = _schedule(orders_by_method, len(classes), counts, orders, modes)
+    perturb = _Perturber(x, fill_vol, cell_partition(map_shape, spatial).to(x.device), n_cells)
 
     def run(batch: list[Tensor]) -> Tensor:
         with torch.inference_mode():
@@ -253,37 +225,104 @@ def perturbation_curves(
         return out.detach().double().cpu()[:, classes]  # [n, K]
 
     base = run([x, fill_vol])  # the shared end points: s(scan), s(fill)
-    passes = 2
-    values: list[Tensor] = []
-    for i in range(0, len(pending), batch_size):
-        values.append(run([perturbed(*p) for p in pending[i : i + batch_size]]))
-        passes += len(pending[i : i + batch_size])
+    values = [run([perturb(*p[:4]) for p in pending[i : i + batch_size]]) for i in range(0, len(pending), batch_size)]
     scored = torch.cat(values) if values else torch.empty((0, len(classes)), dtype=torch.float64)
+    fractions = torch.tensor([t / steps for t in range(steps + 1)], dtype=torch.float64)
+    result = PerturbationCurves(fractions=fractions, classes=classes, passes=2 + len(pending))
+    _fill_curves(result, list(maps), base, scored, pending, steps, orders, modes)
+    return result
 
-    result = PerturbationCurves(fractions=fractions, classes=classes, passes=passes)
+
+def _checked_maps(relevance: Mapping[str, Tensor], classes: list[int], steps: int, orders: Sequence[str],
+                  modes: Sequence[str]) -> dict[str, Tensor]:
+    """The maps on the CPU, after checking the arguments of :func:`perturbation_curves` (ValueError)."""
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    bad = [o for o in orders if o not in ORDERS] + [m for m in modes if m not in MODES]
+    if bad:
+        raise ValueError(f"unknown order/mode {bad[0]!r}; orders {ORDERS}, modes {MODES}")
+    maps = {m: r.detach().cpu() for m, r in relevance.items()}
+    map_shape = tuple(next(iter(maps.values())).shape[1:])
+    for m, r in maps.items():
+        if r.shape[0] != len(classes) or tuple(r.shape[1:]) != map_shape:
+            raise ValueError(f"relevance[{m!r}] has shape {tuple(r.shape)}; expected [{len(classes)}, *{map_shape}]")
+    return maps
+
+
+#: one input to score: (curve key (method or "*" for the shared random order, mode, order, class), the cells'
+#: visiting order, number of cells switched, mode, step t)
+_Pending = tuple[tuple[Any, ...], Tensor, int, str, int]
+
+
+def _schedule(orders_by_method: dict[str, dict[str, Tensor]], n_classes: int, counts: list[int],
+              orders: Sequence[str], modes: Sequence[str]) -> list[_Pending]:
+    """Every perturbed input to score, in scoring order (consecutive inputs share a visiting order)."""
+    steps = len(counts) - 1
+    random_order = orders_by_method[next(iter(orders_by_method))]["random"]
+    pending: list[_Pending] = []
+    for mode in modes:
+        if "random" in orders:
+            key: tuple[Any, ...] = ("*", mode, "random", None)
+            pending += [(key, random_order, counts[t], mode, t) for t in range(1, steps)]
+        for m, by_order in orders_by_method.items():
+            for order in ("morf", "lerf"):
+                if order not in orders:
+                    continue
+                for k in range(n_classes):
+                    key = (m, mode, order, k)
+                    pending += [(key, by_order[order][k], counts[t], mode, t) for t in range(1, steps)]
+    return pending
+
+
+class _Perturber:
+    """Builds perturbed inputs: the first ``count`` cells of a visiting order switched from one end to the other
+    (deletion: scan -> fill; insertion: fill -> scan)."""
+
+    def __init__(self, x: Tensor, fill: Tensor, cells: Tensor, n_cells: int) -> None:
+        self.ends = {"deletion": (x, fill), "insertion": (fill, x)}
+        self.cells = cells  # [*S] cell index of every input voxel
+        self.n_cells = n_cells
+        self.key: Any = None
+        self.rank: Tensor | None = None
+
+    def __call__(self, key: tuple[Any, ...], order: Tensor, count: int, mode: str) -> Tensor:
+        if self.key != key or self.rank is None:  # rank of each voxel's cell in the visiting order
+            rank = torch.empty(self.n_cells, dtype=torch.int32)
+            rank[order] = torch.arange(self.n_cells, dtype=torch.int32)
+            self.key, self.rank = key, rank.to(self.cells.device)[self.cells]
+        start, target = self.ends[mode]
+        return torch.where((self.rank < count).unsqueeze(0), target, start)
+
+
+def _empty_curve(ends: tuple[Tensor, Tensor], n_classes: int, steps: int) -> Tensor:
+    """``[K, T+1]`` float64 curves with their end points (``ends``: scores at t = 0 and t = T) set."""
+    c = torch.empty((n_classes, steps + 1), dtype=torch.float64)
+    c[:, 0], c[:, steps] = ends
+    return c
+
+
+def _fill_curves(result: PerturbationCurves, methods: list[str], base: Tensor, scored: Tensor,
+                 pending: list[_Pending], steps: int, orders: Sequence[str], modes: Sequence[str]) -> None:
+    """Put the end points and the scored inputs into ``result.curves`` and compute the areas."""
     shared: dict[str, Tensor] = {}
     for mode in modes:
-        first, last = (base[0], base[1]) if mode == "deletion" else (base[1], base[0])
+        ends = (base[0], base[1]) if mode == "deletion" else (base[1], base[0])
         if "random" in orders:
-            c = torch.empty((len(classes), steps + 1), dtype=torch.float64)
-            c[:, 0], c[:, steps] = first, last
-            shared[mode] = c
-        for m in maps:
+            shared[mode] = _empty_curve(ends, len(result.classes), steps)
+        for m in methods:
             for order in ("morf", "lerf"):
                 if order in orders:
-                    c = torch.empty((len(classes), steps + 1), dtype=torch.float64)
-                    c[:, 0], c[:, steps] = first, last
-                    result.curves.setdefault(m, {}).setdefault(mode, {})[order] = c
-    for row, (key, t) in enumerate(slots):
+                    result.curves.setdefault(m, {}).setdefault(mode, {})[order] = _empty_curve(
+                        ends, len(result.classes), steps)
+    for row, (key, _, _, _, t) in enumerate(pending):
         who, mode, order, k = key
         if who == "*":
             shared[mode][:, t] = scored[row]
         else:
             result.curves[who][mode][order][k, t] = scored[row, k]
-    for m in maps:
+    for m in methods:
         for mode in modes:
             per = result.curves.setdefault(m, {}).setdefault(mode, {})
             if "random" in orders:
                 per["random"] = shared[mode]
-            result.auc.setdefault(m, {})[mode] = {o: area_under_curve(fractions, c) for o, c in per.items()}
-    return result
+            result.auc.setdefault(m, {})[mode] = {o: area_under_curve(result.fractions, c) for o, c in per.items()}

@@ -18,7 +18,7 @@ change ``s(scan) − s(scan without it)``, one forward pass per (scan, removed o
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -36,6 +36,8 @@ from ..data import (
     PhantomSpec,
     render,
 )
+from ..io import Volume
+from ..preprocess import Preprocessor
 from .perturbation import demo_hu_to_input
 
 __all__ = ["Case", "ConfigGrid", "DirectGrid", "GridMapper", "PhantomSource", "config_hu_to_input"]
@@ -81,6 +83,14 @@ class GridMapper(Protocol):
         ...
 
 
+def _shape3(shape: Sequence[int]) -> tuple[int, int, int]:
+    """A 3-D grid shape as ints (ValueError otherwise)."""
+    s = tuple(int(n) for n in shape)
+    if len(s) != 3:
+        raise ValueError(f"phantom grids are 3-D; got shape {s}")
+    return s[0], s[1], s[2]
+
+
 def _split_bitmask(bits: np.ndarray, organs: np.ndarray, names: Sequence[str]) -> tuple[
         dict[str, Tensor], Tensor | None, dict[str, Tensor]]:
     b = bits.astype(np.int64)
@@ -116,23 +126,17 @@ class ConfigGrid:
     preprocessed like any scan."""
 
     def __init__(self, config: Any, shape: Sequence[int] = DEFAULT_SHAPE) -> None:
-        from ..preprocess import Preprocessor
-
         self.config = config
         self.preprocessor = Preprocessor.from_config(config)
-        self.shape = tuple(int(s) for s in shape)  # type: ignore[assignment]
+        self.shape = _shape3(shape)
         self.hu_to_input = config_hu_to_input(self.preprocessor)
         self._grid: Any = None
 
     def input(self, phantom: Phantom) -> Tensor:
-        from ..io import Volume
-
         self._grid = self.preprocessor(Volume(phantom.hu, phantom.affine, f"phantom {phantom.seed}"))
         return self._grid.as_tensor()[None].float()
 
     def masks(self, phantom: Phantom) -> tuple[dict[str, Tensor], Tensor | None, dict[str, Tensor]]:
-        from ..io import Volume
-
         grid = self._grid
         if grid is None:
             self.input(phantom)
@@ -149,7 +153,7 @@ class DirectGrid:
     ``hu_to_input`` (default: the demo preprocessing's)."""
 
     def __init__(self, shape: Sequence[int], hu_to_input: Callable[[Any], Any] = demo_hu_to_input) -> None:
-        self.shape = tuple(int(s) for s in shape)  # type: ignore[assignment]
+        self.shape = _shape3(shape)
         self.hu_to_input = hu_to_input
 
     def input(self, phantom: Phantom) -> Tensor:
@@ -198,7 +202,7 @@ class PhantomSource:
         lesions, marker, organs = self.grid.masks(ph)
         return Case(self.dataset.scan_id(i), i, x, ph.label_names, lesions, marker, organs, spec)
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[Case]:
         return (self.case(i) for i in range(len(self)))
 
     def without(self, case: Case, exclude: Sequence[str]) -> Tensor:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..explainer import Explainer
 from ..heatmaps import normalize
 from .metrics import spearman, ssim
 
@@ -158,8 +159,6 @@ def randomization_curves(
         ``{"mode", "layers": [label, ...], "passes": int, "similarity": {method: {metric: [B, K, G+1] float64}}}``
         where index 0 is the trained model (similarity 1 by definition) and index g+1 the g-th group randomised.
     """
-    from ..explainer import Explainer
-
     kwargs = {"certify": False, **explainer_kwargs}
     if groups is None:
         groups = randomization_groups(model, x, depth)

@@ -1,10 +1,10 @@
 """Writing evaluation results: the output folder of ``medcam3d evaluate`` and sections of docs/results.md.
 
-Output folder (every file written atomically: temporary file in the folder, then ``os.replace``)::
+Output folder (every file written atomically with :mod:`medcam3d.files`)::
 
     evaluation.json        the whole result of :func:`medcam3d.evaluate.suite.evaluate` (per-case records,
                            summary, costs, passes spent, options, command)
-    evaluation.md          markdown tables of the summary (:func:`medcam3d.evaluate.suite.to_markdown`)
+    evaluation.md          markdown tables of the summary (:func:`medcam3d.evaluate.result.to_markdown`)
     step_by_step.png       the paper's Figure 7 analogue for one (scan, class), when the figure part ran
 
 :func:`update_section` replaces one named section of a markdown file (between ``<!-- BEGIN name -->`` and
@@ -14,41 +14,28 @@ docs/results.md.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..files import write_json_atomic, write_text_atomic
+from .parts import get_part
+from .parts.figure import FIGURE_PNG
+from .result import EvaluationResult, to_markdown
+
+# write_text_atomic stays importable from here for one release (its home is medcam3d.files)
 __all__ = ["EVALUATION_JSON", "EVALUATION_MD", "FIGURE_PNG", "update_section", "write_outputs", "write_text_atomic"]
 
 EVALUATION_JSON = "evaluation.json"
 EVALUATION_MD = "evaluation.md"
-FIGURE_PNG = "step_by_step.png"
-
-
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, p)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return p
 
 
 def _jsonable(obj: Any) -> Any:
+    """Plain JSON values: tuples as lists, NaN as None, tensors and arrays as lists; keys starting with "_"
+    dropped."""
     if isinstance(obj, Mapping):
         return {str(k): _jsonable(v) for k, v in obj.items() if not str(k).startswith("_")}
     if isinstance(obj, (list, tuple)):
@@ -60,28 +47,22 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def write_outputs(result: Mapping[str, Any], out_dir: str | os.PathLike[str], command: str | None = None,
+def write_outputs(result: EvaluationResult, out_dir: str | os.PathLike[str], command: str | None = None,
                   title: str = "medcam3d evaluation") -> dict[str, Path]:
-    """Write evaluation.json, evaluation.md and (if computed) step_by_step.png into ``out_dir``.
+    """Write evaluation.json, evaluation.md and each part's files (the step-by-step figure) into ``out_dir``.
 
-    Returns: file kind -> path."""
-    from .figure import plot_step_by_step
-    from .suite import to_markdown
-
+    Returns: file kind (``"json"``, ``"figure"``, ``"markdown"``) -> path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    record = _jsonable(result)
+    record = _jsonable(result.to_dict())
     if command is not None:
         record["command"] = command
-    files = {"json": write_text_atomic(out / EVALUATION_JSON, json.dumps(record, indent=1) + "\n")}
+    files = {"json": write_json_atomic(record, out / EVALUATION_JSON, indent=1)}
     md = to_markdown(result, title, command)
-    if result.get("_figure") is not None and result.get("figure"):
-        info = result["figure"]
-        files["figure"] = plot_step_by_step(
-            result["_figure"], out / FIGURE_PNG,
-            title=f"{info['label']} on {info['case']} (score {info['score']:+.3f}): Grad-CAM = Σ α_f A^f, "
-                  "HiResCAM = Σ ∂s/∂A^f ⊙ A^f")
-        md += f"\n![step by step]({FIGURE_PNG})\n"
+    for name, summary in result.summaries.items():
+        for written in get_part(name)().write(summary, out):
+            files[written.kind] = written.path
+            md += written.markdown
     files["markdown"] = write_text_atomic(out / EVALUATION_MD, md)
     return files
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..data import LABELS, render
 from ..data.dataset import PhantomDataset
-from ..models import resnet_features
+from ..models import resnet_feature_size, resnet_features
 from .metrics import auroc
 from .perturbation import demo_hu_to_input
 
@@ -45,8 +45,6 @@ class PhantomResNet34v(nn.Module):
     def __init__(self, n_outputs: int = len(LABELS), input_size: Sequence[int] = SMALL_SHAPE, width: int = 8,
                  labels: Sequence[str] | None = None) -> None:
         super().__init__()
-        from ..models import resnet_feature_size
-
         self.input_size = tuple(int(n) for n in input_size)
         self.width = int(width)
         self.features = resnet_features(34, self.width, in_channels=1, spatial_dims=3, feature_stride=8)
