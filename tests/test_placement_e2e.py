@@ -203,3 +203,41 @@ def test_demo_hirescam_peaks_lie_in_the_body_at_the_peak_cells_centre(demo_runs)
             on_grid = (to_grid @ np.array([*peak, 1.0]))[:3]
             assert np.all(np.abs(on_grid - demo_centre(cell)) <= HALF_STRIDE + 1e-6), (c["label"], on_grid, cell)
     assert n_positive >= 6  # the demo model calls several classes on these phantoms
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the evaluation suite
+# ---------------------------------------------------------------------------------------------------------------
+def test_evaluate_places_cells_by_auto_and_records_it():
+    """The suite's default is ``auto``: on the demo AxialNet its declared receptive-field centres (other numbers
+    than the field's), recorded with each case."""
+    from medcam3d.evaluate.phantoms import PhantomSource
+    from medcam3d.evaluate.reproduce import demo_model
+    from medcam3d.evaluate.suite import SuiteOptions, evaluate
+
+    assert SuiteOptions().map_geometry == "auto"
+    mut, grid = demo_model()
+    source = PhantomSource(grid, 1, 5, prevalence=0.0, present={"cardiomegaly": True})
+    res = {g: evaluate(mut, source, SuiteOptions(parts=("ground_truth", "localisation"), removal=False,
+                                                 map_geometry=g)).to_dict() for g in ("auto", "field")}
+    assert res["auto"]["cases"][0]["placement"] == {
+        "kind": "receptive", "offset_voxels": [1.0, 32.0, 32.0], "stride_voxels": [3.0, 8.0, 8.0],
+        "source": "declared"}
+    assert res["auto"]["summary"]["placement"] == ["receptive (declared)"]
+    assert res["field"]["summary"]["placement"] == ["field (requested)"]
+    assert res["auto"]["summary"]["ground_truth"] != res["field"]["summary"]["ground_truth"]
+
+
+def test_evaluate_command_takes_the_config_map_geometry_unless_overridden(tmp_path):
+    from medcam3d.cli import build_parser
+    from medcam3d.evaluate.command import build_suite
+
+    text = Path(load_config("demo_axialnet").path).read_text()
+    config = tmp_path / "field.yaml"
+    config.write_text(text.replace("weights: package:", "map_geometry: field\nweights: package:"))
+    parser = build_parser()
+    _, _, options = build_suite(parser.parse_args(["evaluate", "--config", str(config), "--out", str(tmp_path)]))
+    assert options.map_geometry == "field"
+    args = parser.parse_args(["evaluate", "--config", str(config), "--out", str(tmp_path), "--map-geometry", "auto"])
+    assert build_suite(args)[2].map_geometry == "auto"
+    assert build_suite(parser.parse_args(["evaluate", "--out", str(tmp_path)]))[2].map_geometry == "auto"
