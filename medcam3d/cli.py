@@ -21,6 +21,7 @@ from . import __version__
 from .argtypes import int_at_least, probability
 from .config import Config
 from .errors import InputError
+from .geometry import GEOMETRIES
 from .io import DEFAULT_MAX_VOXELS, check_dicom_source
 from .methods import DEFAULT_METHODS
 from .outputs import Summary, check_output_folder
@@ -77,6 +78,14 @@ def _default_out(scan: str) -> Path:
     return Path(f"{name}_medcam3d")
 
 
+def _note_placement(result: ScanResult) -> None:
+    """One line on stderr (even when quiet) when the map placement fell back to the field (no receptive geometry
+    found); it is also recorded in the summary's ``map_geometry.source``."""
+    placement = result.explanation.placement
+    if placement is not None and placement.fallback:
+        tqdm.write(f"medcam3d: note: {placement.note()}", file=sys.stderr)  # above a progress bar, if any
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     out = check_output_folder(args.out if args.out else _default_out(args.scan))  # before any work
     if args.dicom_seg is not None and not args.dicom_out:
@@ -95,6 +104,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         stages("explaining")
         result = session.explain_volume(volume, args.classes, read_seconds=t_read)
         _say(result)
+        _note_placement(result)
         stages("writing")
         summary = session.write_folder(result, out, args.classes, args.full_res, progress=lambda s: stages(s, False),
                                        dicom=dicom)
@@ -175,6 +185,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         volume, t_read = read_scan(scan_path, max_voxels=args.max_voxels)
         result = session.explain_volume(volume, read_seconds=t_read)
         _say(result)
+        _note_placement(result)
         stages("writing")
         summary = session.write_folder(result, exp_dir, None, None, progress=lambda s: stages(s, False),
                                        extra={"demo": {"seed": args.seed, "planted": sorted(present)}})
@@ -194,11 +205,11 @@ def _add_explain_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
                    help="methods to compute (hirescam gradcam gradcampp xgradcam layercam; cam on GAP+FC heads)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N")
-    p.add_argument("--map-geometry", choices=["field", "receptive", "auto"], default="field",
-                   help="where feature-resolution cells go on the scan: field (the field of view divided evenly, the "
-                        "paper's convention; default), receptive (the cells' receptive-field centres, which the "
-                        "model declares or its layers give; AxialNet declares them) or auto (receptive when known, "
-                        "else field with a note)")
+    p.add_argument("--map-geometry", choices=list(GEOMETRIES), default=None,
+                   help="where feature-resolution cells go on the scan: auto (the receptive-field centres the model "
+                        "declares or its layers give, else the field with a note; default, unless the config sets "
+                        "map_geometry), field (the field of view divided evenly, the paper's convention) or "
+                        "receptive (the receptive-field centres, else an error)")
     p.add_argument("--max-voxels", type=int_at_least(1), default=None, metavar="N",
                    help=f"largest scan or preprocessing grid, in voxels, checked from headers and spacings before "
                         f"anything that size is allocated (default {DEFAULT_MAX_VOXELS:.3g}; see the README's "

@@ -12,6 +12,8 @@ Schema (every key is checked; an unknown key, a wrong type or an unknown transfo
                                       #   "package:medcam3d/weights/NAME.pt" (a file shipped inside a package)
     target_layer: conv2d.7            # optional: dotted module name (default: the model's medcam3d_target_layer)
     layout: slices_as_batch           # optional: slices_as_batch | channels_first | channels_last
+    map_geometry: auto                # optional: where the explained cells are drawn: auto (default) | field |
+                                      #   receptive (medcam3d.placement); --map-geometry overrides it
     labels: [a, b, ...]               # required: unique class names, in the model's output order
     input_size: [405, 420, 420]       # optional: network grid (S, H, W); the preprocessing must produce it
     min_size: [64, 128, 128]          # optional: the scan, reoriented and resampled, must cover at least this
@@ -60,6 +62,7 @@ from typing import Any
 import yaml
 
 from .errors import InputError
+from .geometry import GEOMETRIES
 from .models.loading import build_model, declare_model, resolve_package_path
 
 __all__ = [
@@ -75,7 +78,7 @@ __all__ = [
 
 TOP_LEVEL_KEYS = (
     "name", "description", "model", "weights", "target_layer", "layout", "labels", "input_size", "min_size",
-    "preprocessing", "probability", "threshold", "allowed_regions", "modality",
+    "preprocessing", "probability", "threshold", "allowed_regions", "modality", "map_geometry",
 )
 _REQUIRED = ("name", "model", "labels", "preprocessing")
 _LAYOUTS = ("slices_as_batch", "channels_first", "channels_last")
@@ -360,6 +363,14 @@ def _check_declarations(data: Mapping[str, Any], where: Path | str) -> tuple[str
     return weights, target_layer, layout
 
 
+def _check_map_geometry(data: Mapping[str, Any], where: Path | str) -> str | None:
+    """``map_geometry`` (one of :data:`medcam3d.geometry.GEOMETRIES`), None when absent."""
+    kind = data.get("map_geometry")
+    if kind is not None and kind not in GEOMETRIES:
+        raise InputError(f"map_geometry must be one of {', '.join(GEOMETRIES)}, got {kind!r}", where)
+    return kind
+
+
 def _check_scoring(data: Mapping[str, Any], where: Path | str) -> tuple[str, float]:
     """``(probability, threshold)``, defaults sigmoid and 0.5."""
     probability = data.get("probability", "sigmoid")
@@ -439,6 +450,7 @@ class Config:
     allowed_regions: dict[str, list[str]] = field(default_factory=dict)
     modality: tuple[str, ...] | None = None
     path: Path | None = None
+    map_geometry: str | None = None
 
     # construction ------------------------------------------------------------------------------------------------
     @classmethod
@@ -449,6 +461,7 @@ class Config:
         name, description = _check_text(data, where)
         model, labels = _check_model_and_labels(data, where)
         weights, target_layer, layout = _check_declarations(data, where)
+        map_geometry = _check_map_geometry(data, where)
         input_size = _size3(data.get("input_size"), "input_size", where)
         min_size = _size3(data.get("min_size"), "min_size", where)
         probability, threshold = _check_scoring(data, where)
@@ -457,6 +470,7 @@ class Config:
         modality = _check_modality(data, where)
         return cls(
             name=name, model=model, labels=labels, preprocessing=specs, description=description, weights=weights,
+            map_geometry=map_geometry,
             target_layer=target_layer, layout=layout, input_size=input_size, min_size=min_size,
             probability=probability, threshold=threshold, allowed_regions=allowed, modality=modality,
             path=Path(path).resolve() if path is not None else None,
@@ -512,6 +526,8 @@ class Config:
             "threshold": self.threshold, "allowed_regions": {k: list(v) for k, v in self.allowed_regions.items()},
             "modality": list(self.modality) if self.modality is not None else None,
         }
+        if self.map_geometry is not None:
+            d["map_geometry"] = self.map_geometry
         return d
 
 

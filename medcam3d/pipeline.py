@@ -216,11 +216,12 @@ class Session:
         checkpoint: weights file overriding the config's ``weights``.
         methods: methods to compute (HiResCAM and Grad-CAM by default).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
-        map_geometry: where feature-resolution cells go on the scan: ``"field"`` (the field of view divided evenly,
-            the paper's convention), ``"receptive"`` (the receptive-field centres the model declares or its layers
-            give; AxialNet declares them) or ``"auto"`` (receptive when known, else the field, with a note); see
-            :mod:`medcam3d.placement`. Used for full-resolution heatmaps and the low-resolution maps' affine.
-        max_voxels: the largest grid a preprocessing step may make (default
+        map_geometry: where feature-resolution cells go on the scan (:mod:`medcam3d.placement`): ``"auto"`` (the
+            receptive-field centres the model declares or its layers give, else the field with the reason recorded),
+            ``"field"`` (the field of view divided evenly, the paper's convention) or ``"receptive"`` (the
+            receptive-field centres, else an InputError). Default (None): the config's ``map_geometry``, else
+            ``"auto"``. Used for full-resolution heatmaps, the low-resolution maps' affine and the summary's
+            ``map_geometry`` record (:attr:`Explanation.placement`).
             :data:`~medcam3d.io.limits.DEFAULT_MAX_VOXELS`; scans are checked by :func:`read_scan`).
         ignore_modality: explain a DICOM scan whose Modality the config does not accept (a warning instead of an
             :class:`InputError`).
@@ -232,15 +233,16 @@ class Session:
         checkpoint: str | Path | None = None,
         methods: Sequence[str] = DEFAULT_METHODS,
         device: str | torch.device = "auto",
-        map_geometry: str = "field",
+        map_geometry: str | None = None,
         *,
         max_voxels: int | None = None,
         ignore_modality: bool = False,
     ) -> None:
+        cfg = config if isinstance(config, Config) else load_config(config or DEFAULT_CONFIG)
+        map_geometry = map_geometry or cfg.map_geometry or "auto"
         if map_geometry not in GEOMETRIES:
             raise InputError(f"map geometry must be one of {', '.join(GEOMETRIES)}, got {map_geometry!r}")
         self.map_geometry = map_geometry
-        cfg = config if isinstance(config, Config) else load_config(config or DEFAULT_CONFIG)
         if checkpoint is not None:
             cp = Path(checkpoint).expanduser().resolve()
             if not cp.is_file():
@@ -387,8 +389,7 @@ class Session:
             map_shape=list(exp.map_size),
             map_affine=plan.map_affine.tolist() if plan.map_affine is not None else None,
             map_geometry=MapGeometryRecord(kind=geo.kind, offset_voxels=list(geo.offset),
-                                           stride_voxels=list(geo.stride),
-                                           source=exp.placement.source if exp.placement is not None else None),
+                                           stride_voxels=list(geo.stride), source=_placement_source(exp)),
             methods=list(exp.methods),
             device=str(self.device),
             versions=versions,
@@ -666,6 +667,11 @@ def _dicom_record(written: Sequence[str], dicom: DicomExport | None) -> DicomExp
         segmentations=sorted(n for n in written if n.startswith(DICOM_SEG_PREFIX)),
         seg_threshold=dicom.seg_threshold,
     )
+
+
+def _placement_source(exp: Explanation) -> str | None:
+    """How the cells' placement was found (:attr:`medcam3d.placement.Placement.source`), None when unknown."""
+    return exp.placement.source if exp.placement is not None else None
 
 
 def _score_rows(result: ScanResult, plan: OutputPlan, labels: Sequence[str], threshold: float) -> list[dict[str, Any]]:

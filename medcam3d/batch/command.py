@@ -10,6 +10,7 @@ from typing import Any
 
 from ..argtypes import int_at_least, probability
 from ..errors import InputError
+from ..geometry import GEOMETRIES
 from ..methods import DEFAULT_METHODS
 from .cohort import parse_shard
 from .engine import EngineOptions, run_batch
@@ -152,8 +153,9 @@ def register(subparsers: Any) -> None:
                    help="JSON/YAML {organ name: label value} of the organ label maps (default: the phantoms' codes, "
                         "medcam3d.data.ORGAN_CODES)")
     p.add_argument("--allow-resample", action="store_true", help="accept irregular DICOM series by resampling")
-    p.add_argument("--map-geometry", choices=["field", "receptive"], default="field",
-                   help="as in medcam3d explain; also where the organ shares' blocks lie (default: field)")
+    p.add_argument("--map-geometry", choices=list(GEOMETRIES), default=None,
+                   help="as in medcam3d explain; also where the organ shares' blocks lie (default: the config's "
+                        "map_geometry, else auto)")
     p.add_argument("--max-voxels", type=int_at_least(1), metavar="N",
                    help="as in medcam3d explain: largest scan or preprocessing grid, in voxels (default 1.5e+09)")
     p.add_argument("--ignore-modality", action="store_true",

@@ -58,8 +58,8 @@ class BatchSettings:
         torch_threads: intra-op threads for torch on the worker (None: the worker's own thread count).
         organ_codes: organ name -> label value of the organ label maps.
         allow_resample: accept irregular DICOM series by resampling.
-        map_geometry: ``field`` | ``receptive``, as ``medcam3d explain --map-geometry`` (also used for the organ
-            shares' blocks).
+        map_geometry: ``auto`` | ``field`` | ``receptive``, as ``medcam3d explain --map-geometry`` (also used for
+            the organ shares' blocks); None: the config's ``map_geometry``, else ``auto``.
         max_voxels: the size checks' voxel limit (None: the default), as ``--max-voxels``.
         ignore_modality: explain DICOM scans of a modality the config does not read, as ``--ignore-modality``.
         dicom_out: also write the full-resolution maps as DICOM Parametric Maps (``--dicom-out``; every scan must be
@@ -80,7 +80,7 @@ class BatchSettings:
     torch_threads: int | None = None
     organ_codes: tuple[tuple[str, int], ...] = ()
     allow_resample: bool = False
-    map_geometry: str = "field"
+    map_geometry: str | None = None
     max_voxels: int | None = None
     ignore_modality: bool = False
     dicom_out: bool = False
@@ -208,7 +208,7 @@ def _organ_shares(session: Session, result: ScanResult, organs: str, codes: dict
     rec = shares_record(raw, exp.classes, session.config.labels, names, frac, session.config.allowed_regions)
     rec["codes"] = dict(codes)
     rec["resolution"] = "feature"
-    rec["map_geometry"] = session.map_geometry
+    rec["map_geometry"] = geometry.kind  # where the blocks lie: field or receptive (summary: map_geometry)
     rec["seconds"] = round(time.perf_counter() - t0, 4)
     return rec
 

@@ -100,7 +100,7 @@ def build_suite(args: argparse.Namespace) -> tuple[ModelUnderTest, PhantomSource
         fills=tuple(args.fills), steps=args.steps, perturbation_scans=args.perturbation_scans,
         batch_size=args.batch_size, randomisation=tuple(args.randomisation), randomisation_depth=args.depth or None,
         randomisation_scans=args.randomisation_scans, figure_label=args.figure_label, seed=args.seed, device=device,
-        map_geometry=args.map_geometry,
+        map_geometry=args.map_geometry or cfg.map_geometry or "auto",
     )
     try:
         options.check()
@@ -118,7 +118,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     files = write_outputs(result, args.out, command=command_line(args))
     if not args.quiet:
         print(f"evaluated {mut.name} on {len(source)} phantoms (seed {source.seed}); certificate: "
-              f"{', '.join(result.certificates)}")
+              f"{', '.join(result.certificates)}; cells placed: {'; '.join(result.placements)}")
         for kind, path in files.items():
             print(f"{kind}: {path}")
     return 0
@@ -159,9 +159,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--depth", type=int_at_least(0), default=2,
                    help="group layers for randomisation by this many name parts (0: every layer; default 2)")
     p.add_argument("--figure-label", metavar="LABEL", help="label of the step-by-step figure")
-    p.add_argument("--map-geometry", choices=list(MAP_GEOMETRIES), default="field",
-                   help="where feature cells lie for shares, localisation heatmaps and a/(a+b): field (the paper's "
-                        "convention; default) or receptive (the receptive-field centres the model declares)")
+    p.add_argument("--map-geometry", choices=list(MAP_GEOMETRIES), default=None,
+                   help="where feature cells lie for shares, localisation heatmaps and a/(a+b): auto (the "
+                        "receptive-field centres the model declares or its layers give, else the field; default, "
+                        "unless the config sets map_geometry), field (the paper's convention) or receptive (the "
+                        "receptive-field centres, else an error)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int_at_least(0), default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="print nothing")
