@@ -46,7 +46,9 @@ def test_model_card_says_synthetic_and_matches_the_config():
     assert card["labels"] == list(LABELS) == cfg.labels
     assert card["model"] == cfg.model and card["preprocessing"] == cfg.preprocessing
     assert card["held_out"]["mean_auroc"] >= AUROC_FLOOR
-    assert card["training"]["minutes_data"] + card["training"]["minutes_training"] <= 15.0
+    # the plain recipe's budget was 15 CPU minutes (issue 3); guided training's is 45 (issue 17)
+    budget = 45.0 if card["training"].get("allowed_region_loss") else 15.0
+    assert card["training"]["minutes_training"] <= budget
     size = (ROOT / "medcam3d" / "weights" / "demo_axialnet.pt").stat().st_size
     assert size <= 10e6
     ch = load_demo("demo_axialnet_cleverhans").medcam3d_model_card
@@ -78,6 +80,23 @@ def test_hirescam_on_the_demo_axialnet_is_exact(pre):
     assert exp.raw["hirescam"].shape == (1, len(LABELS), 20, 8, 8)
     resid = cert.completeness_residual.abs()
     assert torch.all(resid <= 1e-5 * exp.scores.abs().double() + 1e-7)
+
+
+@pytest.mark.parametrize("name", ["demo_axialnet_plain", "demo_axialnet_guided"])
+def test_guided_and_plain_models_are_exact_and_documented(pre, name):
+    """Guided training changes the weights, not the architecture: HiResCAM still sums to the score minus the FC
+    bias (the score at zero activations), and both cards carry the issue-17 numbers."""
+    model = load_demo(name)
+    card = model.medcam3d_model_card
+    assert card["synthetic_data_only"] is True and card["labels"] == list(LABELS)
+    assert (card["training"]["allowed_region_loss"] is not None) == (name == "demo_axialnet_guided")
+    held = card["explanations_held_out"]
+    assert held["max_relative_completeness_residual"] <= 1e-5
+    assert 0.0 <= held["hirescam"]["display_mass_share_in_allowed_organs"] <= 1.0
+    x = grid_of(make_phantom(9_100_001, present={"nodule_left_lung": True}), pre)
+    exp = Explainer(model, methods=["hirescam"])(x)
+    total = exp.raw["hirescam"][0].double().flatten(1).sum(1) + model.fc.bias.double()
+    assert torch.allclose(total, exp.scores[0].double(), rtol=1e-5, atol=1e-5)
 
 
 def _block_fraction(mask: np.ndarray, map_shape: tuple[int, ...]) -> np.ndarray:
