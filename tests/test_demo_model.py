@@ -27,6 +27,11 @@ FRESH_SEEDS = range(9_000_000, 9_000_064)  # disjoint from the training and held
 # the model trained in 15 CPU minutes reaches 0.845 on its held-out set (see the README), so the target itself is
 # not asserted here -- it is reported as not met.
 AUROC_FLOOR = 0.80
+# Issue 17 dropped the AUROC target for the default demo model: it must be one whose explanations are worth looking
+# at, shipped when its mean AUROC is within 0.05 of the plain model trained with the same data, steps and seed. The
+# guided default measures 0.782 on these fresh phantoms (its plain baseline is checked against it below), so its own
+# floor is lower; the previous plain default measured above 0.80 here.
+GUIDED_AUROC_FLOOR = 0.75
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +61,12 @@ def test_model_card_says_synthetic_and_matches_the_config():
     assert ch["training"]["clever_hans"]["label"] in LABELS and "marker_effect" in ch["held_out"]
 
 
+def _fresh_auroc(model, xs, y) -> list[float]:
+    with torch.inference_mode():
+        scores = torch.cat([model(torch.cat(xs[i : i + 8])) for i in range(0, len(xs), 8)]).numpy()
+    return [auroc(y[:, k], scores[:, k]) for k in range(len(LABELS))]
+
+
 def test_demo_model_reaches_its_auroc_on_fresh_phantoms(pre):
     model = load_demo()
     xs, ys = [], []
@@ -63,12 +74,16 @@ def test_demo_model_reaches_its_auroc_on_fresh_phantoms(pre):
         ph = make_phantom(s, prevalence=0.5)
         xs.append(grid_of(ph, pre))
         ys.append(ph.labels)
-    with torch.inference_mode():
-        scores = torch.cat([model(torch.cat(xs[i : i + 8])) for i in range(0, len(xs), 8)]).numpy()
     y = np.stack(ys)
-    aucs = [auroc(y[:, k], scores[:, k]) for k in range(len(LABELS))]
+    aucs = _fresh_auroc(model, xs, y)
     print("fresh-phantom AUROC:", {lab: round(a, 3) for lab, a in zip(LABELS, aucs)})
-    assert np.nanmean(aucs) >= AUROC_FLOOR
+    if model.medcam3d_model_card["training"].get("allowed_region_loss") is None:
+        assert np.nanmean(aucs) >= AUROC_FLOOR
+        return
+    plain = _fresh_auroc(load_demo("demo_axialnet_plain"), xs, y)
+    print("plain baseline:", round(float(np.nanmean(plain)), 4), "guided:", round(float(np.nanmean(aucs)), 4))
+    assert np.nanmean(aucs) >= GUIDED_AUROC_FLOOR
+    assert np.nanmean(aucs) >= np.nanmean(plain) - 0.05  # issue 17's shipping rule, on these phantoms
 
 
 def test_hirescam_on_the_demo_axialnet_is_exact(pre):
