@@ -275,8 +275,8 @@ def pick_demo_seed(name: str, pre: Preprocessor, regions: dict[str, list[str]], 
         if hits:
             r = hits[0]
             organ = r["gradcam"]["peak_organ"].replace("body", "body wall").replace("_", " ")
-            look = (f"look at {r['label']}: HiResCAM peaks in the {regions[r['label']][0].replace('_', ' ')} "
-                    f"(a/(a+b) {r['hirescam']['ar']:.2f}), Grad-CAM in the {organ}")
+            look = (f"{r['label']} -- HiResCAM peaks in the {regions[r['label']][0].replace('_', ' ')} "
+                    f"(a/(a+b) {r['hirescam']['ar']:.2f}), Grad-CAM in the {organ} (default auto placement)")
             return {"seed": seed, "label": r["label"], "look_at": look, "model": name,
                     "hirescam_allowed_region_ar": round(r["hirescam"]["ar"], 3),
                     "chosen_by": "scripts/reproduce_figure8.py --demo-seed (first seed whose HiResCAM display peak "
