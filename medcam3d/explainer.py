@@ -494,7 +494,8 @@ class Explainer:
         try:
             model.get_submodule(target)
         except AttributeError:
-            raise InputError(f"target_layer: no module named {target!r} in the model; {_layer_hint(model, target)}") from None
+            raise InputError(f"target_layer: no module named {target!r} in the model; "
+                             f"{_layer_hint(model, target)}") from None
         return LayerChoice(target, reason)
 
     def _choose_layer(self, x: Tensor, kwargs: Mapping[str, Any]) -> LayerChoice:

@@ -131,7 +131,8 @@ def register(subparsers: Any) -> None:
                               epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (evaluation.json, evaluation.md, step_by_step.png)")
     p.add_argument("--phantoms", type=int_at_least(1), default=4, help="number of phantoms (default 4)")
-    p.add_argument("--seed", type=int_at_least(0), default=0, help="phantom dataset seed; case i is seed (S, i) (default 0)")
+    p.add_argument("--seed", type=int_at_least(0), default=0,
+                   help="phantom dataset seed; case i is seed (S, i) (default 0)")
     p.add_argument("--config", help="YAML config (default: the embedded demo model's)")
     p.add_argument("--model", metavar="CHECKPOINT", help="weights file overriding the config's")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
