@@ -311,7 +311,8 @@ def certify(evidence: Evidence) -> Certificate:
     probe_residual = ev.probe_residual.detach().cpu()
     affine = (jac_diff <= ev.tolerance) & complete & (probe_residual <= ev.tolerance)
     constant = spat_var <= ev.tolerance
-    per_class = ["cam" if a and c else "affine-head" if a else "none" for a, c in zip(affine.tolist(), constant.tolist())]
+    per_class = ["cam" if a and c else "affine-head" if a else "none"
+                 for a, c in zip(affine.tolist(), constant.tolist())]
     kind = "none" if "none" in per_class else "affine-head" if "affine-head" in per_class else "cam"
     if not ev.checked:
         per_class = ["unchecked"] * len(per_class)
@@ -512,7 +513,8 @@ class Prober:
         if float(diff) <= self.tolerance:
             return diff.expand(k).clone()
         # the head is not affine somewhere: find the classes, one Jacobian comparison per class
-        self._notes.append(f"the one-backward Jacobian sketch differed by {float(diff):.2e}; Jacobians compared per class")
+        self._notes.append(f"the one-backward Jacobian sketch differed by {float(diff):.2e}; "
+                           "Jacobians compared per class")
         return torch.cat([self._per_class_jacobian(self.head.gradients(c), c) for c in self._chunks])
 
     def evidence(self, scores: Tensor, head: str, notes: Sequence[str] = ()) -> Evidence:

@@ -18,10 +18,14 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from . import __version__
+from .argtypes import int_at_least, probability
+from .config import Config
 from .errors import InputError
+from .geometry import GEOMETRIES
+from .io import DEFAULT_MAX_VOXELS, check_dicom_source
 from .methods import DEFAULT_METHODS
-from .outputs import Summary
-from .pipeline import Session, read_scan
+from .outputs import Summary, check_output_folder
+from .pipeline import DicomExport, ScanResult, Session, read_scan
 
 __all__ = ["build_parser", "main"]
 
@@ -31,6 +35,7 @@ EXPLAIN_EXAMPLES = """examples:
   medcam3d explain scan.nii.gz --config configs/axialnet_chestct.yaml --model my_axialnet.pt
   medcam3d explain scan.nii.gz --classes positive --full-res top-5 --methods hirescam gradcam gradcampp
   medcam3d explain scan.nii.gz --classes nodule_right_lung 3 --device cuda --quiet
+  medcam3d explain dicom_folder/ --dicom-out --dicom-seg 0.5   # also DICOM Parametric Maps and SEGs of the maps
 """
 
 
@@ -73,25 +78,65 @@ def _default_out(scan: str) -> Path:
     return Path(f"{name}_medcam3d")
 
 
+def _note_placement(result: ScanResult) -> None:
+    """One line on stderr (even when quiet) when the map placement fell back to the field (no receptive geometry
+    found); it is also recorded in the summary's ``map_geometry.source``."""
+    placement = result.explanation.placement
+    if placement is not None and placement.fallback:
+        tqdm.write(f"medcam3d: note: {placement.note()}", file=sys.stderr)  # above a progress bar, if any
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
+    out = check_output_folder(args.out if args.out else _default_out(args.scan))  # before any work
+    if args.dicom_seg is not None and not args.dicom_out:
+        raise InputError("--dicom-seg needs --dicom-out")
+    dicom = DicomExport(seg_threshold=args.dicom_seg) if args.dicom_out else None
     stages = _Stages(4, args.quiet)
     try:
         stages("reading scan", advance=False)
-        volume, t_read = read_scan(args.scan, args.series_uid, args.allow_resample)
+        volume, t_read = read_scan(args.scan, args.series_uid, args.allow_resample, max_voxels=args.max_voxels)
+        if dicom is not None:
+            check_dicom_source(volume)
         stages("loading model")
-        session = Session(args.config, args.model, args.methods, args.device, map_geometry=args.map_geometry)
+        session = Session(_config_or_bundle(args), args.model, args.methods, args.device,
+                          map_geometry=args.map_geometry, max_voxels=args.max_voxels,
+                          ignore_modality=args.ignore_modality)
         stages("explaining")
         result = session.explain_volume(volume, args.classes, read_seconds=t_read)
+        _say(result)
+        _note_placement(result)
         stages("writing")
-        out = Path(args.out) if args.out else _default_out(args.scan)
-        summary = session.write_folder(result, out, args.classes, args.full_res, progress=lambda s: stages(s, False))
+        summary = session.write_folder(result, out, args.classes, args.full_res, progress=lambda s: stages(s, False),
+                                       dicom=dicom)
         stages("done")
     finally:
         stages.close()
+    for line in (summary.assumptions or [])[len(result.notes):]:  # made while writing (DICOM export)
+        print(f"medcam3d: note: {line}", file=sys.stderr)
     if not args.quiet:
         _print_notes(summary)
         _print_result(summary, out)
     return 0
+
+
+def _say(result: ScanResult) -> None:
+    """Print what was assumed (``note``) and what to check (``warning``) on stderr, one line each, even when quiet:
+    they are also in the summary."""
+    for line in result.notes:
+        print(f"medcam3d: note: {line}", file=sys.stderr)
+    for line in result.warnings:
+        print(f"medcam3d: warning: {line}", file=sys.stderr)
+
+
+def _config_or_bundle(args: argparse.Namespace) -> Config | str | None:
+    """``--config`` (a path or name), or the config of the MONAI bundle given with ``--bundle``."""
+    if getattr(args, "bundle", None) is None:
+        return args.config
+    if args.config is not None:
+        raise InputError("give --config or --bundle, not both")
+    from .monai.bundle import load_bundle  # lazy: MONAI's bundle parser is needed only with --bundle
+
+    return load_bundle(args.bundle)
 
 
 def _print_notes(summary: Summary) -> None:
@@ -118,29 +163,39 @@ def _print_result(summary: Summary, out: Path) -> None:
     print(f"outputs: {out.resolve()}  (view: medcam3d view {out})")
 
 
+#: `medcam3d demo`'s phantom seed when the model card names none
+DEMO_SEED = 7
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     # medcam3d.data imports scipy (about half a second): only the demo needs it, not every command line
     from .data import make_phantom, write_nifti
 
     out = Path(args.out)
     scan_dir = out / "scan"
-    exp_dir = out / "explanation"
+    exp_dir = check_output_folder(out / "explanation")  # before any work
     stages = _Stages(4, args.quiet)
     try:
         stages("loading demo model", advance=False)
-        session = Session(None, None, args.methods, args.device, map_geometry=args.map_geometry)
+        session = Session(None, None, args.methods, args.device, map_geometry=args.map_geometry,
+                          max_voxels=args.max_voxels, ignore_modality=args.ignore_modality)
+        # the model card names a phantom where HiResCAM and Grad-CAM differ visibly (scripts/reproduce_figure8.py)
+        chosen = (session.model_card or {}).get("demo") or {}
+        seed = args.seed if args.seed is not None else int(chosen.get("seed", DEMO_SEED))
         stages("making a synthetic phantom")
         present = {"nodule_right_lung": True, "pleural_effusion_left": True, "cardiomegaly": True}
-        phantom = make_phantom(args.seed, present=present, prevalence=0.0)
+        phantom = make_phantom(seed, present=present, prevalence=0.0)
         scan_dir.mkdir(parents=True, exist_ok=True)
         scan_path = scan_dir / "phantom.nii.gz"
         write_nifti(phantom, scan_path)
         stages("explaining")
-        volume, t_read = read_scan(scan_path)
+        volume, t_read = read_scan(scan_path, max_voxels=args.max_voxels)
         result = session.explain_volume(volume, read_seconds=t_read)
+        _say(result)
+        _note_placement(result)
         stages("writing")
         summary = session.write_folder(result, exp_dir, None, None, progress=lambda s: stages(s, False),
-                                       extra={"demo": {"seed": args.seed, "planted": sorted(present)}})
+                                       extra={"demo": {"seed": seed, "planted": sorted(present)}})
         stages("done")
     finally:
         stages.close()
@@ -148,6 +203,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         _print_notes(summary)
         _print_result(summary, exp_dir)
         print(f"planted lesions: {', '.join(sorted(present))}; phantom scan and masks: {scan_dir.resolve()}")
+        if seed == chosen.get("seed") and chosen.get("look_at"):
+            print(f"what to look at: {chosen['look_at']}")
     return 0
 
 
@@ -157,12 +214,19 @@ def _add_explain_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
                    help="methods to compute (hirescam gradcam gradcampp xgradcam layercam; cam on GAP+FC heads)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N")
-    p.add_argument("--map-geometry", choices=["field", "receptive", "auto"], default="field",
-                   help="where feature-resolution cells go on the scan: field (the field of view divided evenly, the "
-                        "paper's convention; default), receptive (the cells' receptive-field centres, which the "
-                        "model declares or its layers give; AxialNet declares them) or auto (receptive when known, "
-                        "else field with a note)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or printed result")
+    p.add_argument("--map-geometry", choices=list(GEOMETRIES), default=None,
+                   help="where feature-resolution cells go on the scan: auto (the receptive-field centres the model "
+                        "declares or its layers give, else the field with a note; default, unless the config sets "
+                        "map_geometry), field (the field of view divided evenly, the paper's convention) or "
+                        "receptive (the receptive-field centres, else an error)")
+    p.add_argument("--max-voxels", type=int_at_least(1), default=None, metavar="N",
+                   help=f"largest scan or preprocessing grid, in voxels, checked from headers and spacings before "
+                        f"anything that size is allocated (default {DEFAULT_MAX_VOXELS:.3g}; see the README's "
+                        "'What medcam3d refuses' table)")
+    p.add_argument("--ignore-modality", action="store_true",
+                   help="explain a DICOM scan whose Modality the config does not accept (default: refused)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or printed result (notes and warnings "
+                                                         "are still printed on stderr)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,12 +244,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--series-uid", help="DICOM SeriesInstanceUID to read when the folder holds several series")
     p.add_argument("--allow-resample", action="store_true",
                    help="accept irregularly spaced DICOM series by resampling")
+    p.add_argument("--dicom-out", action="store_true",
+                   help="DICOM inputs: also write each full-resolution heatmap as a DICOM Parametric Map referencing "
+                        "the source series (dicom_pm_*.dcm beside the NIfTIs; needs highdicom)")
+    p.add_argument("--dicom-seg", type=probability, metavar="LEVEL",
+                   help="with --dicom-out: also each heatmap >= LEVEL (0-1) as a binary DICOM SEG (dicom_seg_*.dcm)")
+    p.add_argument("--bundle", metavar="DIR", help="a MONAI bundle folder (configs/inference.json, models/model.pt) "
+                                                   "instead of --config")
     _add_explain_options(p)
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("demo", help="explain a synthetic phantom with the embedded demo model")
     p.add_argument("--out", default="medcam3d_demo", help="output folder (default: medcam3d_demo)")
-    p.add_argument("--seed", type=int, default=7, help="phantom seed")
+    p.add_argument("--seed", type=int, default=None,
+                   help=f"phantom seed (default: the one the model card names, where HiResCAM and Grad-CAM differ "
+                        f"visibly; else {DEMO_SEED})")
     _add_explain_options(p)
     p.set_defaults(func=cmd_demo)
 

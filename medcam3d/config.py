@@ -12,6 +12,8 @@ Schema (every key is checked; an unknown key, a wrong type or an unknown transfo
                                       #   "package:medcam3d/weights/NAME.pt" (a file shipped inside a package)
     target_layer: conv2d.7            # optional: dotted module name (default: the model's medcam3d_target_layer)
     layout: slices_as_batch           # optional: slices_as_batch | channels_first | channels_last
+    map_geometry: auto                # optional: where the explained cells are drawn: auto (default) | field |
+                                      #   receptive (medcam3d.placement); --map-geometry overrides it
     labels: [a, b, ...]               # required: unique class names, in the model's output order
     input_size: [405, 420, 420]       # optional: network grid (S, H, W); the preprocessing must produce it
     min_size: [64, 128, 128]          # optional: the scan, reoriented and resampled, must cover at least this
@@ -23,13 +25,25 @@ Schema (every key is checked; an unknown key, a wrong type or an unknown transfo
     probability: sigmoid              # optional: sigmoid (multi-label, default) | softmax
     threshold: 0.5                    # optional: probability at or above which a class is called positive
     allowed_regions: {}               # optional: label -> list of organ names where its evidence may lie
+    modality: CT                      # optional: the DICOM modality (or list of them) the model reads; absent:
+                                      #   no modality check (see "Modality" below)
 
 Transforms: ``_target_`` names a class of ``monai.transforms`` (``Spacing`` or ``monai.transforms.Spacing``) from
-its spatial, crop/pad, intensity or utility array transforms; dictionary (``...d``), random, compose and I/O
-transforms are refused (preprocessing must be deterministic, invertible where it moves voxels, and must not touch
-files). The other keys are the transform's arguments, checked against its signature and by instantiating it.
+its spatial, crop/pad, intensity or utility array transforms; a dictionary transform (``Spacingd``, as MONAI bundles
+write them) stands for its array version, its dictionary-only arguments (``keys``, ``allow_missing_keys``, ...)
+dropped; random, compose and I/O transforms are refused (preprocessing must be deterministic, invertible where
+it moves voxels, and must not touch files). The other keys are the transform's arguments, checked against its
+signature and by instantiating it.
 The network grid is expected in MONAI axcodes ``"SPL"`` (docs/architecture.md): start with
 ``{_target_: Orientation, axcodes: SPL}``; ``Spacing.pixdim`` is then (slice, row, column) mm.
+
+Modality: with ``modality``, a DICOM series whose Modality tag is not listed is refused (unless the caller
+overrides the check), and a scan without a Modality tag (NIfTI, NRRD) whose intensities do not look like the
+config's modality gets one warning line (:mod:`medcam3d.io.modality`). Codes are upper-cased DICOM Modality values
+(``CT``, ``MR``, ``PT``, ...).
+
+The model's ``_target_`` may be a short name (``DenseNet121``): it is resolved the way MONAI bundles resolve
+it (``monai.bundle.ComponentLocator``: the first MONAI module defining that name).
 
 ``load_config(x)`` accepts a path, ``"package:medcam3d/configs/NAME.yaml"`` or the bare name of a shipped
 config (``"axialnet_chestct"``, ``"demo_axialnet"``; see :func:`available_configs`).
@@ -48,6 +62,7 @@ from typing import Any
 import yaml
 
 from .errors import InputError
+from .geometry import GEOMETRIES
 from .models.loading import build_model, declare_model, resolve_package_path
 
 __all__ = [
@@ -57,12 +72,13 @@ __all__ = [
     "instantiate_transform",
     "load_config",
     "resolve_package_path",  # its home is medcam3d.models.loading (models never import config); re-exported
+    "full_target",
     "resolve_transform",
 ]
 
 TOP_LEVEL_KEYS = (
     "name", "description", "model", "weights", "target_layer", "layout", "labels", "input_size", "min_size",
-    "preprocessing", "probability", "threshold", "allowed_regions",
+    "preprocessing", "probability", "threshold", "allowed_regions", "modality", "map_geometry",
 )
 _REQUIRED = ("name", "model", "labels", "preprocessing")
 _LAYOUTS = ("slices_as_batch", "channels_first", "channels_last")
@@ -165,9 +181,10 @@ def resolve_transform(name: Any, where: Path | str | None = None, item: str = ""
     if not inspect.isclass(cls) or not issubclass(cls, Transform):
         raise InputError(f"{item}unknown transform {name!r} (expected a class of monai.transforms, e.g. "
                          "Orientation, Spacing, ScaleIntensityRange, ResizeWithPadOrCrop)", where)
-    if issubclass(cls, MapTransform):
-        raise InputError(f"{item}{short} is a dictionary transform; use the array version "
-                         f"({short.removesuffix('d')})", where)
+    if issubclass(cls, MapTransform):  # a dictionary transform stands for its array version
+        short, cls = _array_version(short, cls)
+        if cls is None:
+            raise InputError(f"{item}{name} is a dictionary transform without an array version", where)
     if cls.__module__ not in _ALLOWED_MODULES or short in _REFUSED:
         raise InputError(f"{item}transform {short} ({cls.__module__}) is not allowed in preprocessing; use spatial, "
                          "crop/pad, intensity or utility array transforms", where)
@@ -179,6 +196,34 @@ def resolve_transform(name: Any, where: Path | str | None = None, item: str = ""
     return cls
 
 
+def _array_version(short: str, cls: type) -> tuple[str, Any]:
+    """``(name, class)`` of the array transform a dictionary transform wraps (``Spacingd`` -> ``Spacing``; MONAI
+    also spells them ``SpacingD`` and ``SpacingDict``); class None when there is none."""
+    import monai.transforms as mt  # lazy: as in resolve_transform
+
+    base = cls.__name__
+    for suffix in ("Dict", "D", "d"):
+        if base.endswith(suffix):
+            array = getattr(mt, base[: -len(suffix)], None)
+            if inspect.isclass(array) and not issubclass(array, mt.MapTransform):
+                return array.__name__, array
+    return short, None
+
+
+def _dictionary_only(name: Any) -> set[str]:
+    """Arguments of the dictionary transform ``name`` that its array version does not take (``keys``, ...)."""
+    import monai.transforms as mt  # lazy: as in resolve_transform
+
+    short = str(name).removeprefix("monai.transforms.")
+    cls = getattr(mt, short, None) if "." not in short else None
+    if not inspect.isclass(cls) or not issubclass(cls, mt.MapTransform):
+        return set()
+    _, array = _array_version(short, cls)
+    if array is None:
+        return set()
+    return set(inspect.signature(cls).parameters) - set(inspect.signature(array).parameters)
+
+
 def instantiate_transform(spec: Mapping[str, Any], where: Path | str | None = None, item: str = "",
                           overrides: Mapping[str, Any] | None = None) -> Any:
     """Instantiate one ``{_target_: Name, **args}`` spec (``overrides`` replace arguments the class accepts)."""
@@ -188,7 +233,8 @@ def instantiate_transform(spec: Mapping[str, Any], where: Path | str | None = No
     if "_target_" not in spec:
         raise InputError(f"{item}has no _target_ (the transform's name)", where)
     cls = resolve_transform(spec["_target_"], where, item)
-    args = {k: v for k, v in spec.items() if k != "_target_"}
+    dropped = _dictionary_only(spec["_target_"])
+    args = {k: v for k, v in spec.items() if k != "_target_" and k not in dropped}
     for k in args:
         if not isinstance(k, str) or k.startswith("_"):
             raise InputError(f"{item}{cls.__name__}: unknown key {k!r}", where)
@@ -274,6 +320,7 @@ def _check_model_and_labels(data: Mapping[str, Any], where: Path | str) -> tuple
     if not isinstance(model, Mapping) or not isinstance(model.get("_target_"), str):
         raise InputError("model must be a mapping with a _target_ (import path of the network class), e.g. "
                          "{_target_: medcam3d.models.AxialNet, n_outputs: 80}", where)
+    model = {**model, "_target_": full_target(model["_target_"], where)}
     labels = data["labels"]
     if (not isinstance(labels, list) or not labels
             or not all(isinstance(x, str) and x.strip() for x in labels)):
@@ -285,6 +332,21 @@ def _check_model_and_labels(data: Mapping[str, Any], where: Path | str) -> tuple
     if isinstance(n_out, int) and not isinstance(n_out, bool) and n_out != len(labels):
         raise InputError(f"{len(labels)} labels but model.n_outputs is {n_out}", where)
     return dict(model), list(labels)
+
+
+def full_target(target: str, where: Path | str | None = None) -> str:
+    """A model ``_target_`` as a dotted path: a short name (``DenseNet121``) is looked up the way MONAI bundles do
+    (``monai.bundle.ComponentLocator``; the first module when several define it). Dotted paths are kept."""
+    if "." in target or target.startswith(("$", "@", "%")):
+        return target
+    from monai.bundle import ComponentLocator  # lazy: MONAI takes seconds to import
+
+    found = ComponentLocator().get_component_module_name(target)
+    if isinstance(found, list):
+        found = found[0] if found else None
+    if not found:
+        raise InputError(f"model: _target_ {target!r} is neither a dotted import path nor a name MONAI knows", where)
+    return f"{found}.{target}"
 
 
 def _check_declarations(data: Mapping[str, Any], where: Path | str) -> tuple[str | None, str | None, str | None]:
@@ -299,6 +361,14 @@ def _check_declarations(data: Mapping[str, Any], where: Path | str) -> tuple[str
     if layout is not None and layout not in _LAYOUTS:
         raise InputError(f"unknown layout {layout!r} (choose {', '.join(_LAYOUTS)})", where)
     return weights, target_layer, layout
+
+
+def _check_map_geometry(data: Mapping[str, Any], where: Path | str) -> str | None:
+    """``map_geometry`` (one of :data:`medcam3d.geometry.GEOMETRIES`), None when absent."""
+    kind = data.get("map_geometry")
+    if kind is not None and kind not in GEOMETRIES:
+        raise InputError(f"map_geometry must be one of {', '.join(GEOMETRIES)}, got {kind!r}", where)
+    return kind
 
 
 def _check_scoring(data: Mapping[str, Any], where: Path | str) -> tuple[str, float]:
@@ -328,6 +398,19 @@ def _check_regions(data: Mapping[str, Any], labels: Sequence[str], where: Path |
             raise InputError(f"allowed_regions[{lab!r}] must be a list of organ names", where)
         allowed[str(lab)] = list(organs)
     return allowed
+
+
+def _check_modality(data: Mapping[str, Any], where: Path | str) -> tuple[str, ...] | None:
+    """``modality``: one DICOM Modality code or a list of them, upper-cased; ``None`` when absent."""
+    value = data.get("modality")
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else value
+    if (not isinstance(items, list) or not items
+            or not all(isinstance(m, str) and m.strip().isalnum() and len(m.strip()) <= 16 for m in items)):
+        raise InputError(f"modality must be a DICOM Modality code like CT or MR, or a list of them, got {value!r}",
+                         where)
+    return tuple(dict.fromkeys(m.strip().upper() for m in items))
 
 
 def _check_preprocessing(data: Mapping[str, Any], input_size: tuple[int, int, int] | None,
@@ -365,7 +448,9 @@ class Config:
     probability: str = "sigmoid"
     threshold: float = 0.5
     allowed_regions: dict[str, list[str]] = field(default_factory=dict)
+    modality: tuple[str, ...] | None = None
     path: Path | None = None
+    map_geometry: str | None = None
 
     # construction ------------------------------------------------------------------------------------------------
     @classmethod
@@ -376,15 +461,18 @@ class Config:
         name, description = _check_text(data, where)
         model, labels = _check_model_and_labels(data, where)
         weights, target_layer, layout = _check_declarations(data, where)
+        map_geometry = _check_map_geometry(data, where)
         input_size = _size3(data.get("input_size"), "input_size", where)
         min_size = _size3(data.get("min_size"), "min_size", where)
         probability, threshold = _check_scoring(data, where)
         allowed = _check_regions(data, labels, where)
         specs = _check_preprocessing(data, input_size, where)
+        modality = _check_modality(data, where)
         return cls(
             name=name, model=model, labels=labels, preprocessing=specs, description=description, weights=weights,
+            map_geometry=map_geometry,
             target_layer=target_layer, layout=layout, input_size=input_size, min_size=min_size,
-            probability=probability, threshold=threshold, allowed_regions=allowed,
+            probability=probability, threshold=threshold, allowed_regions=allowed, modality=modality,
             path=Path(path).resolve() if path is not None else None,
         )
 
@@ -436,7 +524,10 @@ class Config:
             "min_size": list(self.min_size) if self.min_size else None,
             "preprocessing": [dict(s) for s in self.preprocessing], "probability": self.probability,
             "threshold": self.threshold, "allowed_regions": {k: list(v) for k, v in self.allowed_regions.items()},
+            "modality": list(self.modality) if self.modality is not None else None,
         }
+        if self.map_geometry is not None:
+            d["map_geometry"] = self.map_geometry
         return d
 
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import difflib
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +40,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
+from .autolayer import LayerChoice, choose_layer
 from .certificate import Certificate, Prober, default_tolerance, probe_points
 from .errors import InputError
 from .explanation import Explanation
@@ -113,9 +114,10 @@ class _Head:
 
     kind = "abstract"
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Any]:
-        """Run the model on ``x``. Returns the explained layer's output as a leaf that requires grad
-        (hooked layout ``[N, ...]``) and the model output, whose graph starts at that leaf."""
+    def forward(self, x: Tensor, kwargs: Mapping[str, Any]) -> tuple[Tensor, Any]:
+        """Run the model on ``x`` (``kwargs``: the forward's other keyword arguments). Returns the explained
+        layer's output as a leaf that requires grad (hooked layout ``[N, ...]``) and the model output, whose graph
+        starts at that leaf."""
         raise NotImplementedError  # pragma: no cover - interface
 
     def __call__(self, activations: Tensor) -> Any:
@@ -175,11 +177,28 @@ class _FxHead(_Head):
                 self.free_after.setdefault(pos, []).append(n)
         self.env: dict[torch.fx.Node, Any] = {}
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Any]:
+    def accepts(self, kwargs: Mapping[str, Any]) -> bool:
+        """True when every forward keyword argument is a placeholder of the trace (else re-run the model)."""
+        names = {n.target for n in self.gm.graph.nodes if n.op == "placeholder"}
+        return set(kwargs) <= names
+
+    def _args(self, x: Tensor, kwargs: Mapping[str, Any]) -> list[Any]:
+        """Values of the trace's placeholders, in order: ``x``, then each keyword argument or its default."""
+        args: list[Any] = [x]
+        for n in [n for n in self.gm.graph.nodes if n.op == "placeholder"][1:]:
+            if n.target in kwargs:
+                args.append(kwargs[str(n.target)])
+            elif n.args:
+                args.append(n.args[0])
+            else:
+                raise InputError(f"the model's forward needs the argument {n.target!r}; pass it to the call")
+        return args
+
+    def forward(self, x: Tensor, kwargs: Mapping[str, Any]) -> tuple[Tensor, Any]:
         interp = torch.fx.Interpreter(self.gm, garbage_collect_values=False)
         env: dict[torch.fx.Node, Any] = {}
         interp.env = env
-        interp.args_iter = iter((x,))
+        interp.args_iter = iter(self._args(x, kwargs))
         with torch.no_grad():
             for pos, n in enumerate(self.backbone_nodes):
                 env[n] = interp.run_node(n)
@@ -218,6 +237,7 @@ class _RerunHead(_Head):
         self.model = model
         self.layer = layer
         self.x: Tensor | None = None
+        self.kwargs: Mapping[str, Any] = {}
         self._replacement: Tensor | None = None
         self._captured: Tensor | None = None
         self._calls = 0
@@ -238,7 +258,7 @@ class _RerunHead(_Head):
         self._replacement = replacement
         handle = self.layer.register_forward_hook(self._hook)
         try:
-            out = self.model(x)
+            out = self.model(x, **self.kwargs)
         finally:
             handle.remove()
             self._replacement = None
@@ -246,9 +266,10 @@ class _RerunHead(_Head):
             raise InputError("the explained layer did not run during the forward pass")
         return out
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Any]:
+    def forward(self, x: Tensor, kwargs: Mapping[str, Any]) -> tuple[Tensor, Any]:
         # parameters are frozen and x is detached, so the backbone builds no graph even with grad enabled
         self.x = x
+        self.kwargs = kwargs
         out = self._run(x, None)
         assert self._captured is not None
         return self._captured, out
@@ -259,6 +280,7 @@ class _RerunHead(_Head):
 
     def close(self) -> None:
         self.x = None
+        self.kwargs = {}
         self._captured = None
 
 
@@ -357,7 +379,9 @@ class Explainer:
     Args:
         model: any ``nn.Module`` returning raw class scores ``[B, M]`` (or see ``output``).
         target_layer: dotted module name (``"layer4"``, ``"conv2d.7"``) or the module itself; default the
-            model's ``medcam3d_target_layer`` attribute.
+            model's ``medcam3d_target_layer`` attribute, else ``"auto"``: chosen on the first call among the last
+            few layers that keep the input's spatial axes, preferring the strongest head certificate (see
+            :mod:`medcam3d.autolayer`; the choice and why are on :attr:`layer_choice` and every explanation).
         methods: method names from :data:`medcam3d.methods.METHODS`.
         layout: maps the layer output to ``[B, F, *spatial]``; default the model's ``medcam3d_layout`` or
             channels-first. Use :class:`medcam3d.layouts.SlicesAsBatch` when slices ride in the batch axis.
@@ -409,7 +433,7 @@ class Explainer:
         if not isinstance(model, nn.Module):
             raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
-        self.layer_name, self.layer = self._resolve_layer(model, target_layer)
+        self.layer_choice: LayerChoice | None = self._resolve_layer(model, target_layer)
         self.methods = tuple(methods)
         if not self.methods:
             raise InputError("methods: give at least one method")
@@ -443,26 +467,49 @@ class Explainer:
         self._fx_failed: str | None = None
 
     # -- construction helpers --------------------------------------------------------------------------------
+    @property
+    def layer_name(self) -> str | None:
+        """Dotted name of the explained module (None until the first call chooses it, with ``"auto"``)."""
+        return self.layer_choice.name if self.layer_choice is not None else None
+
+    @property
+    def layer(self) -> nn.Module | None:
+        """The explained module (None until the first call chooses it, with ``"auto"``)."""
+        return self.model.get_submodule(self.layer_choice.name) if self.layer_choice is not None else None
+
     @staticmethod
-    def _resolve_layer(model: nn.Module, target: str | nn.Module | None) -> tuple[str, nn.Module]:
+    def _resolve_layer(model: nn.Module, target: str | nn.Module | None) -> LayerChoice | None:
+        """The named or declared layer, or None for ``"auto"`` (chosen on the first call)."""
+        reason = "given"
         if target is None:
             target = getattr(model, "medcam3d_target_layer", None)
-            if target is None:
-                raise InputError(
-                    "target_layer: not given and the model declares no medcam3d_target_layer; name the layer to "
-                    "explain, e.g. target_layer='layer4'"
-                )
+            reason = "declared by the model (medcam3d_target_layer)"
+        if target is None or target == "auto":
+            return None
         if isinstance(target, nn.Module):
             for name, m in model.named_modules():
                 if m is target:
-                    return name, m
+                    return LayerChoice(name, reason)
             raise InputError("target_layer: the given module is not part of the model")
         try:
-            return target, model.get_submodule(target)
+            model.get_submodule(target)
         except AttributeError:
-            raise InputError(f"target_layer: no module named {target!r} in the model; {_layer_hint(model, target)}") from None
+            raise InputError(f"target_layer: no module named {target!r} in the model; "
+                             f"{_layer_hint(model, target)}") from None
+        return LayerChoice(target, reason)
 
-    def _head(self) -> _Head:
+    def _choose_layer(self, x: Tensor, kwargs: Mapping[str, Any]) -> LayerChoice:
+        """``target_layer="auto"``: choose on this input (once; cached), see :mod:`medcam3d.autolayer`."""
+        if self.layer_choice is None:
+            self.layer_choice = choose_layer(self.model, x, self.layout, self._auto_output(x.shape[0]), kwargs,
+                                             self.seed)
+        return self.layer_choice
+
+    def _auto_output(self, batch: int) -> Callable[[Any], Tensor]:
+        return lambda y: self._scores(y, 3 * batch)
+
+    def _head(self, kwargs: Mapping[str, Any]) -> _Head:
+        assert self.layer is not None and self.layer_name is not None  # chosen before the first head
         if self.head_mode != "rerun" and self._fx is None and self._fx_failed is None:
             try:
                 self._fx = _FxHead(self.model, self.layer, self.layer_name)
@@ -470,7 +517,7 @@ class Explainer:
                 self._fx_failed = f"{type(e).__name__}: {e}".splitlines()[0]
                 if self.head_mode == "fx":
                     raise InputError(f"head='fx': cannot trace the model with torch.fx ({self._fx_failed})") from e
-        if self._fx is not None and self.head_mode != "rerun":
+        if self._fx is not None and self.head_mode != "rerun" and self._fx.accepts(kwargs):
             return self._fx
         return _RerunHead(self.model, self.layer)
 
@@ -488,17 +535,22 @@ class Explainer:
         self._fx = None
 
     # -- the call -------------------------------------------------------------------------------------------
-    def __call__(self, x: Tensor, classes: Sequence[int | str] | None = None) -> Explanation:
+    def __call__(self, x: Tensor, classes: Sequence[int | str] | None = None, *,
+                 allow_nonfinite: bool = False, **forward_kwargs: Any) -> Explanation:
         """Explain ``x``.
 
         Args:
             x: ``[B, C, *spatial]`` input (a MONAI MetaTensor is accepted; its affine is kept).
             classes: output indices or labels to explain; default all M outputs.
+            allow_nonfinite: explain an input holding NaN or Inf (refused by default, as the command line does).
+            forward_kwargs: the model's other forward arguments (``model(x, **forward_kwargs)``, e.g. clinical
+                covariates), passed to every forward pass of the call.
         Returns: an :class:`Explanation` with ``raw[method]`` of shape ``[B, K, *map_spatial]``.
         """
-        affine = None
+        affine, meta = None, None
         if hasattr(x, "as_tensor") and hasattr(x, "affine"):  # MONAI MetaTensor, duck-typed
             affine = torch.as_tensor(x.affine).detach().clone()
+            meta = _meta_out(x)
             x = x.as_tensor()
         if not isinstance(x, Tensor):
             raise InputError(f"x must be a tensor [B, C, *spatial], got {type(x).__name__}")
@@ -506,6 +558,9 @@ class Explainer:
             raise InputError(f"x must be [B, C, *spatial] with 1-3 spatial axes, got shape {tuple(x.shape)}")
         if not torch.is_floating_point(x):
             x = x.float()
+        if not allow_nonfinite and not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).sum())
+            raise InputError(f"x: {bad} value(s) are NaN or Inf (allow_nonfinite=True explains it anyway)")
         with torch.inference_mode(False):
             x = x.detach().clone() if x.is_inference() else x.detach()
             state = _ModelState(self.model, save_buffers=not self.eval_mode)
@@ -513,21 +568,25 @@ class Explainer:
             try:
                 with ExitStack() as stack:
                     stack.enter_context(torch.enable_grad())
-                    return self._explain(x, classes, affine)
+                    self._choose_layer(x, forward_kwargs)
+                    exp = self._explain(x, classes, affine, forward_kwargs)
             finally:
                 state.restore()
+        return exp if meta is None else _with_meta(exp, meta)
 
-    def _explain(self, x: Tensor, classes: Sequence[int | str] | None, affine: Tensor | None) -> Explanation:
+    def _explain(
+        self, x: Tensor, classes: Sequence[int | str] | None, affine: Tensor | None, kwargs: Mapping[str, Any]
+    ) -> Explanation:
         """Forward, probes, then gradients -> maps -> evidence, chunk by chunk; see the module docstring."""
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
         batch = x.shape[0]
-        head = self._head()
+        head = self._head(kwargs)
         notes: list[str] = []
         if head.kind == "rerun" and self._fx_failed and self.head_mode == "auto":
             notes.append(f"fx trace unavailable ({self._fx_failed}); the head was evaluated by re-running the model")
         try:
-            leaf, output = head.forward(x)
+            leaf, output = head.forward(x, kwargs)
             scores = self._scores(output, batch)
             timings["forward"] = time.perf_counter() - t0
             t1 = time.perf_counter()
@@ -559,12 +618,14 @@ class Explainer:
             timings=timings,
             geometry=receptive.geometry if isinstance(receptive, Placement) else None,
             placement=placement,
+            layer=self.layer_choice,
         )
 
     def _placement(self, input_size: tuple[int, ...], map_size: tuple[int, ...]) -> tuple[Placement | str, Placement]:
         """The receptive placement (or why there is none) and the placement ``map_geometry`` resolves to.
         Reuses this explainer's fx trace when there is one (no second trace)."""
         graph = self._fx.gm.graph if self._fx is not None else None
+        assert self.layer_name is not None
         found = find_receptive(self.model, self.layer_name, input_size, map_size, self.layout, graph)
         return found, choose_placement(self.map_geometry, found, map_size, input_size)
 
@@ -661,6 +722,22 @@ class Explainer:
         per_class = activations.numel() * activations.element_size() * (6 + 2 * len(self.methods))
         size = max(1, min(len(classes), self.max_chunk_bytes // max(per_class, 1)))
         return [classes[i : i + size] for i in range(0, len(classes), size)]
+
+
+def _meta_out(x: Any) -> Any:
+    """What the maps of a MetaTensor input carry (:class:`medcam3d.monai.meta.MetaOut`)."""
+    from .monai.meta import MetaOut  # lazy: MONAI is imported only when the input is a MetaTensor
+
+    return MetaOut.of(x)
+
+
+def _with_meta(exp: Explanation, meta: Any) -> Explanation:
+    """The explanation of a MetaTensor input: raw maps as MetaTensors with their world affine (the default
+    placement's), and ``meta`` kept for the display maps (:meth:`Explanation.heatmap`)."""
+    step = exp.map_geometry("auto").index_affine()
+    exp.raw = {m: meta.feature_grid(r, step) for m, r in exp.raw.items()}
+    exp.meta = meta
+    return exp
 
 
 def _layer_hint(model: nn.Module, target: str) -> str:

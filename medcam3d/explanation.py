@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .autolayer import LayerChoice
 from .certificate import Certificate, disagreement
 from .errors import InputError
 from .geometry import GEOMETRIES, MapGeometry, covered_region
@@ -41,6 +42,12 @@ class Explanation:
             ``"field"``), offset, stride and how it was found (``"declared"``, ``"derived"``, ``"requested"`` or
             ``"fallback: <reason>"``); see :class:`medcam3d.placement.Placement`. None on explanations built by
             hand: ``"auto"`` then means :attr:`geometry` if known, else the field.
+        meta: when the input was a MONAI MetaTensor, what its maps carry (:class:`medcam3d.monai.meta.MetaOut`):
+            :meth:`heatmap` and :meth:`iter_heatmaps` on the input grid then return MetaTensors with the input's
+            meta and transform history (``Invertd`` brings them back to the scan), :attr:`raw` and feature-grid
+            heatmaps MetaTensors with their own world affine only. None for plain tensors (plain tensors out).
+        layer: the explained layer and why it was explained (given, declared by the model, or chosen by
+            ``target_layer="auto"``; :class:`medcam3d.autolayer.LayerChoice`). None on explanations built by hand.
     """
 
     scores: Tensor
@@ -55,6 +62,8 @@ class Explanation:
     timings: dict[str, float] = field(default_factory=dict)
     geometry: MapGeometry | None = None
     placement: Placement | None = None
+    layer: LayerChoice | None = None
+    meta: Any = None
 
     # -- naming ---------------------------------------------------------------------------------------------
     @property
@@ -115,6 +124,7 @@ class Explanation:
         if method not in self.raw:
             raise KeyError(f"method {method!r} was not computed (computed: {', '.join(self.raw)})")
         r = self.raw[method]
+        r = r.as_tensor() if hasattr(r, "as_tensor") else r  # MetaTensor -> plain (meta is re-attached on output)
         if classes is None:
             return r
         return r[:, [self.index(c) for c in classes]]
@@ -151,7 +161,16 @@ class Explanation:
         """
         target = (size or self.input_size) if upsample else None
         geo = self._display_geometry(geometry, target) if target is not None else None
-        return to_heatmap(self._raw(method, classes), target, dtype, geo)
+        return self._with_meta(to_heatmap(self._raw(method, classes), target, dtype, geo), target, geometry)
+
+    def _with_meta(self, maps: Tensor, size: Sequence[int] | None, geometry: str) -> Tensor:
+        """MetaTensors out for a MetaTensor input (:attr:`meta`): the input's meta on the input grid, the
+        placement's world affine on the feature grid (``size`` None); plain tensors otherwise."""
+        if self.meta is None:
+            return maps
+        if size is None:
+            return self.meta.feature_grid(maps, self.map_geometry(geometry).index_affine())
+        return self.meta.input_grid(maps) if tuple(size) == tuple(self.input_size) else maps
 
     def iter_heatmaps(
         self,
@@ -166,7 +185,7 @@ class Explanation:
         target = size or self.input_size
         geo = self._display_geometry(geometry, target)
         for sl, hm in iter_heatmaps(self._raw(method, None), target, chunk, dtype, geo):
-            yield self.classes[sl], hm
+            yield self.classes[sl], self._with_meta(hm, target, geometry)
 
     def covered_region(self, size: Sequence[int] | None = None, geometry: str = "auto") -> Tensor:
         """``[*size]`` bool: where on a grid of ``size`` (default the input's) covering the input's field of view

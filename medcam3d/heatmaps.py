@@ -68,7 +68,10 @@ def upsample(maps: Tensor, size: Sequence[int], geometry: MapGeometry | None = N
 
 
 def to_heatmap(
-    raw: Tensor, size: Sequence[int] | None = None, dtype: torch.dtype | None = None, geometry: MapGeometry | None = None
+    raw: Tensor,
+    size: Sequence[int] | None = None,
+    dtype: torch.dtype | None = None,
+    geometry: MapGeometry | None = None,
 ) -> Tensor:
     """``normalize`` then ``upsample`` (when ``size`` is given): ``[B, K, *S] -> [B, K, *size]`` in [0, 1]."""
     out = normalize(raw)

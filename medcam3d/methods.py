@@ -78,7 +78,8 @@ def register_method(name: str, *, overwrite: bool = False) -> Callable[[Method],
     def decorate(fn: Method) -> Method:
         if name in METHODS:
             if name in BUILTIN_METHODS:
-                raise ValueError(f"method {name!r} is built in and cannot be replaced; register yours under another name")
+                raise ValueError(f"method {name!r} is built in and cannot be replaced; "
+                                 "register yours under another name")
             if not overwrite:
                 raise ValueError(f"method {name!r} is already registered; pass overwrite=True to replace it")
         METHODS[name] = fn

@@ -12,6 +12,10 @@ Folder layout (documented in the README; readers -- viewer, batch, reports -- re
                                             scan's own grid: the scan's exact affine and shape; uint8 with
                                             scl_slope = 1/255 (readers that apply the scaling see [0, 1])
     montage_<NNN>_<label>.png               axial / coronal / sagittal slices through the HiResCAM peak: CT with the
+                                            HiResCAM overlay (top row) and with the Grad-CAM overlay (bottom row)
+    dicom_pm_<method>_<NNN>_<label>.dcm     with --dicom-out (DICOM scans): the fullres heatmap as a DICOM Parametric
+                                            Map referencing the source series (one float frame per source slice)
+    dicom_seg_<method>_<NNN>_<label>.dcm    with --dicom-seg LEVEL: that heatmap >= LEVEL as a binary DICOM SEG
                                             HiResCAM overlay (top row) and with the Grad-CAM overlay (bottom row;
                                             one row when the certificate proves the methods coincide), orientation
                                             letters, the covered region outlined, the peak marked, a colour bar in
@@ -74,6 +78,8 @@ __all__ = [
     "SCORES",
     "SUMMARY",
     "WINDOWS",
+    "DICOM_PM_PREFIX",
+    "DICOM_SEG_PREFIX",
     "BatchRecord",
     "COVERED_COLOUR",
     "PEAK_COLOUR",
@@ -81,6 +87,7 @@ __all__ = [
     "CertificateRecord",
     "ClassRecord",
     "ConfigRecord",
+    "DicomExportRecord",
     "DisagreementRecord",
     "GridRecord",
     "InputRecord",
@@ -90,7 +97,10 @@ __all__ = [
     "MontageView",
     "PeakRecord",
     "Summary",
+    "check_output_folder",
     "class_stem",
+    "dicom_pm_name",
+    "dicom_seg_name",
     "draw_montage",
     "fullres_name",
     "load_summary",
@@ -107,6 +117,8 @@ __all__ = [
 ]
 
 SUMMARY = "summary.json"
+DICOM_PM_PREFIX = "dicom_pm_"
+DICOM_SEG_PREFIX = "dicom_seg_"
 SCORES = "scores.csv"
 SCHEMA_VERSION = 1
 """Version of the ``summary.json`` schema this code writes (see the versioning rule in the module docstring)."""
@@ -131,6 +143,14 @@ def fullres_name(method: str, index: int, label: str) -> str:
     return f"fullres_{method}_{class_stem(index, label)}.nii.gz"
 
 
+def dicom_pm_name(method: str, index: int, label: str) -> str:
+    return f"{DICOM_PM_PREFIX}{method}_{class_stem(index, label)}.dcm"
+
+
+def dicom_seg_name(method: str, index: int, label: str) -> str:
+    return f"{DICOM_SEG_PREFIX}{method}_{class_stem(index, label)}.dcm"
+
+
 def montage_name(index: int, label: str) -> str:
     return f"montage_{class_stem(index, label)}.png"
 
@@ -145,18 +165,35 @@ def _is_output_folder(p: Path) -> bool:
     return (p / SUMMARY).is_file() or (p / SCORES).is_file()
 
 
+def check_output_folder(dest: str | os.PathLike[str]) -> Path:
+    """The checks :func:`output_folder` makes, made before any work and creating nothing (commands call it first,
+    so that a bad ``--out`` is refused before the scan is read). Returns the resolved path.
+
+    InputError when ``dest`` is a file, a non-empty folder that is not a medcam3d output folder, or when the
+    nearest existing folder above it is not a writable folder."""
+    d = Path(dest).expanduser().resolve()
+    if d.exists() and not d.is_dir():
+        raise InputError("output path exists and is not a folder", d)
+    if d.is_dir() and any(d.iterdir()) and not _is_output_folder(d):
+        raise InputError("output folder is not empty and is not a medcam3d output folder; refusing to replace it", d)
+    above = d.parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise InputError(f"cannot create the output folder: {above} is not a folder", d)
+    if not os.access(above, os.W_OK):
+        raise InputError("output folder's parent is not writable", d)
+    return d
+
+
 @contextmanager
 def output_folder(dest: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a fresh temporary folder next to ``dest``; on success it replaces ``dest`` (renames), on failure it
     is deleted and ``dest`` is untouched.
 
     ``dest`` may not exist, be empty, or be an earlier medcam3d output folder; anything else is an InputError
-    (we never delete a user's files)."""
-    d = Path(dest).expanduser().resolve()
-    if d.exists() and not d.is_dir():
-        raise InputError("output path exists and is not a folder", d)
-    if d.is_dir() and any(d.iterdir()) and not _is_output_folder(d):
-        raise InputError("output folder is not empty and is not a medcam3d output folder; refusing to replace it", d)
+    (we never delete a user's files; :func:`check_output_folder`)."""
+    d = check_output_folder(dest)
     try:
         d.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -305,12 +342,13 @@ class ConfigRecord(_Record):
 
 @dataclass(kw_only=True)
 class ModelRecord(_Record):
-    """The model: its spec in the config, weights file and SHA-256, explained layer, model card."""
+    """The model: its spec in the config, weights file and SHA-256, explained layer and why, model card."""
 
     spec: Any = None
     weights: str | None = None
     weights_sha256: str | None = None
     target_layer: str | None = None
+    target_layer_reason: str | None = None  # why this layer (given, declared, or target_layer="auto"'s choice)
     synthetic_data_only: bool = False
     card: dict[str, Any] | None = None
 
@@ -420,6 +458,16 @@ class BatchRecord(_Record):
 
 
 @dataclass(kw_only=True)
+class DicomExportRecord(_Record):
+    """The DICOM objects written beside the NIfTI maps (``--dicom-out``): Parametric Maps, SEGs (with
+    ``--dicom-seg``) and the level the SEGs were thresholded at."""
+
+    parametric_maps: list[str] = field(default_factory=list)
+    segmentations: list[str] = field(default_factory=list)
+    seg_threshold: float | None = None
+
+
+@dataclass(kw_only=True)
 class Summary(_Record):
     """``summary.json``: provenance, geometry, timings, certificate and per-class results of one output folder.
 
@@ -427,9 +475,15 @@ class Summary(_Record):
     maps). ``batch`` and ``organ_shares`` (:func:`medcam3d.batch.organs.shares_record`) are written by
     ``medcam3d batch``; ``notes`` holds one-line remarks for the user (e.g. that the full-resolution cap cut the
     predicted-positive classes); other top-level sections (``demo``, those of newer writers) are kept in ``extra``.
+
+    ``warnings`` (things to check, e.g. a scan that does not look like the config's modality) and ``assumptions``
+    (what was assumed rather than refused, e.g. which of several DICOM series was read, a generated DICOM UID), one
+    line each, ``dicom_export`` and ``notes`` were added in schema version 1 (added fields keep the version); they
+    are absent from older files.
     """
 
-    _omit_if_none: ClassVar[tuple[str, ...]] = ("batch", "organ_shares", "notes")
+    _omit_if_none: ClassVar[tuple[str, ...]] = ("batch", "organ_shares", "warnings", "assumptions", "dicom_export",
+                                                "notes")
 
     schema_version: int = SCHEMA_VERSION
     medcam3d_version: str = "unknown"
@@ -452,6 +506,9 @@ class Summary(_Record):
     files: list[str] = field(default_factory=list)
     batch: BatchRecord | None = None
     organ_shares: dict[str, Any] | None = None
+    warnings: list[str] | None = None
+    assumptions: list[str] | None = None
+    dicom_export: DicomExportRecord | None = None
     notes: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 

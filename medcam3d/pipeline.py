@@ -8,6 +8,14 @@ Writing is compute -> write: :meth:`Session.plan_outputs` chooses the classes an
 :meth:`Session.summarise` builds the typed :class:`~medcam3d.outputs.Summary`, and :meth:`Session.write_folder`
 writes the files and the summary (through :func:`medcam3d.outputs.write_summary`) into a folder that appears whole.
 
+Refusals come before work (issue 18): the scan's size is checked from its header (:func:`read_scan`,
+``max_voxels``), the grid each preprocessing step would make before it is allocated, a DICOM scan's modality
+against the config's ``modality`` (or the model card's) before the model runs, the config's labels against the
+number of outputs the model really gives (on the first forward), the ``device`` string before the model is built.
+What is assumed rather than refused is said: :attr:`ScanResult.notes` (e.g. which of several DICOM series was read)
+and :attr:`ScanResult.warnings` (a scan that does not look like the config's modality) go to the summary's
+``assumptions`` and ``warnings`` and are printed by the command line.
+
 Full-resolution maps are sampled on the scan's own grid straight from the feature-resolution maps
 (:mod:`medcam3d.onscan`: through the map's placement and the preprocessing's affine, a slab of slices and a chunk of
 classes at a time), quantised to uint8 (``scl_slope = 1/255``) and compressed in a thread pool while the montages
@@ -34,21 +42,33 @@ import torch
 
 from .config import Config, load_config
 from .errors import InputError
-from .explainer import Explainer
+from .explainer import Explainer, select_scores
 from .explanation import Explanation
 from .files import sha256_of
 from .geometry import GEOMETRIES
 from .heatmaps import normalize
-from .io import Volume, read_volume, write_lowres_maps
+from .io import (
+    Volume,
+    check_dicom_source,
+    check_modality,
+    read_volume,
+    write_lowres_maps,
+    write_parametric_map,
+    write_segmentation,
+)
+from .io.limits import resolve_max_voxels
 from .io.writers import DISPLAY_SLOPE, ChunkedNifti, nifti_header_bytes
-from .methods import DEFAULT_METHODS
+from .methods import DEFAULT_METHODS, method_title
 from .onscan import SLAB_VOXELS, ScanSampler, affine_reason, voxel_to_cells
 from .outputs import (
+    DICOM_PM_PREFIX,
+    DICOM_SEG_PREFIX,
     SCORES,
     SUMMARY,
     CertificateRecord,
     ClassRecord,
     ConfigRecord,
+    DicomExportRecord,
     DisagreementRecord,
     GridRecord,
     InputRecord,
@@ -57,6 +77,9 @@ from .outputs import (
     MontageRenderer,
     PeakRecord,
     Summary,
+    check_output_folder,
+    dicom_pm_name,
+    dicom_seg_name,
     fullres_name,
     lowres_name,
     montage_name,
@@ -70,6 +93,7 @@ from .selection import depends_on_scores, select_classes
 
 __all__ = [
     "DEFAULT_CONFIG",
+    "DicomExport",
     "OutputPlan",
     "ScanResult",
     "Session",
@@ -93,12 +117,25 @@ FULLRES_CHUNK_BYTES = 256 << 20
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` picks CUDA when present, else CPU."""
+    """``"auto"`` picks CUDA when present, else CPU. An unknown or unavailable device is an :class:`InputError`
+    (one line), never a traceback."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    d = torch.device(device)
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"--device {device!r}: not a device (use auto, cpu, cuda or cuda:N)") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+        n = torch.cuda.device_count()
+        if d.index is not None and d.index >= n:
+            raise InputError(f"--device {device}: this machine has {n} CUDA device(s) (cuda:0 to cuda:{n - 1})")
+    elif d.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise InputError("--device mps: no Apple MPS device is available (use --device cpu or auto)")
+    elif d.type != "cpu":
+        raise InputError(f"--device {device!r}: medcam3d runs on cpu, cuda or mps")
     return d
 
 
@@ -122,6 +159,8 @@ class ScanResult:
         explanation: the :class:`Explanation` (batch of 1) for the explained classes.
         probabilities: ``[M]`` probabilities of all outputs.
         timings: seconds per stage.
+        notes: one line per assumption made on the way (e.g. which of several DICOM series was read).
+        warnings: one line per thing to check (e.g. a scan that does not look like the config's modality).
     """
 
     volume: Volume
@@ -129,11 +168,22 @@ class ScanResult:
     explanation: Explanation
     probabilities: np.ndarray
     timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def scores(self) -> np.ndarray:
         """``[M]`` raw scores."""
         return self.explanation.scores[0].detach().cpu().numpy().astype(np.float64)
+
+
+@dataclass(frozen=True)
+class DicomExport:
+    """``--dicom-out``: the full-resolution heatmaps also as DICOM Parametric Maps referencing the source series,
+    and, with ``seg_threshold``, each map thresholded at that level as a DICOM SEG (:mod:`medcam3d.io.dicom_export`).
+    """
+
+    seg_threshold: float | None = None
 
 
 @dataclass
@@ -166,10 +216,15 @@ class Session:
         checkpoint: weights file overriding the config's ``weights``.
         methods: methods to compute (HiResCAM and Grad-CAM by default).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
-        map_geometry: where feature-resolution cells go on the scan: ``"field"`` (the field of view divided evenly,
-            the paper's convention), ``"receptive"`` (the receptive-field centres the model declares or its layers
-            give; AxialNet declares them) or ``"auto"`` (receptive when known, else the field, with a note); see
-            :mod:`medcam3d.placement`. Used for full-resolution heatmaps and the low-resolution maps' affine.
+        map_geometry: where feature-resolution cells go on the scan (:mod:`medcam3d.placement`): ``"auto"`` (the
+            receptive-field centres the model declares or its layers give, else the field with the reason recorded),
+            ``"field"`` (the field of view divided evenly, the paper's convention) or ``"receptive"`` (the
+            receptive-field centres, else an InputError). Default (None): the config's ``map_geometry``, else
+            ``"auto"``. Used for full-resolution heatmaps, the low-resolution maps' affine and the summary's
+            ``map_geometry`` record (:attr:`Explanation.placement`).
+            :data:`~medcam3d.io.limits.DEFAULT_MAX_VOXELS`; scans are checked by :func:`read_scan`).
+        ignore_modality: explain a DICOM scan whose Modality the config does not accept (a warning instead of an
+            :class:`InputError`).
     """
 
     def __init__(
@@ -178,12 +233,16 @@ class Session:
         checkpoint: str | Path | None = None,
         methods: Sequence[str] = DEFAULT_METHODS,
         device: str | torch.device = "auto",
-        map_geometry: str = "field",
+        map_geometry: str | None = None,
+        *,
+        max_voxels: int | None = None,
+        ignore_modality: bool = False,
     ) -> None:
+        cfg = config if isinstance(config, Config) else load_config(config or DEFAULT_CONFIG)
+        map_geometry = map_geometry or cfg.map_geometry or "auto"
         if map_geometry not in GEOMETRIES:
             raise InputError(f"map geometry must be one of {', '.join(GEOMETRIES)}, got {map_geometry!r}")
         self.map_geometry = map_geometry
-        cfg = config if isinstance(config, Config) else load_config(config or DEFAULT_CONFIG)
         if checkpoint is not None:
             cp = Path(checkpoint).expanduser().resolve()
             if not cp.is_file():
@@ -192,16 +251,40 @@ class Session:
         self.config = cfg
         self.device = resolve_device(device)
         self.methods = tuple(methods)
-        self.preprocessor = Preprocessor.from_config(cfg)
+        self.max_voxels = resolve_max_voxels(max_voxels)
+        self.ignore_modality = bool(ignore_modality)
+        self.preprocessor = Preprocessor.from_config(cfg, max_voxels=self.max_voxels)
         self.model = cfg.build_model().to(self.device).eval()
         self.explainer = Explainer(self.model, cfg.target_layer, self.methods, labels=cfg.labels,
-                                   map_geometry=map_geometry)
+                                   output=self._checked_scores, map_geometry=map_geometry)
         wp = cfg.weights_path
         self.weights_path = wp
         card = wp.with_suffix(".json") if wp is not None else None
         self.model_card: dict[str, Any] | None = (
             json.loads(card.read_text(encoding="utf-8")) if card is not None and card.is_file() else None
         )
+
+    @property
+    def modalities(self) -> tuple[str, ...] | None:
+        """The modalities the model reads: the config's ``modality``, else the model card's; ``None``: no check."""
+        if self.config.modality:
+            return self.config.modality
+        card = (self.model_card or {}).get("modality")
+        if isinstance(card, str) and card.strip():
+            return (card.strip().upper(),)
+        if isinstance(card, list) and card and all(isinstance(m, str) for m in card):
+            return tuple(m.strip().upper() for m in card)
+        return None
+
+    def _checked_scores(self, output: Any) -> torch.Tensor:
+        """The model's raw scores ``[B, M]`` (:func:`~medcam3d.explainer.select_scores`), refused when ``M`` is not
+        the number of the config's labels (checked on the real output, for any model)."""
+        scores = select_scores(output)
+        n = len(self.config.labels)
+        if scores.ndim == 2 and scores.shape[1] != n:
+            raise InputError(f"labels: the config names {n} classes but the model gives {scores.shape[1]} outputs; "
+                             "labels must name every output, in the model's order", self.config.where)
+        return scores
 
     @property
     def synthetic_only(self) -> bool:
@@ -213,7 +296,11 @@ class Session:
         self, volume: Volume, classes: Sequence[str | int] | None = None, read_seconds: float | None = None
     ) -> ScanResult:
         """Preprocess and explain one scan (all outputs, or the given classes). ``read_seconds``: time spent
-        reading the scan, recorded with the other timings."""
+        reading the scan, recorded with the other timings.
+
+        Raises :class:`InputError` (before any work) for a DICOM scan of a modality the model does not read."""
+        what = f"the config {self.config.where}"
+        warning = check_modality(volume, self.modalities, ignore=self.ignore_modality, what=what)
         t0 = time.perf_counter()
         grid = self.preprocessor(volume)
         t1 = time.perf_counter()
@@ -228,7 +315,9 @@ class Session:
         timings = {} if read_seconds is None else {"read": read_seconds}
         timings.update({"preprocess": t1 - t0, "explain": t2 - t1})
         timings.update({f"explain.{k}": v for k, v in exp.timings.items()})
-        return ScanResult(volume, grid, exp.cpu(), probs, timings)
+        notes = [str(n) for n in volume.meta.get("notes") or []]
+        return ScanResult(volume, grid, exp.cpu(), probs, timings, notes=notes,
+                          warnings=[warning] if warning else [])
 
     # compute what goes into the folder ----------------------------------------------------------------------------
     def plan_outputs(
@@ -300,8 +389,7 @@ class Session:
             map_shape=list(exp.map_size),
             map_affine=plan.map_affine.tolist() if plan.map_affine is not None else None,
             map_geometry=MapGeometryRecord(kind=geo.kind, offset_voxels=list(geo.offset),
-                                           stride_voxels=list(geo.stride),
-                                           source=exp.placement.source if exp.placement is not None else None),
+                                           stride_voxels=list(geo.stride), source=_placement_source(exp)),
             methods=list(exp.methods),
             device=str(self.device),
             versions=versions,
@@ -309,6 +397,8 @@ class Session:
             probability=cfg.probability,
             threshold=cfg.threshold,
             classes=_class_records(result, plan, cfg.labels, cfg.threshold),
+            warnings=list(result.warnings),
+            assumptions=list(result.notes),
             notes=list(plan.notes) or None,
         )
 
@@ -319,6 +409,7 @@ class Session:
             weights=str(w) if w else None,
             weights_sha256=sha256_of(w) if w and w.is_file() else None,
             target_layer=self.explainer.layer_name,
+            target_layer_reason=self.explainer.layer_choice.reason if self.explainer.layer_choice else None,
             synthetic_data_only=self.synthetic_only,
             card=self.model_card,
         )
@@ -332,25 +423,33 @@ class Session:
         full_res: Sequence[str | int] | None = None,
         progress: Callable[[str], None] | None = None,
         extra: dict[str, Any] | None = None,
+        dicom: DicomExport | None = None,
         threads: int | None = None,
     ) -> Summary:
         """Write the output folder (atomically) and return its :class:`~medcam3d.outputs.Summary`.
 
         ``classes`` and ``full_res`` as in :meth:`plan_outputs`; ``progress`` is called with each stage's name;
-        ``extra`` adds top-level sections to the summary (e.g. ``batch``, ``organ_shares``); ``threads``: threads
-        compressing maps (default: torch's thread count, which ``batch`` sets to each worker's share of the cores).
-        A failed write (disk full, folder not writable) is an InputError naming the folder; the partial folder is
-        removed and an earlier output folder at ``out_dir`` is kept."""
+        ``extra`` adds top-level sections to the summary (e.g. ``batch``, ``organ_shares``); ``dicom`` also writes
+        the full-resolution maps as DICOM (:class:`DicomExport`; the scan must be a single-frame DICOM series);
+        ``threads``: threads compressing maps (default: torch's thread count, which ``batch`` sets to each worker's
+        share of the cores). A failed write (disk full, folder not writable) is an InputError naming the folder; the
+        partial folder is removed and an earlier output folder at ``out_dir`` is kept."""
         t0 = time.perf_counter()
         plan = self.plan_outputs(result, classes, full_res)
         summary = self.summarise(result, plan)
+        if dicom is not None:
+            check_dicom_source(result.volume)
+        notes: list[str] = []
         timings = dict(result.timings)
         try:
             with output_folder(out_dir) as tmp:
-                written = self._write_files(result, plan, tmp, progress or (lambda s: None), threads, timings)
+                written = self._write_files(result, plan, tmp, progress or (lambda s: None), threads, timings,
+                                            dicom, notes)
                 timings["write"] = time.perf_counter() - t0
                 summary = replace(summary, timings_s={k: round(v, 4) for k, v in timings.items()},
-                                  files=sorted([*written, SUMMARY])).with_sections(extra)
+                                  files=sorted([*written, SUMMARY]),
+                                  assumptions=[*(summary.assumptions or []), *dict.fromkeys(notes)],
+                                  dicom_export=_dicom_record(written, dicom)).with_sections(extra)
                 write_summary(summary, tmp / SUMMARY)
         except OSError as e:
             raise InputError(f"cannot write the output folder ({e.strerror or e}); nothing was written",
@@ -365,15 +464,18 @@ class Session:
         full_res: Sequence[str | int] | None = None,
         progress: Callable[[str], None] | None = None,
         extra: dict[str, Any] | None = None,
+        dicom: DicomExport | None = None,
         threads: int | None = None,
     ) -> dict[str, Any]:
         """:meth:`write_folder`, returning the summary as the JSON object written to ``summary.json``."""
-        return self.write_folder(result, out_dir, classes, full_res, progress, extra, threads).to_dict()
+        return self.write_folder(result, out_dir, classes, full_res, progress, extra, dicom, threads).to_dict()
 
     def _write_files(self, result: ScanResult, plan: OutputPlan, folder: Path, step: Callable[[str], None],
-                     threads: int | None, timings: dict[str, float]) -> list[str]:
-        """scores.csv, the low-resolution maps, and each full-resolution class's maps and montage; their names.
-        Adds ``write.*`` stage times to ``timings``."""
+                     threads: int | None, timings: dict[str, float], dicom: DicomExport | None = None,
+                     notes: list[str] | None = None) -> list[str]:
+        """scores.csv, the low-resolution maps, and each full-resolution class's maps and montage (and DICOM
+        objects); their names. Adds ``write.*`` stage times to ``timings``; ``notes`` collects the DICOM export's
+        notes."""
         t0 = time.perf_counter()
         write_scores_csv(_score_rows(result, plan, self.config.labels, self.config.threshold), folder / SCORES)
         step("low-resolution maps")
@@ -382,7 +484,8 @@ class Session:
         if plan.full_res:
             n = max(1, int(threads or torch.get_num_threads()))
             with ThreadPoolExecutor(max_workers=n, thread_name_prefix="medcam3d-gzip") as pool:
-                written += _FullResWriter(self, result, plan, folder, pool).run(step, timings)
+                writer = _FullResWriter(self, result, plan, folder, pool, dicom, notes if notes is not None else [])
+                written += writer.run(step, timings)
         return written
 
     def _write_lowres(self, result: ScanResult, plan: OutputPlan, folder: Path) -> list[str]:
@@ -404,8 +507,9 @@ class _FullResWriter:
     are drawn from the same arrays meanwhile, and the chunk's files are written once the next chunk is sampled."""
 
     def __init__(self, session: Session, result: ScanResult, plan: OutputPlan, folder: Path,
-                 pool: ThreadPoolExecutor) -> None:
+                 pool: ThreadPoolExecutor, dicom: DicomExport | None = None, notes: list[str] | None = None) -> None:
         self.session, self.result, self.plan, self.folder, self.pool = session, result, plan, folder, pool
+        self.dicom, self.notes = dicom, notes if notes is not None else []
         self.exp = result.explanation
         self.methods = list(self.exp.methods)
         self.labels = session.config.labels
@@ -437,6 +541,8 @@ class _FullResWriter:
                 volumes, files = self._sample(chunk)
                 t1 = time.perf_counter()
                 written += [self._montage(c, volumes, n) for n, c in enumerate(chunk)]
+                if self.dicom is not None:
+                    written += [f for n, c in enumerate(chunk) for f in self._dicom(c, volumes, n)]
                 t2 = time.perf_counter()
                 written += [f.finish().name for f in pending]  # the previous chunk: compressed meanwhile
                 pending = files
@@ -501,6 +607,17 @@ class _FullResWriter:
             for k0 in range(0, volumes.shape[1], self.slab):
                 files[n].add(volumes[n, k0:k0 + self.slab])
 
+    def _dicom(self, c: int, volumes: np.ndarray, n: int) -> list[str]:
+        """Class ``c``'s maps as DICOM objects (``--dicom-out``), from the same uint8 arrays as the NIfTIs, scaled
+        the same way (``DISPLAY_SLOPE``), so the DICOM values equal the NIfTI's as read."""
+        assert self.dicom is not None
+        per_method = volumes.shape[0] // len(self.methods)
+        out: list[str] = []
+        for a, m in enumerate(self.methods):
+            heatmap = volumes[a * per_method + n].transpose(2, 1, 0).astype(np.float32) * np.float32(DISPLAY_SLOPE)
+            out += _write_dicom(heatmap, self.result.volume, self.folder, m, c, self.labels[c], self.dicom, self.notes)
+        return out
+
     def _montage(self, c: int, volumes: np.ndarray, n: int) -> str:
         """Class ``c``'s montage from its maps (row ``n`` of each method's block in ``volumes``)."""
         result, exp, label = self.result, self.exp, self.labels[c]
@@ -523,6 +640,38 @@ class _FullResWriter:
                        covered=self.sampler.covered_at if self.sampler is not None else None,
                        methods=self.methods[:1] if cam else None, renderer=self.renderer)
         return name
+
+
+def _write_dicom(heatmap: np.ndarray, volume: Volume, folder: Path, method: str, c: int, label: str,
+                 dicom: DicomExport, notes: list[str]) -> list[str]:
+    """Class ``c``'s ``method`` heatmap ``[I, J, K]`` on the scan grid as a DICOM Parametric Map (and a SEG at the
+    export's threshold); their names."""
+    title = method_title(method)
+    pm = dicom_pm_name(method, c, label)
+    write_parametric_map(heatmap, volume, folder / pm, label=title, description=f"medcam3d {title} {label}",
+                         on_note=notes.append)
+    if dicom.seg_threshold is None:
+        return [pm]
+    seg = dicom_seg_name(method, c, label)
+    write_segmentation(heatmap, volume, folder / seg, dicom.seg_threshold, label=f"{title} {label}",
+                       on_note=notes.append)
+    return [pm, seg]
+
+
+def _dicom_record(written: Sequence[str], dicom: DicomExport | None) -> DicomExportRecord | None:
+    """The summary's record of the DICOM objects written (``None`` without ``--dicom-out``)."""
+    if dicom is None:
+        return None
+    return DicomExportRecord(
+        parametric_maps=sorted(n for n in written if n.startswith(DICOM_PM_PREFIX)),
+        segmentations=sorted(n for n in written if n.startswith(DICOM_SEG_PREFIX)),
+        seg_threshold=dicom.seg_threshold,
+    )
+
+
+def _placement_source(exp: Explanation) -> str | None:
+    """How the cells' placement was found (:attr:`medcam3d.placement.Placement.source`), None when unknown."""
+    return exp.placement.source if exp.placement is not None else None
 
 
 def _score_rows(result: ScanResult, plan: OutputPlan, labels: Sequence[str], threshold: float) -> list[dict[str, Any]]:
@@ -599,19 +748,31 @@ def explain_scan(
     series_uid: str | None = None,
     allow_resample: bool = False,
     session: Session | None = None,
+    *,
+    max_voxels: int | None = None,
+    ignore_modality: bool = False,
+    dicom: DicomExport | None = None,
 ) -> dict[str, Any]:
     """Read ``scan`` (NIfTI, NRRD/MHA, DICOM folder), explain it and write ``out_dir``. Returns the summary (the
     JSON object written to ``summary.json``; :func:`medcam3d.outputs.load_summary` reads it typed).
 
-    Bad input raises :class:`InputError` before anything is written."""
-    volume, t_read = read_scan(scan, series_uid, allow_resample)
-    s = session or Session(config, checkpoint, methods, device)
+    ``max_voxels`` bounds the scan and every preprocessing grid (size checks before allocating);
+    ``ignore_modality`` explains a DICOM scan of a modality the config does not read; ``dicom`` also writes the
+    full-resolution maps as DICOM (a DICOM source is needed). Bad input raises :class:`InputError` before anything
+    is written."""
+    check_output_folder(out_dir)
+    volume, t_read = read_scan(scan, series_uid, allow_resample, max_voxels=max_voxels)
+    if dicom is not None:
+        check_dicom_source(volume)
+    s = session or Session(config, checkpoint, methods, device, max_voxels=max_voxels,
+                           ignore_modality=ignore_modality)
     result = s.explain_volume(volume, classes, read_seconds=t_read)
-    return s.write(result, out_dir, classes, full_res)
+    return s.write(result, out_dir, classes, full_res, dicom=dicom)
 
 
-def read_scan(scan: str | Path, series_uid: str | None = None, allow_resample: bool = False) -> tuple[Volume, float]:
-    """:func:`medcam3d.io.read_volume` with its wall time in seconds."""
+def read_scan(scan: str | Path, series_uid: str | None = None, allow_resample: bool = False, *,
+              max_voxels: int | None = None) -> tuple[Volume, float]:
+    """:func:`medcam3d.io.read_volume` (size-checked against ``max_voxels``) with its wall time in seconds."""
     t0 = time.perf_counter()
-    volume = read_volume(scan, series_uid=series_uid, allow_resample=allow_resample)
+    volume = read_volume(scan, series_uid=series_uid, allow_resample=allow_resample, max_voxels=max_voxels)
     return volume, time.perf_counter() - t0

@@ -283,7 +283,8 @@ def derive_geometry(
     env = _walk(graph, model, targets[0], nd, inputs=None)
     out = _apply_module(layer, layer_name, [env[a] for a in targets[0].all_input_nodes], targets[0], nd)
     if out == _GLOBAL:
-        raise PlacementError(f"the explained layer {layer_name!r} comes after a global pooling: its cells have no place")
+        raise PlacementError(f"the explained layer {layer_name!r} comes after a global pooling: "
+                             "its cells have no place")
     if not isinstance(out, _Cells):
         raise PlacementError(f"the explained layer {layer_name!r} does not depend on the input's spatial axes")
     return out.offset, out.stride
@@ -311,7 +312,9 @@ def _trace(root: nn.Module, leaf: nn.Module | None, what: str) -> torch.fx.Graph
         raise PlacementError(f"torch.fx cannot trace {what} ({msg})") from e
 
 
-def _walk(graph: torch.fx.Graph, root: nn.Module, stop: Node, nd: int, inputs: list[_Value] | None) -> dict[Node, _Value]:
+def _walk(
+    graph: torch.fx.Graph, root: nn.Module, stop: Node, nd: int, inputs: list[_Value] | None
+) -> dict[Node, _Value]:
     """Placements of ``stop``'s ancestors (graph order). Placeholders get ``inputs`` in order; with None the first
     placeholder is the model input (``0 + 1 j``) and the others are constants."""
     needed: set[Node] = set()

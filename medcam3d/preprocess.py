@@ -13,21 +13,26 @@ source grid (its affine is checked against the source's).
 interpolation: the same geometric transforms with ``mode="nearest"`` (intensity transforms skipped), or, given
 ``like=`` (a preprocessed scan), a direct nearest-neighbour resampling onto that scan's network grid.
 
-Size check: with ``min_size`` (config key), the scan, once reoriented and resampled, must cover at least that many
-network-grid voxels along (S, H, W) before any crop/pad; otherwise :class:`InputError` names the scan file.
+Size checks: with ``min_size`` (config key), the scan, once reoriented and resampled, must cover at least that many
+network-grid voxels along (S, H, W) before any crop/pad; otherwise :class:`InputError` names the scan file. Before
+each spatial transform runs, the grid it would produce is computed without allocating it (MONAI's lazy mode,
+``peek_pending_shape``) and checked against ``max_voxels`` and the memory budget
+(:func:`medcam3d.io.limits.check_voxels`): a scan with absurd voxel sizes is refused by arithmetic, not by a failed
+13 TB allocation inside ``Spacing``.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
 from .config import Config, instantiate_transform
 from .errors import InputError
+from .io.limits import check_voxels, resolve_max_voxels
 from .io.volume import Volume, check_min_size
 
 __all__ = ["Preprocessor"]
@@ -46,6 +51,10 @@ _LINEAR_INVERSE = {
 
 # spatial transforms whose padding_mode is grid_sample's ("zeros" | "border" | "reflection")
 _GRID_SAMPLERS = {"Spacing", "SpatialResample", "ResampleToMatch", "Affine", "Rotate", "Resample"}
+#: working set per output voxel of a resampling step, in units of its compute dtype's size: the sampling grid
+#: (3 coordinates) and the output; plus the float32 result
+_GRID_ITEMS_PER_VOXEL = 4
+_FLOAT32_BYTES = 4
 
 
 def _is_croppad(t: Any) -> bool:
@@ -60,6 +69,8 @@ class Preprocessor:
         input_size: expected network grid (S, H, W); the output is checked against it.
         min_size: minimum coverage in network-grid voxels before crop/pad (see the module docstring).
         where: what to name in config errors (the config file).
+        max_voxels: the largest grid any transform may produce (default
+            :data:`~medcam3d.io.limits.DEFAULT_MAX_VOXELS`).
     """
 
     def __init__(
@@ -69,6 +80,7 @@ class Preprocessor:
         input_size: Sequence[int] | None = None,
         min_size: Sequence[int] | None = None,
         where: str | None = None,
+        max_voxels: int | None = None,
     ) -> None:
         from monai.transforms import Compose  # lazy: MONAI takes seconds to import (as in medcam3d.config)
 
@@ -81,13 +93,15 @@ class Preprocessor:
         ]
         self.input_size = tuple(int(v) for v in input_size) if input_size is not None else None
         self.min_size = tuple(int(v) for v in min_size) if min_size is not None else None
+        self.max_voxels = resolve_max_voxels(max_voxels)
         self._compose = Compose(self.transforms, lazy=False)
         self._label_transforms: list[Any] | None = None
 
     @classmethod
-    def from_config(cls, cfg: Config) -> Preprocessor:
-        """The preprocessing of a :class:`~medcam3d.config.Config`."""
-        return cls(cfg.preprocessing, input_size=cfg.input_size, min_size=cfg.min_size, where=cfg.where)
+    def from_config(cls, cfg: Config, max_voxels: int | None = None) -> Preprocessor:
+        """The preprocessing of a :class:`~medcam3d.config.Config` (``max_voxels``: see the class)."""
+        return cls(cfg.preprocessing, input_size=cfg.input_size, min_size=cfg.min_size, where=cfg.where,
+                   max_voxels=max_voxels)
 
     # forward ----------------------------------------------------------------------------------------------------
     @staticmethod
@@ -131,8 +145,29 @@ class Preprocessor:
             x = x.to(torch.float32)
         return x
 
+    def _check_grid(self, i: int, t: Any, x: Any, source: str) -> None:
+        """Refuse, before transform ``i`` allocates it, a grid beyond ``max_voxels`` or the memory budget."""
+        from monai.transforms.traits import LazyTrait  # lazy: MONAI takes seconds to import
+
+        if not isinstance(t, LazyTrait) or not hasattr(x, "peek_pending_shape"):
+            return
+        try:
+            peek = cast(Any, t)(x, lazy=True)  # geometry only: no voxel is computed
+            shape = tuple(int(v) for v in peek.peek_pending_shape())
+        except Exception:  # noqa: BLE001 - if the shape cannot be foreseen, the transform itself will say why
+            return
+        compute = getattr(getattr(t, "sp_resample", t), "dtype", None)
+        per_voxel = _GRID_ITEMS_PER_VOXEL * _itemsize(compute) + _FLOAT32_BYTES
+        spacing = ", ".join(f"{v:.4g}" for v in np.linalg.norm(np.asarray(x.affine, dtype=np.float64)[:3, :3],
+                                                               axis=0))
+        have = " x ".join(str(int(v)) for v in x.shape[1:])
+        check_voxels(shape, per_voxel, source, max_voxels=self.max_voxels,
+                     claim=f"preprocessing[{i}] ({type(t).__name__}) would turn this {have} scan with ({spacing}) mm "
+                           "voxels into")
+
     def _apply(self, i: int, t: Any, x: Any, source: str) -> Any:
         """Apply transform ``i``; a failure is a config problem (the volume was validated): name both."""
+        self._check_grid(i, t, x, source)
         try:
             return t(x)
         except InputError:
@@ -238,6 +273,16 @@ class Preprocessor:
                 for i, t in enumerate(self._labels_pipeline()):
                     x = self._apply(i, t, x, source)
         return x.to(torch.float32)
+
+
+def _itemsize(dtype: Any) -> int:
+    """Bytes per value of a transform's compute dtype (numpy, torch or a name); MONAI's default is float64."""
+    if dtype is None:
+        return 8
+    try:
+        return int(np.dtype(str(dtype).removeprefix("torch.")).itemsize)
+    except TypeError:
+        return 8
 
 
 def _linear_op(op: Mapping[str, Any]) -> dict[str, Any]:

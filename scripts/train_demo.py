@@ -32,11 +32,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from medcam3d.config import load_config
-from medcam3d.data import LABELS, CleverHans, make_phantom
+from medcam3d.data import LABELS, ORGANS, CleverHans, make_phantom
+from medcam3d.errors import InputError
 from medcam3d.evaluate.metrics import auroc
 from medcam3d.io import Volume
 from medcam3d.models import build_model
 from medcam3d.preprocess import Preprocessor
+from medcam3d.train import affine_head_cams, allowed_cells, allowed_region_loss, check_allowed_regions
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "medcam3d" / "weights"
 CH_LABEL = "nodule_right_lung"
@@ -55,10 +57,13 @@ def lesion_targets(ph, map_hw: tuple[int, int]) -> torch.Tensor:
 
 
 def make_set(n: int, first_seed: int, pre: Preprocessor, clever_hans: CleverHans | None, desc: str,
-             prevalence: float = 0.3, map_hw: tuple[int, int] = (16, 16)):
+             prevalence: float = 0.3, map_hw: tuple[int, int] = (16, 16), regions=None):
     """n phantoms -> (x [n, 1, S, H, W] float16, y [n, L] float32, marker [n, T] bool (the marker lies in the
-    slab), masks [n, T, L, h, w] bool)."""
-    xs, ys, ms, ts = [], [], [], []
+    slab), masks [n, T, L, h, w] bool, allowed [n, T, L, h', w'] float16 or None).
+
+    ``regions`` = (allowed_regions, explained map size (T, h', w'), placement geometry): with it, each label's
+    allowed region (union of its organs) as cell fractions on the explained map (the guided loss's target)."""
+    xs, ys, ms, ts, al = [], [], [], [], []
     for i in tqdm(range(n), desc=desc, leave=False):
         ph = make_phantom(first_seed + i, prevalence=prevalence, clever_hans=clever_hans)
         grid = pre(Volume(ph.hu, ph.affine, f"phantom {first_seed + i}"))
@@ -70,7 +75,31 @@ def make_set(n: int, first_seed: int, pre: Preprocessor, clever_hans: CleverHans
         ms.append(np.zeros(slabs, bool) if ph.marker_mask is None
                   else ph.marker_mask.reshape(slabs, -1).any(axis=1))
         ts.append(lesion_targets(ph, map_hw))
-    return torch.stack(xs), torch.stack(ys), torch.from_numpy(np.stack(ms)), torch.stack(ts)
+        if regions is not None:
+            organs = {k: torch.from_numpy(v) for k, v in ph.organ_masks.items()}
+            cells = allowed_cells(organs, regions[0], LABELS, regions[1], regions[2])  # [L, T, h', w']
+            al.append(cells.transpose(0, 1).to(torch.float16))
+    allowed = torch.stack(al) if al else None
+    return torch.stack(xs), torch.stack(ys), torch.from_numpy(np.stack(ms)), torch.stack(ts), allowed
+
+
+def guided_regions(cfg, model: nn.Module, input_size: tuple[int, int, int]):
+    """``(allowed_regions, explained map size (T, h, w), placement geometry)`` for the guided loss, after checking
+    the config against the phantoms' organs (a one-line :class:`InputError` before any phantom is drawn)."""
+    check_allowed_regions(cfg.allowed_regions, LABELS, ORGANS)
+    map_size = (input_size[0] // 3, *model.explained_size)
+    return cfg.allowed_regions, map_size, model.medcam3d_map_geometry(input_size, map_size)
+
+
+def volume_cams(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """AxialNet's forward pass keeping the explained activations: ``x [B, 1, S, H, W]`` -> (scores ``[B, L]``,
+    HiResCAM ``[B, L, T, h, w]``, differentiable; the head after ``conv2d`` is the affine ``fc`` and the mean
+    over the T slice groups, so the maps are activations x FC weights / T and sum to score - bias)."""
+    b, groups = x.shape[0], x.shape[2] // 3
+    act = model.conv2d(model.features(x.reshape(-1, 3, *x.shape[3:])))  # [B*T, 16, h, w]
+    scores = model.fc(act).reshape(b, groups, -1).mean(1)
+    cams = affine_head_cams(act, model.fc.weight, 1.0 / groups)  # [B*T, L, h, w]
+    return scores, cams.reshape(b, groups, *cams.shape[1:]).transpose(1, 2)
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, batch: int = 4) -> np.ndarray:
@@ -96,20 +125,50 @@ def main() -> None:
     ap.add_argument("--aux-weight", type=float, default=1.0, help="weight of the auxiliary lesion-mask loss")
     ap.add_argument("--aux-pos-weight", type=float, default=20.0, help="weight of lesion cells in that loss")
     ap.add_argument("--clever-hans", action="store_true", help=f"marker co-occurs with {CH_LABEL} in training")
+    ap.add_argument("--guided", action="store_true",
+                    help="add the allowed-region loss (medcam3d.train) on the phantoms' organ masks to both phases")
+    ap.add_argument("--plain-name", action="store_true",
+                    help="save as demo_axialnet_plain (the guided model's fair baseline: same data, steps, seed)")
+    ap.add_argument("--lam", type=float, default=1.0, help="λ, weight of the allowed-region loss (--guided)")
+    ap.add_argument("--absent-weight", type=float, default=1.0,
+                    help="weight of absent labels' positive evidence in that loss (1: the authors' choice)")
+    ap.add_argument("--config", default="demo_axialnet", help="config (model, preprocessing, allowed_regions)")
+    ap.add_argument("--data-cache", type=Path, default=None,
+                    help="reuse the drawn phantoms from this file (written on the first run)")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="start from these weights (e.g. the shipped plain model) instead of a random initialisation")
+    ap.add_argument("--name", default=None, help="model name (default from the flags)")
     ap.add_argument("--out", type=Path, default=None, help="weights file (default: medcam3d/weights/...)")
     args = ap.parse_args()
 
     t_start = time.perf_counter()
     torch.manual_seed(args.seed)
-    cfg = load_config("demo_axialnet")
+    cfg = load_config(args.config)
     pre = Preprocessor.from_config(cfg)
     ch_train = CleverHans(label=CH_LABEL, p_with=0.9, p_without=0.05) if args.clever_hans else None
     ch_test = CleverHans(label=CH_LABEL, p_with=0.3, p_without=0.3) if args.clever_hans else None
     base = args.seed * 1_000_000
     model = build_model(cfg.model)
+    if args.init is not None:
+        model.load_state_dict(torch.load(args.init, weights_only=True))
     feat_hw = tuple(model.feature_size)
-    x_tr, y_tr, marker_tr, t_tr = make_set(args.n_train, base, pre, ch_train, "training phantoms", args.prevalence, feat_hw)
-    x_te, y_te, marker_te, _ = make_set(args.n_test, base + 500_000, pre, ch_test, "held-out phantoms", 0.3, feat_hw)
+    regions = None
+    if args.guided:
+        try:
+            regions = guided_regions(cfg, model, tuple(cfg.input_size or (60, 128, 128)))
+        except InputError as e:
+            raise SystemExit(f"train_demo.py --guided: {e}") from None
+    if args.data_cache is not None and args.data_cache.exists():
+        x_tr, y_tr, marker_tr, t_tr, a_tr, x_te, y_te, marker_te = torch.load(args.data_cache)
+    else:
+        if args.data_cache is not None:  # a shared cache always carries the allowed regions
+            regions = regions or guided_regions(cfg, model, tuple(cfg.input_size or (60, 128, 128)))
+        x_tr, y_tr, marker_tr, t_tr, a_tr = make_set(args.n_train, base, pre, ch_train, "training phantoms",
+                                                     args.prevalence, feat_hw, regions)
+        x_te, y_te, marker_te, _, _ = make_set(args.n_test, base + 500_000, pre, ch_test, "held-out phantoms", 0.3,
+                                               feat_hw)
+        if args.data_cache is not None:
+            torch.save((x_tr, y_tr, marker_tr, t_tr, a_tr, x_te, y_te, marker_te), args.data_cache)
     t_data = time.perf_counter() - t_start
 
     # Training has two phases (both a training aid only; the shipped model is a plain AxialNet):
@@ -134,6 +193,7 @@ def main() -> None:
     groups = t_tr.shape[1]
     slabs = x_tr.reshape(args.n_train * groups, 3, *x_tr.shape[3:])  # [n*T, 3, H, W], the model's own order
     masks = t_tr.reshape(args.n_train * groups, *t_tr.shape[2:])  # [n*T, L, h, w]
+    slab_allowed = a_tr.reshape(args.n_train * groups, *a_tr.shape[2:]) if args.guided else None  # [n*T, L, h', w']
     slab_y = masks.flatten(2).any(2).float()  # [n*T, L]
     if args.clever_hans:
         k = LABELS.index(CH_LABEL)
@@ -163,7 +223,8 @@ def main() -> None:
         xb = torch.roll(slabs[idx].float(), (dy * cell, dx * cell), (2, 3))
         xb = xb * (1 + 0.05 * torch.randn(1)) + 0.02 * torch.randn(1)
         feats = model.features(xb)  # [N, C, h, w]
-        per_slab = model.fc(model.conv2d(feats)).flatten(1)  # [N, L]
+        act = model.conv2d(feats)  # [N, 16, h', w'], the explained layer
+        per_slab = model.fc(act).flatten(1)  # [N, L]
         # a lesion slab's logit must clear a margin: AxialNet averages 20 slab scores, so one lesion slab has to
         # stand out far more than a per-slab classifier needs (--slab-margin; 0 = plain per-slab BCE)
         target = slab_y[idx]
@@ -172,6 +233,10 @@ def main() -> None:
         mt = torch.roll(masks[idx], (dy, dx), (2, 3))[:, sup].float()
         loss = loss + args.aux_weight * F.binary_cross_entropy_with_logits(
             aux(feats)[:, sup], mt, pos_weight=torch.tensor(args.aux_pos_weight))
+        if slab_allowed is not None:  # guided: each slab's HiResCAM stays in the label's organs (none if absent)
+            allowed = torch.roll(slab_allowed[idx].float(), (dy, dx), (2, 3))
+            loss = loss + allowed_region_loss(affine_head_cams(act, model.fc.weight), allowed, target > 0,
+                                              args.lam, args.absent_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -185,7 +250,12 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=args.volume_lr, weight_decay=1e-4)
     for _ in range(args.volume_steps):
         idx = torch.randint(args.n_train, (args.batch,))
-        loss = loss_fn(model(x_tr[idx].float()), y_tr[idx])
+        if args.guided:
+            scores, cams = volume_cams(model, x_tr[idx].float())
+            loss = loss_fn(scores, y_tr[idx]) + allowed_region_loss(
+                cams, a_tr[idx].float().transpose(1, 2), y_tr[idx] > 0, args.lam, args.absent_weight)
+        else:
+            loss = loss_fn(model(x_tr[idx].float()), y_tr[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -197,7 +267,8 @@ def main() -> None:
     scores = evaluate(model, x_te)
     per_label = {lab: auroc(y_te[:, k].numpy(), scores[:, k]) for k, lab in enumerate(LABELS)}
     mean_auc = float(np.nanmean(list(per_label.values())))
-    name = "demo_axialnet_cleverhans" if args.clever_hans else "demo_axialnet"
+    name = args.name or "demo_axialnet" + ("_cleverhans" if args.clever_hans else "") + (
+        "_guided" if args.guided else "_plain" if args.plain_name else "")
     out = args.out or WEIGHTS / f"{name}.pt"
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, out)  # AxialNet only, no aux head
@@ -212,8 +283,15 @@ def main() -> None:
         "spacing_mm": [5.0, 2.5, 2.5],
         "preprocessing": cfg.preprocessing,
         "training": {
-            "script": "scripts/train_demo.py" + (" --clever-hans" if args.clever_hans else ""),
+            "script": "scripts/train_demo.py" + (" --clever-hans" if args.clever_hans else "")
+                      + (" --guided" if args.guided else ""),
+            "allowed_region_loss": None if not args.guided else {
+                "module": "medcam3d.train.allowed_region_loss", "lambda": args.lam,
+                "absent_weight": args.absent_weight, "phases": ["slabs", "volumes"],
+                "placement": "receptive (AxialNet's declared centres, the default 'auto')",
+                "allowed_regions": "config allowed_regions (union of each label's organs)"},
             "seed": args.seed,
+            "init": None if args.init is None else str(args.init.name),
             "n_train": args.n_train,
             "prevalence": args.prevalence,
             "train_seeds": [base, base + args.n_train - 1],

@@ -104,8 +104,9 @@ def test_lowres_4d_has_all_classes_and_block_geometry(explained, untrained_confi
     cfg = load_config(untrained_config)
     img = nib.load(str(explained / "lowres_hirescam.nii.gz"))
     assert img.shape == (20, 8, 8, len(cfg.labels))  # [S/3, 8, 8] AxialNet map, one volume per class
-    # one low-resolution voxel spans 3 slices x 16 x 16 network voxels at 5 x 2.5 x 2.5 mm
-    assert np.allclose(np.sqrt((img.affine[:3, :3] ** 2).sum(0)), [15.0, 40.0, 40.0])
+    # default map geometry "auto": AxialNet declares its receptive-field centres, 3 slices x 8 x 8 network voxels
+    # apart at 5 x 2.5 x 2.5 mm (the field convention, 3 x 16 x 16 voxels: test_receptive_map_geometry_... below)
+    assert np.allclose(np.sqrt((img.affine[:3, :3] ** 2).sum(0)), [15.0, 20.0, 20.0])
 
 
 def test_scores_and_maps_match_the_python_api(explained, scan, untrained_config):
@@ -255,8 +256,7 @@ def test_real_process_exit_codes_version_and_help(tmp_path):
     assert usage.returncode == 2
 
 
-def test_receptive_map_geometry_places_cells_at_their_receptive_field_centres(tmp_path, scan, untrained_config,
-                                                                               explained):
+def test_receptive_map_geometry_places_cells_at_their_receptive_field_centres(tmp_path, scan, untrained_config):
     """--map-geometry receptive: the low-resolution maps' affine puts cell (t, i, j) at network-grid voxel
     (3t + 1, 8i + 32, 8j + 32) -- 8 voxels apart, not 16 -- and the full-resolution heatmaps follow."""
     from medcam3d.io import read_volume as rv
@@ -265,11 +265,15 @@ def test_receptive_map_geometry_places_cells_at_their_receptive_field_centres(tm
     out = tmp_path / "rec"
     assert main(["explain", str(scan), "--config", str(untrained_config), "--out", str(out), "--quiet",
                  "--full-res", "top-2", "--map-geometry", "receptive"]) == 0
+    field_out = tmp_path / "field"  # the paper's convention, no longer the default
+    assert main(["explain", str(scan), "--config", str(untrained_config), "--out", str(field_out), "--quiet",
+                 "--full-res", "top-2", "--map-geometry", "field"]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    field = json.loads((explained / "summary.json").read_text())
+    field = json.loads((field_out / "summary.json").read_text())
     assert summary["map_geometry"] == {"kind": "receptive", "offset_voxels": [1.0, 32.0, 32.0],
                                        "stride_voxels": [3.0, 8.0, 8.0], "source": "declared"}
     assert field["map_geometry"]["kind"] == "field" and field["map_geometry"]["stride_voxels"] == [3.0, 16.0, 16.0]
+    assert field["map_geometry"]["source"] == "requested"
     img = nib.load(str(out / "lowres_hirescam.nii.gz"))
     assert np.allclose(np.sqrt((img.affine[:3, :3] ** 2).sum(0)), [15.0, 20.0, 20.0])  # 3 x 8 x 8 voxels apart
     session = Session(untrained_config)
@@ -278,14 +282,14 @@ def test_receptive_map_geometry_places_cells_at_their_receptive_field_centres(tm
     for ijk, centre in [((0, 0, 0), (1, 32, 32)), ((19, 7, 3), (58, 88, 56))]:
         world = img.affine @ np.array([*ijk, 1.0])
         assert np.allclose(world, grid_affine @ np.array([*centre, 1.0]), atol=1e-4)
-    # same scores and raw maps as the default geometry; only where they are drawn differs
+    # same scores and raw maps as the field geometry; only where they are drawn differs
     a = np.asarray(img.dataobj)
-    b = np.asarray(nib.load(str(explained / "lowres_hirescam.nii.gz")).dataobj)
+    b = np.asarray(nib.load(str(field_out / "lowres_hirescam.nii.gz")).dataobj)
     assert np.allclose(a, b, atol=1e-6)
     names = sorted(p.name for p in out.glob("fullres_*.nii.gz"))
-    assert names == sorted(p.name for p in explained.glob("fullres_*.nii.gz"))
+    assert names == sorted(p.name for p in field_out.glob("fullres_*.nii.gz"))
     differ = [not np.allclose(np.asarray(nib.load(str(out / n)).dataobj),
-                              np.asarray(nib.load(str(explained / n)).dataobj), atol=1e-4) for n in names]
+                              np.asarray(nib.load(str(field_out / n)).dataobj), atol=1e-4) for n in names]
     assert all(differ)
 
 

@@ -160,7 +160,8 @@ BAD = {
     "unknown top-level key": (_with(colour="blue"), "unknown key 'colour'"),
     "unknown transform": (_with(preprocessing=[{"_target_": "Sharpen"}]), "unknown transform 'Sharpen'"),
     "not a monai transform": (_with(preprocessing=[{"_target_": "os.system"}]), "unknown transform 'os.system'"),
-    "dictionary transform": (_with(preprocessing=[{"_target_": "Spacingd", "keys": ["image"], "pixdim": 1}]),
+    # issue 16: a dictionary transform stands for its array version (Spacingd -> Spacing); one without is refused
+    "dictionary transform": (_with(preprocessing=[{"_target_": "CopyItemsd", "keys": ["image"], "times": 1}]),
                              "dictionary transform"),
     "random transform": (_with(preprocessing=[{"_target_": "RandFlip", "prob": 0.5}]), "random"),
     "io transform": (_with(preprocessing=[{"_target_": "SaveImage"}]), "not allowed"),

@@ -372,15 +372,20 @@ def test_metatensor_input_keeps_affine():
     exp = explain(net, x, "act")
     assert exp.affine is not None
     assert torch.equal(exp.affine.float(), aff)
-    assert type(exp.raw["hirescam"]) is torch.Tensor
+    # issue 16: a MetaTensor in gives MetaTensors out (raw maps with their own world affine), same values
+    assert isinstance(exp.raw["hirescam"], monai_data.MetaTensor)
+    plain = explain(net, x.as_tensor(), "act")
+    assert type(plain.raw["hirescam"]) is torch.Tensor
+    assert torch.equal(exp.raw["hirescam"].as_tensor(), plain.raw["hirescam"])
 
 
 def test_bad_arguments_are_input_errors():
     net = seeded(ConvFC(nd=2))
     with pytest.raises(InputError, match="no module named"):
         Explainer(net, "nope")
+    # no layer named or declared: target_layer="auto" (issue 16), refused on the first call when no layer keeps space
     with pytest.raises(InputError, match="medcam3d_target_layer"):
-        Explainer(net)
+        Explainer(nn.Sequential(nn.Flatten(), nn.Linear(16, 2)))(torch.zeros(1, 1, 4, 4))
     with pytest.raises(InputError, match="unknown method"):
         Explainer(net, "act", methods=("magic",))
     with pytest.raises(InputError, match="shape"):

@@ -209,3 +209,88 @@ def test_parquet_table_when_pyarrow_is_installed(batch, tmp_path):
     for a, b in zip(table, rows):
         assert a["scan_id"] == b["scan_id"] and a["score"] == float(b["score"])
         assert (a["l2"] is None) == (b["l2"] == "")
+
+
+# --- map placement and the cam certificate (issue 14) -----------------------------------------------------------------
+def scan_sections(html: str) -> dict[str, str]:
+    """Each scan's section of the page (up to the next one; the last one runs to the page's end), by the scan id
+    shown in its heading (as escaped in the HTML)."""
+    parts = re.split(r'<div class="scan" id="[^"]*">', text_of(html))[1:]
+    return {re.search(r"<h3>(.*?)</h3>", p, re.S)[1]: p for p in parts}
+
+
+def test_placement_text_by_hand():
+    from medcam3d.outputs import MapGeometryRecord
+    from medcam3d.report.collect import placement_text
+
+    g = MapGeometryRecord(kind="receptive", offset_voxels=[1.0, 32.0, 32.0], stride_voxels=[3.0, 8.0, 8.0])
+    how = getattr(g, "source", None)
+    expected_how = f"receptive ({how})" if how else "receptive (how found: not recorded)"
+    assert placement_text(g) == f"{expected_how}: cell i of each axis at (1, 32, 32) + (3, 8, 8) × i network voxels"
+    assert placement_text(MapGeometryRecord(kind="field")).endswith(": the field of view divided evenly")
+
+
+def test_each_scan_section_names_its_map_placement(batch):
+    out = batch["out"]
+    sections = scan_sections((out / "cohort_report.html").read_text(encoding="utf-8"))
+    assert len(sections) == 3
+    for folder in (out / "scans").iterdir():
+        s = json.loads((folder / "summary.json").read_text())
+        g = s["map_geometry"]
+        offset = ", ".join(f"{v:g}" for v in g["offset_voxels"])
+        stride = ", ".join(f"{v:g}" for v in g["stride_voxels"])
+        how = g.get("source") or "how found: not recorded"
+        line = (f"Map placement: {g['kind']} ({how}): cell i of each axis at ({offset}) + ({stride}) × i network "
+                "voxels.")
+        sid = s["batch"]["scan_id"].replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+        sid = sid.replace('"', "&#34;").replace("'", "&#39;")
+        assert line in sections[sid], (sid, line)
+
+
+def certify_cam(folder: Path) -> None:
+    """Rewrite a scan's summary as a GAP + linear head's would be: certificate cam for every class, and the maps of
+    HiResCAM and Grad-CAM identical (L2 0, Pearson 1, top-10 % overlap 1)."""
+    path = folder / "summary.json"
+    s = json.loads(path.read_text())
+    s["certificate"]["kind"] = "cam"
+    for c in s["classes"]:
+        c["certificate"] = "cam"
+        c["disagreement"].update({"l2": 0.0, "pearson": 1.0, "top_overlap": 1.0})
+    path.write_text(json.dumps(s))
+
+
+def test_cam_certificate_gives_one_line_instead_of_a_degenerate_comparison(batch, tmp_path):
+    every = tmp_path / "every"
+    shutil.copytree(batch["out"], every)
+    for folder in (every / "scans").iterdir():
+        certify_cam(folder)
+    assert main(["report", str(every), "--quiet"]) == 0
+    html = text_of((every / "cohort_report.html").read_text(encoding="utf-8"))
+    section = html[html.index('id="disagreement"'):html.index('id="where"')]
+    assert "HiResCAM and Grad-CAM coincide by proof for every scan here" in section
+    assert "<table" not in section and "<img" not in section and "0.000" not in section
+    for sid, part in scan_sections(html).items():
+        assert "HiResCAM and Grad-CAM coincide by proof for this scan (certificate <b>cam</b>)" in part, sid
+        assert "<th>L2</th>" not in part and "top-10 % overlap" not in part
+    assert "top row HiResCAM, bottom row Grad-CAM" not in html
+
+    # one scan of three with the cam certificate: the comparison stands for the other two, and says what it left out
+    mixed = tmp_path / "mixed"
+    shutil.copytree(batch["out"], mixed)
+    cam = next(f for f in (mixed / "scans").iterdir()
+               if json.loads((f / "summary.json").read_text())["batch"]["scan_id"] == "dicom-case")
+    certify_cam(cam)
+    assert main(["report", str(mixed), "--quiet"]) == 0
+    html = text_of((mixed / "cohort_report.html").read_text(encoding="utf-8"))
+    section = html[html.index('id="disagreement"'):html.index('id="where"')]
+    table = read_table(mixed / "cohort_table.csv")
+    left_out = sum(r["scan_id"] == "dicom-case" for r in table)
+    assert left_out == 13 and f"Left out: {left_out} (scan, class) pairs with certificate <b>cam</b>" in section
+    rows = re.findall(r'<tr><td class="c">([a-z_]+)</td><td>(\d+)</td>', section)
+    assert len(rows) == 13
+    for label, n in rows:  # per class, the scans counted are the two without the certificate
+        assert int(n) == sum(r["label"] == label and r["scan_id"] != "dicom-case" and r["top_overlap"] != ""
+                             for r in table)
+    parts = scan_sections(html)
+    assert "coincide by proof for this scan" in parts["dicom-case"] and "<th>L2</th>" not in parts["dicom-case"]
+    assert all("<th>L2</th>" in p and "coincide" not in p for sid, p in parts.items() if sid != "dicom-case")

@@ -3,7 +3,9 @@
 Manifest (CSV, UTF-8): one scan per row, columns ``scan_id, path, organ_labels_path`` (the third is optional and
 may be empty). A header row is recognised by its names (``scan_id``/``id``, ``path``/``scan_path``/``image``,
 ``organ_labels_path``/``organs``/``organ_labels``/``labels_path``) in any order; without one the columns are taken
-in that order. Blank lines and lines starting with ``#`` are skipped; relative paths are relative to the manifest's
+in that order. A first row that looks like a header (only name-like cells, none of them an existing file) but names
+no known id and path columns is refused with an :class:`InputError` listing the accepted names, rather than read as
+a scan. Blank lines and lines starting with ``#`` are skipped; relative paths are relative to the manifest's
 folder. A scan path is a NIfTI/NRRD/MHA file or a DICOM series folder.
 
 Folder: every scan file (``.nii``, ``.nii.gz``, ``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd``) and every sub-folder
@@ -34,6 +36,7 @@ _ID_NAMES = ("scan_id", "id", "scan", "case_id", "name")
 _PATH_NAMES = ("path", "scan_path", "image", "image_path", "file")
 _ORGAN_NAMES = ("organ_labels_path", "organs", "organ_labels", "labels_path", "organ_mask", "organs_path")
 _SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,119}")
+_HEADER_LIKE = re.compile(r"[A-Za-z_][A-Za-z0-9_ -]*")  # a column name: no dot, no slash
 _MAX_ID = 512
 
 
@@ -142,6 +145,20 @@ def _header(row: Sequence[str]) -> dict[str, int] | None:
     return cols
 
 
+def _refuse_unknown_header(row: Sequence[str], base: Path, mpath: Path) -> None:
+    """InputError when ``row`` (the first, not a known header) looks like a header: every cell a bare name and none
+    an existing file or folder. A data row has a scan path (with a dot or a slash, or existing)."""
+    cells = [c.strip() for c in row]
+    if len(cells) < 2 or not all(_HEADER_LIKE.fullmatch(c) for c in cells):
+        return
+    if any((base / c).exists() for c in cells):
+        return
+    raise InputError(
+        f"manifest header {','.join(cells)!r} names no known columns; accepted: scan id = {'/'.join(_ID_NAMES)}; "
+        f"scan path = {'/'.join(_PATH_NAMES)}; organ labels (optional) = {'/'.join(_ORGAN_NAMES)} -- or no "
+        "header, with columns scan_id,path[,organ_labels_path]", mpath)
+
+
 def read_manifest(manifest: str | os.PathLike[str]) -> tuple[list[ScanTask], list[BadRow]]:
     """The scans listed in a manifest CSV (see the module docstring)."""
     mpath = Path(manifest).expanduser().resolve()
@@ -158,6 +175,8 @@ def read_manifest(manifest: str | os.PathLike[str]) -> tuple[list[ScanTask], lis
         raise InputError("manifest has no rows", mpath)
     parsed = list(csv.reader([line for _, line in lines]))
     cols = _header(parsed[0])
+    if cols is None:
+        _refuse_unknown_header(parsed[0], base, mpath)
     start = 1 if cols is not None else 0
     cols = cols or {"id": 0, "path": 1, "organs": 2}
     need = max(cols["id"], cols["path"]) + 1

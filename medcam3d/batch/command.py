@@ -8,7 +8,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..argtypes import int_at_least, probability
 from ..errors import InputError
+from ..geometry import GEOMETRIES
 from ..methods import DEFAULT_METHODS
 from .cohort import parse_shard
 from .engine import EngineOptions, run_batch
@@ -62,7 +64,24 @@ def _organ_codes(spec: str | None) -> tuple[tuple[str, int], ...]:
     return tuple((k, int(v)) for k, v in doc.items())
 
 
+def _check_device(text: str) -> None:
+    """A device string torch does not know is refused here (one line); availability is checked on the workers."""
+    if text == "auto":
+        return
+    import torch  # heavy: this module stays cheap to import
+
+    try:
+        d = torch.device(text)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"--device {text!r}: not a device (use auto, cpu, cuda or cuda:N)") from None
+    if d.type not in ("cpu", "cuda", "mps"):
+        raise InputError(f"--device {text!r}: medcam3d runs on cpu, cuda or mps")
+
+
 def cmd_batch(args: argparse.Namespace) -> int:
+    _check_device(args.device)
+    if args.dicom_seg is not None and not args.dicom_out:
+        raise InputError("--dicom-seg needs --dicom-out")
     shard_spec = parse_shard(args.shard) if args.shard else None
     engines = [x for x in (args.scheduler, args.scheduler_file, args.cluster) if x]
     if len(engines) > 1 or (engines and shard_spec):
@@ -102,7 +121,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
         methods=tuple(args.methods), classes=tuple(args.classes) if args.classes else None,
         full_res=tuple(args.full_res) if args.full_res else None, device=args.device,
         torch_threads=args.torch_threads, organ_codes=_organ_codes(args.organ_codes),
-        allow_resample=args.allow_resample, map_geometry=args.map_geometry,
+        allow_resample=args.allow_resample, map_geometry=args.map_geometry, max_voxels=args.max_voxels,
+        ignore_modality=args.ignore_modality, dicom_out=args.dicom_out, dicom_seg=args.dicom_seg,
     )
     result = run_batch(args.cohort, args.out, settings, engine, shard_spec=shard_spec, retries=args.retries,
                        redo=args.redo, quiet=args.quiet, report=not args.no_report)
@@ -133,8 +153,18 @@ def register(subparsers: Any) -> None:
                    help="JSON/YAML {organ name: label value} of the organ label maps (default: the phantoms' codes, "
                         "medcam3d.data.ORGAN_CODES)")
     p.add_argument("--allow-resample", action="store_true", help="accept irregular DICOM series by resampling")
-    p.add_argument("--map-geometry", choices=["field", "receptive"], default="field",
-                   help="as in medcam3d explain; also where the organ shares' blocks lie (default: field)")
+    p.add_argument("--map-geometry", choices=list(GEOMETRIES), default=None,
+                   help="as in medcam3d explain; also where the organ shares' blocks lie (default: the config's "
+                        "map_geometry, else auto)")
+    p.add_argument("--max-voxels", type=int_at_least(1), metavar="N",
+                   help="as in medcam3d explain: largest scan or preprocessing grid, in voxels (default 1.5e+09)")
+    p.add_argument("--ignore-modality", action="store_true",
+                   help="as in medcam3d explain: explain DICOM scans of a modality the config does not read")
+    p.add_argument("--dicom-out", action="store_true",
+                   help="as in medcam3d explain: also DICOM Parametric Maps of the full-resolution heatmaps (every "
+                        "scan must be a DICOM series; others fail as bad input)")
+    p.add_argument("--dicom-seg", type=probability, metavar="LEVEL",
+                   help="with --dicom-out: also each heatmap >= LEVEL as a binary DICOM SEG")
     g = p.add_argument_group("where it runs")
     g.add_argument("--workers", type=int,
                    help="embedded cluster: CPU worker processes (default: one per core up to 4, then cores/2, <= 8)")

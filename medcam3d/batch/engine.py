@@ -376,7 +376,9 @@ def fingerprint(settings: BatchSettings) -> dict[str, Any]:
         "classes": list(settings.classes) if settings.classes else None,
         "full_res": list(settings.full_res) if settings.full_res else None,
         "organ_codes": dict(settings.organ_codes),
-        "map_geometry": settings.map_geometry,
+        "map_geometry": settings.map_geometry or cfg.map_geometry or "auto",
+        # outputs added by issue 18: recorded only when asked for, so that older batch folders keep their hash
+        **({"dicom_out": {"seg_threshold": settings.dicom_seg}} if settings.dicom_out else {}),
     }
 
 

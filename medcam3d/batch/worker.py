@@ -30,9 +30,9 @@ import torch
 
 from ..errors import InputError
 from ..files import atomic_path
-from ..io import read_volume
+from ..io import check_dicom_source, read_volume
 from ..methods import DEFAULT_METHODS
-from ..pipeline import ScanResult, Session, read_scan
+from ..pipeline import DicomExport, ScanResult, Session, read_scan
 from .cohort import ScanTask
 from .organs import organ_fractions, shares_record
 
@@ -58,8 +58,13 @@ class BatchSettings:
         torch_threads: intra-op threads for torch on the worker (None: the worker's own thread count).
         organ_codes: organ name -> label value of the organ label maps.
         allow_resample: accept irregular DICOM series by resampling.
-        map_geometry: ``field`` | ``receptive``, as ``medcam3d explain --map-geometry`` (also used for the organ
-            shares' blocks).
+        map_geometry: ``auto`` | ``field`` | ``receptive``, as ``medcam3d explain --map-geometry`` (also used for
+            the organ shares' blocks); None: the config's ``map_geometry``, else ``auto``.
+        max_voxels: the size checks' voxel limit (None: the default), as ``--max-voxels``.
+        ignore_modality: explain DICOM scans of a modality the config does not read, as ``--ignore-modality``.
+        dicom_out: also write the full-resolution maps as DICOM Parametric Maps (``--dicom-out``; every scan must be
+            a DICOM series).
+        dicom_seg: with ``dicom_out``, also each map thresholded at this level as a DICOM SEG (``--dicom-seg``).
         run_id: this run's id (recorded in the done markers).
         fingerprint_sha: the batch folder's settings fingerprint (recorded in the done markers; a marker with
             another fingerprint does not count as done).
@@ -75,12 +80,22 @@ class BatchSettings:
     torch_threads: int | None = None
     organ_codes: tuple[tuple[str, int], ...] = ()
     allow_resample: bool = False
-    map_geometry: str = "field"
+    map_geometry: str | None = None
+    max_voxels: int | None = None
+    ignore_modality: bool = False
+    dicom_out: bool = False
+    dicom_seg: float | None = None
     run_id: str = ""
     fingerprint_sha: str = ""
 
     def session_key(self) -> tuple[Any, ...]:
-        return (self.config, self.checkpoint, self.methods, self.device, self.torch_threads, self.map_geometry)
+        return (self.config, self.checkpoint, self.methods, self.device, self.torch_threads, self.map_geometry,
+                self.max_voxels, self.ignore_modality)
+
+    @property
+    def dicom(self) -> DicomExport | None:
+        """The DICOM export asked for (None without ``dicom_out``)."""
+        return DicomExport(seg_threshold=self.dicom_seg) if self.dicom_out else None
 
 
 def scan_dir(out_dir: str | os.PathLike[str], task: ScanTask) -> Path:
@@ -176,7 +191,8 @@ def get_session(settings: BatchSettings) -> tuple[Session, bool]:
     if key in _SESSIONS:
         return _SESSIONS[key], False
     _SESSIONS[key] = Session(settings.config, settings.checkpoint, settings.methods, settings.device,
-                             map_geometry=settings.map_geometry)
+                             map_geometry=settings.map_geometry, max_voxels=settings.max_voxels,
+                             ignore_modality=settings.ignore_modality)
     return _SESSIONS[key], True
 
 
@@ -192,7 +208,7 @@ def _organ_shares(session: Session, result: ScanResult, organs: str, codes: dict
     rec = shares_record(raw, exp.classes, session.config.labels, names, frac, session.config.allowed_regions)
     rec["codes"] = dict(codes)
     rec["resolution"] = "feature"
-    rec["map_geometry"] = session.map_geometry
+    rec["map_geometry"] = geometry.kind  # where the blocks lie: field or receptive (summary: map_geometry)
     rec["seconds"] = round(time.perf_counter() - t0, 4)
     return rec
 
@@ -221,14 +237,17 @@ def process_scan(task: ScanTask, settings: BatchSettings, attempt: int = 1) -> d
             _set_threads(settings.torch_threads or _worker_threads())
             session, loaded = get_session(settings)
             rec["model_loaded"] = loaded
-            volume, t_read = read_scan(task.path, allow_resample=settings.allow_resample)
+            volume, t_read = read_scan(task.path, allow_resample=settings.allow_resample,
+                                       max_voxels=settings.max_voxels)
+            if settings.dicom_out:
+                check_dicom_source(volume)
             result = session.explain_volume(volume, settings.classes, read_seconds=t_read)
             extra: dict[str, Any] = {"batch": {"scan_id": task.scan_id, "folder": task.folder,
                                                "run_id": settings.run_id}}
             if task.organs:
                 extra["organ_shares"] = _organ_shares(session, result, task.organs, dict(settings.organ_codes))
             # maps are compressed with this worker's share of the cores (set for torch above)
-            session.write(result, dest, settings.classes, settings.full_res, extra=extra,
+            session.write(result, dest, settings.classes, settings.full_res, extra=extra, dicom=settings.dicom,
                           threads=torch.get_num_threads())
             _fsync_dir(scans)
             _write_json_atomic({

@@ -46,7 +46,7 @@ from ..pipeline import resolve_device
 from .parts import PARTS, REGISTRY, ModelUnderTest, SuiteOptions
 from .parts.base import MAP_GEOMETRIES, RANDOMISATION_MODES
 from .perturbation import FILLS
-from .report import write_outputs
+from .report import check_out_dir, write_outputs
 from .suite import evaluate
 
 if TYPE_CHECKING:  # types only: the phantoms import scipy (see build_suite)
@@ -100,7 +100,7 @@ def build_suite(args: argparse.Namespace) -> tuple[ModelUnderTest, PhantomSource
         fills=tuple(args.fills), steps=args.steps, perturbation_scans=args.perturbation_scans,
         batch_size=args.batch_size, randomisation=tuple(args.randomisation), randomisation_depth=args.depth or None,
         randomisation_scans=args.randomisation_scans, figure_label=args.figure_label, seed=args.seed, device=device,
-        map_geometry=args.map_geometry,
+        map_geometry=args.map_geometry or cfg.map_geometry or "auto",
     )
     try:
         options.check()
@@ -110,14 +110,15 @@ def build_suite(args: argparse.Namespace) -> tuple[ModelUnderTest, PhantomSource
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Run ``medcam3d evaluate``: the suite, then the output folder."""
+    """Run ``medcam3d evaluate``: the suite, then the output folder (checked first: nothing runs for a bad one)."""
+    check_out_dir(args.out)
     mut, source, options = build_suite(args)
     say = (lambda s: None) if args.quiet else (lambda s: print(f"  {s}", file=sys.stderr, flush=True))
     result = evaluate(mut, source, options, progress=say)
     files = write_outputs(result, args.out, command=command_line(args))
     if not args.quiet:
         print(f"evaluated {mut.name} on {len(source)} phantoms (seed {source.seed}); certificate: "
-              f"{', '.join(result.certificates)}")
+              f"{', '.join(result.certificates)}; cells placed: {'; '.join(result.placements)}")
         for kind, path in files.items():
             print(f"{kind}: {path}")
     return 0
@@ -130,7 +131,8 @@ def register(subparsers: Any) -> None:
                               epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (evaluation.json, evaluation.md, step_by_step.png)")
     p.add_argument("--phantoms", type=int_at_least(1), default=4, help="number of phantoms (default 4)")
-    p.add_argument("--seed", type=int_at_least(0), default=0, help="phantom dataset seed; case i is seed (S, i) (default 0)")
+    p.add_argument("--seed", type=int_at_least(0), default=0,
+                   help="phantom dataset seed; case i is seed (S, i) (default 0)")
     p.add_argument("--config", help="YAML config (default: the embedded demo model's)")
     p.add_argument("--model", metavar="CHECKPOINT", help="weights file overriding the config's")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
@@ -158,9 +160,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--depth", type=int_at_least(0), default=2,
                    help="group layers for randomisation by this many name parts (0: every layer; default 2)")
     p.add_argument("--figure-label", metavar="LABEL", help="label of the step-by-step figure")
-    p.add_argument("--map-geometry", choices=list(MAP_GEOMETRIES), default="field",
-                   help="where feature cells lie for shares, localisation heatmaps and a/(a+b): field (the paper's "
-                        "convention; default) or receptive (the receptive-field centres the model declares)")
+    p.add_argument("--map-geometry", choices=list(MAP_GEOMETRIES), default=None,
+                   help="where feature cells lie for shares, localisation heatmaps and a/(a+b): auto (the "
+                        "receptive-field centres the model declares or its layers give, else the field; default, "
+                        "unless the config sets map_geometry), field (the paper's convention) or receptive (the "
+                        "receptive-field centres, else an error)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int_at_least(0), default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="print nothing")

@@ -45,7 +45,8 @@ def completeness_residual(raw: Tensor, scores: Tensor, baseline: Tensor) -> tupl
     s0 = baseline.detach().double()
     residual = s - s0 - r.sum(2)
     scale = s.abs() + s0.abs() + r.abs().sum(2)
-    rel = torch.where(scale > 0, residual / torch.where(scale > 0, scale, torch.ones_like(scale)), torch.zeros_like(scale))
+    rel = torch.where(scale > 0, residual / torch.where(scale > 0, scale, torch.ones_like(scale)),
+                      torch.zeros_like(scale))
     return residual, rel
 
 

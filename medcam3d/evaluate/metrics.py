@@ -275,7 +275,8 @@ def iou_curve(heatmap: Any, mask: Any, thresholds: Sequence[float] = IOU_THRESHO
         pred = row.numel() - torch.searchsorted(all_sorted, t, right=False)  # count of values >= t
         inter = n_mask - torch.searchsorted(in_sorted, t, right=False)
         union = (pred + n_mask - inter).to(torch.float64)
-        out[i] = torch.where(union > 0, inter.to(torch.float64) / union.clamp_min(1.0), torch.full_like(union, math.nan))
+        out[i] = torch.where(union > 0, inter.to(torch.float64) / union.clamp_min(1.0),
+                             torch.full_like(union, math.nan))
     return out.reshape(*lead, t.numel())
 
 

@@ -32,7 +32,8 @@ from ..explainer import Explainer
 from ..heatmaps import normalize
 from .metrics import spearman, ssim
 
-__all__ = ["group_label", "map_similarity", "randomization_curves", "randomization_groups", "randomized_models", "reinitialize_"]
+__all__ = ["group_label", "map_similarity", "randomization_curves", "randomization_groups", "randomized_models",
+           "reinitialize_"]
 
 SIMILARITIES = ("spearman", "spearman_abs", "ssim")
 

@@ -21,13 +21,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..errors import InputError
 from ..files import write_json_atomic, write_text_atomic
 from .parts import get_part
 from .parts.figure import FIGURE_PNG
 from .result import EvaluationResult, to_markdown
 
 # write_text_atomic stays importable from here for one release (its home is medcam3d.files)
-__all__ = ["EVALUATION_JSON", "EVALUATION_MD", "FIGURE_PNG", "update_section", "write_outputs", "write_text_atomic"]
+__all__ = ["EVALUATION_JSON", "EVALUATION_MD", "FIGURE_PNG", "check_out_dir", "update_section", "write_outputs",
+           "write_text_atomic"]
 
 EVALUATION_JSON = "evaluation.json"
 EVALUATION_MD = "evaluation.md"
@@ -47,12 +49,29 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+def check_out_dir(out_dir: str | os.PathLike[str]) -> Path:
+    """Refuse, before any work and creating nothing, an ``--out`` the outputs could not be written to: an existing
+    file, a folder where an output file goes, or no writable folder above it (InputError, one line)."""
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise InputError("--out exists and is not a folder", out)
+    for name in (EVALUATION_JSON, EVALUATION_MD, FIGURE_PNG):
+        if (out / name).is_dir():
+            raise InputError(f"--out holds a folder named {name}, where an output file goes", out)
+    above = out.resolve()
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir() or not os.access(above, os.W_OK):
+        raise InputError(f"--out cannot be created: {above} is not a writable folder", out)
+    return out
+
+
 def write_outputs(result: EvaluationResult, out_dir: str | os.PathLike[str], command: str | None = None,
                   title: str = "medcam3d evaluation") -> dict[str, Path]:
     """Write evaluation.json, evaluation.md and each part's files (the step-by-step figure) into ``out_dir``.
 
     Returns: file kind (``"json"``, ``"figure"``, ``"markdown"``) -> path."""
-    out = Path(out_dir)
+    out = check_out_dir(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     record = _jsonable(result.to_dict())
     if command is not None:

@@ -2,7 +2,8 @@
 results file.
 
 * :func:`demo_model` -- the embedded demo AxialNet (``medcam3d/weights/demo_axialnet.pt``) or its marker-trained
-  variant (``demo_axialnet_cleverhans.pt``), on the demo config's grid (:class:`~medcam3d.evaluate.phantoms.ConfigGrid`).
+  variant (``demo_axialnet_cleverhans.pt``), on the demo config's grid
+  (:class:`~medcam3d.evaluate.phantoms.ConfigGrid`).
 * :func:`phantom_resnet` -- the small 3-D ResNet-34v-style model (:mod:`medcam3d.evaluate.small_models`), trained on
   first use and cached in ``build/reproduce/`` (git-ignored) with its model card; the cache is keyed by the training
   settings, so changing them retrains.
@@ -32,7 +33,8 @@ from .perturbation import demo_hu_to_input
 from .phantoms import ConfigGrid, DirectGrid
 from .small_models import SMALL_SHAPE, PhantomResNet34v, train_phantom_resnet
 
-__all__ = ["CACHE", "REPO", "RESULTS", "RESULTS_HEADER", "add_common_args", "command_of", "demo_model", "phantom_resnet", "results_section", "set_threads"]
+__all__ = ["CACHE", "REPO", "RESULTS", "RESULTS_HEADER", "add_common_args", "command_of", "demo_model",
+           "phantom_resnet", "results_section", "set_threads"]
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "docs" / "results.md"

@@ -84,6 +84,12 @@ class EvaluationResult:
         return sorted({c.certificate for c in self.cases})
 
     @property
+    def placements(self) -> list[str]:
+        """Where the phantoms' cells were placed and how that was found, e.g. ``"receptive (declared)"``, sorted,
+        each once (per case in evaluation.json: ``placement``)."""
+        return sorted({f"{p['kind']} ({p['source']})" if p else "unknown" for p in (c.placement for c in self.cases)})
+
+    @property
     def figure(self) -> FigureRecord | None:
         """The step-by-step figure's record, when the figure part drew one."""
         record = self.summaries.get("figure")
@@ -91,7 +97,7 @@ class EvaluationResult:
 
     def summary_dict(self) -> dict[str, Any]:
         """The ``summary`` entry of evaluation.json: the certificate kinds, then each part's summary."""
-        out: dict[str, Any] = {"certificate": self.certificates}
+        out: dict[str, Any] = {"certificate": self.certificates, "placement": self.placements}
         for record in self.summaries.values():
             out.update(record.to_json())
         return out
@@ -140,7 +146,8 @@ def _header(result: EvaluationResult, title: str, command: str | None) -> list[s
         out += [f"Command: `{command}`", ""]
     ph, model = result.phantoms, result.model
     out += [(f"Model: {model.name}; phantoms: {ph.n} (seed {ph.seed}, grid {ph.grid}, first {ph.validation} used to "
-            f"choose IoU thresholds); certificate: {', '.join(result.certificates)}."), ""]
+            f"choose IoU thresholds); certificate: {', '.join(result.certificates)}; cells placed: "
+            f"{'; '.join(result.placements)}."), ""]
     if model.mean_held_out_auroc is not None:
         out += [f"Held-out mean AUROC from the model card: {model.mean_held_out_auroc:.3f}"
                 + (" (synthetic phantoms only)" if model.synthetic_data_only else "") + ".", ""]

@@ -3,15 +3,17 @@
 :func:`evaluate` explains each phantom once (all classes, every method, activations and gradients kept) and runs
 the parts asked for on it (:mod:`medcam3d.evaluate.parts`, one module per part, registered by name):
 
-``exactness``      completeness residuals, Table-1 L2 (Grad-CAM from HiResCAM), CAM equality       0 extra passes
-``ground_truth``   share of each method's positive contribution in the lesion / marker vs chance;
-                   score change when the lesion / marker is removed                                 1 pass per (scan, removed object)
-``localisation``   relevance mass, rank accuracy, pointing game, best-threshold IoU, allowed-region
-                   score a/(a+b)                                                                    0 extra passes
-``perturbation``   deletion / insertion curves and AUCs (MoRF, LeRF, random) per fill               4(T−1) per (scan, class, method)
-                                                                                                    + 2T per (scan, fill)
-``randomisation``  cascading / independent parameter randomisation curves                           1 explanation per (scan, layer group, mode)
-``figure``         the step-by-step figure for one (scan, class)                                    0 extra passes
+``exactness``      completeness residuals, Table-1 L2 (Grad-CAM from        0 extra passes
+                   HiResCAM), CAM equality
+``ground_truth``   share of each method's positive contribution in the
+                   lesion / marker vs chance; score change when the
+                   lesion / marker is removed                               1 pass per (scan, removed object)
+``localisation``   relevance mass, rank accuracy, pointing game,
+                   best-threshold IoU, allowed-region score a/(a+b)         0 extra passes
+``perturbation``   deletion / insertion curves and AUCs (MoRF, LeRF,        4(T−1) per (scan, class, method)
+                   random) per fill                                         + 2T per (scan, fill)
+``randomisation``  cascading / independent parameter randomisation curves   1 explanation per (scan, layer group, mode)
+``figure``         the step-by-step figure for one (scan, class)            0 extra passes
 
 Which classes: ``"present"`` (default) evaluates, on each phantom, the classes whose lesion it shows (ground truth
 exists only for them); ``"all"`` or a list of labels widens exactness, allowed-region scores and perturbation to

@@ -6,7 +6,11 @@ Series choice (folder input):
     * none given, several series: the one with the most files (slices), e.g. the axial series rather than the
       scout; if several series tie for the most slices (say a lung-kernel and a soft-tissue-kernel reconstruction),
       the choice would be a guess, so :class:`InputError` lists them and asks for ``series_uid``.
-      ``meta["n_series_in_folder"]`` records how many series the folder held.
+      ``meta["n_series_in_folder"]`` records how many series the folder held, and a one-line note in
+      ``meta["notes"]`` names the series taken, the others and ``--series-uid`` (the command line prints it).
+
+Size check (:mod:`medcam3d.io.limits`): Rows x Columns x slices from the headers (and, for a resampled series,
+the number of slices after resampling) must pass :func:`~medcam3d.io.limits.check_voxels` before pixels are read.
 
 Geometry checks (before any pixel is read, from the headers via pydicom): every slice has the same orientation
 (ImageOrientationPatient), size and pixel spacing; slice positions lie along the slice normal (no gantry tilt); no two
@@ -31,10 +35,18 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from ._itk import check_itk_header as _check_itk_header
 from ._itk import first_line as _first_line
 from ._itk import itk_quiet as _itk_quiet
 from ._itk import volume_from_itk as _volume_from_itk
+from .limits import check_voxels
 from .volume import Volume, itk_to_affine
+
+#: working set per voxel of a series read by ITK: its buffer and numpy's copy (at most 8 bytes each once GDCM has
+#: applied the rescale slope), and the float32 array
+_SERIES_BYTES_PER_VOXEL = 2 * 8 + 4
+#: working set per output voxel when slices are resampled: the float32 stack, two gathered copies and the result
+_RESAMPLE_BYTES_PER_VOXEL = 4 * 4 + 4
 
 __all__ = ["SeriesInfo", "is_dicom_file", "list_series", "read_dicom_file", "read_dicom_folder"]
 
@@ -120,10 +132,20 @@ def list_series(folder: str | os.PathLike[str]) -> list[SeriesInfo]:
     return out
 
 
+def _describe(s: SeriesInfo) -> str:
+    desc = f" '{s.description}'" if s.description else ""
+    return f"{s.uid}{desc} ({s.n_files} files)"
+
+
+def _choice_note(folder: Path, series: list[SeriesInfo], chosen: SeriesInfo) -> str:
+    """One line: which of several series was taken, the others, and how to choose another."""
+    others = "; ".join(_describe(s) for s in series if s is not chosen)
+    return (f"{folder}: {len(series)} DICOM series; read {_describe(chosen)}, the one with the most slices "
+            f"(others: {others}) -- choose another with --series-uid UID")
+
+
 def _choose_series(folder: Path, series: list[SeriesInfo], series_uid: str | None) -> SeriesInfo:
-    def describe(s: SeriesInfo) -> str:
-        desc = f" '{s.description}'" if s.description else ""
-        return f"{s.uid}{desc} ({s.n_files} files)"
+    describe = _describe
 
     if series_uid is not None:
         for s in series:
@@ -157,7 +179,7 @@ def _as_floats(value: Any, n: int, tag: str, path: str) -> np.ndarray:
     return a
 
 
-def _slice_geometry(files: list[str], folder: Path) -> dict[str, Any]:
+def _slice_geometry(files: list[str], folder: Path, max_voxels: int | None = None) -> dict[str, Any]:
     """Check the headers of a single-frame series; return orientation, spacing and per-slice positions."""
     rows_cols: set[tuple[int, int]] = set()
     iops: list[np.ndarray] = []
@@ -177,6 +199,9 @@ def _slice_geometry(files: list[str], folder: Path) -> dict[str, Any]:
         ipps.append(_as_floats(ds.ImagePositionPatient, 3, "ImagePositionPatient", f))
         ps = ds.get("PixelSpacing", None)
         pss.append(_as_floats(ps, 2, "PixelSpacing", f) if ps is not None else np.array([np.nan, np.nan]))
+    rows, cols = max(rows_cols, key=lambda rc: rc[0] * rc[1])
+    check_voxels((cols, rows, len(files)), _SERIES_BYTES_PER_VOXEL, folder, max_voxels=max_voxels,
+                 claim=f"the headers claim (Columns x Rows x {len(files)} slices)")
     if len(rows_cols) > 1:
         raise InputError(f"mixed DICOM series: slices of different sizes {sorted(rows_cols)}", folder)
     iop = iops[0]
@@ -209,7 +234,7 @@ def _slice_geometry(files: list[str], folder: Path) -> dict[str, Any]:
         raise InputError("slice positions are not along the slice normal (gantry tilt or sheared series); "
                          "not supported", folder)
     return {"iop": iop, "normal": n, "positions": pos[order], "depths": d_sorted, "order": order,
-            "gaps": gaps, "pixel_spacing": ps0}
+            "gaps": gaps, "pixel_spacing": ps0, "rows_cols": next(iter(rows_cols))}
 
 
 def _check_regular(geo: dict[str, Any], folder: Path) -> tuple[bool, str]:
@@ -235,8 +260,9 @@ def _check_regular(geo: dict[str, Any], folder: Path) -> tuple[bool, str]:
 
 
 def read_dicom_folder(folder: str | os.PathLike[str], series_uid: str | None = None,
-                      allow_resample: bool = False) -> Volume:
-    """Read one DICOM series from ``folder`` as a :class:`Volume` (see the module docstring for the rules)."""
+                      allow_resample: bool = False, *, max_voxels: int | None = None) -> Volume:
+    """Read one DICOM series from ``folder`` as a :class:`Volume` (see the module docstring for the rules;
+    ``max_voxels``: the size check's voxel limit, default :data:`~medcam3d.io.limits.DEFAULT_MAX_VOXELS`)."""
     d = Path(folder)
     series = list_series(d)
     s = _choose_series(d, series, series_uid)
@@ -248,19 +274,22 @@ def read_dicom_folder(folder: str | os.PathLike[str], series_uid: str | None = N
         "n_series_in_folder": len(series),
         "resampled_slices": False,
     }
+    notes = [_choice_note(d, series, s)] if series_uid is None and len(series) > 1 else []
     if s.n_files == 1:  # a multi-frame file, or a lone 2-D slice
         try:
-            vol = read_dicom_file(s.files[0])
+            vol = read_dicom_file(s.files[0], max_voxels=max_voxels)
         except InputError as e:
             if "single 2-D DICOM slice" not in str(e):
                 raise
             raise InputError(f"the DICOM series {s.uid} is a single 2-D slice; a 3-D volume is needed", d) from None
         vol.meta.update({k: v for k, v in meta.items() if k not in ("format",)})
         vol.meta["dicom_files"] = list(s.files)
+        vol.meta["notes"] = notes
         return vol
-    geo = _slice_geometry(s.files, d)
+    geo = _slice_geometry(s.files, d, max_voxels)
     files_sorted = [s.files[i] for i in geo["order"]]
     meta["dicom_files"] = files_sorted
+    meta["notes"] = notes
     regular, problem = _check_regular(geo, d)
     if not regular and not allow_resample:
         raise InputError(f"{problem}; refused (read it with allow_resample=True to interpolate along the slice "
@@ -276,7 +305,21 @@ def read_dicom_folder(folder: str | os.PathLike[str], series_uid: str | None = N
         except RuntimeError as e:
             raise InputError(f"could not read the DICOM series ({_first_line(e)})", d) from None
         return _volume_from_itk(img, str(d), meta)
-    # irregular, resampling allowed: read slices one by one and interpolate linearly along the normal
+    return _read_resampled(files_sorted, geo, d, meta, max_voxels)
+
+
+def _read_resampled(files_sorted: list[str], geo: dict[str, Any], d: Path, meta: dict[str, Any],
+                    max_voxels: int | None) -> Volume:
+    """An irregular series, resampling allowed: read slices one by one and interpolate linearly along the normal
+    to the median spacing."""
+    import SimpleITK as sitk  # lazy: SimpleITK loads only when an ITK or DICOM file is read
+
+    depths: np.ndarray = geo["depths"]
+    step = float(np.median(geo["gaps"]))
+    n_out = int(round((depths[-1] - depths[0]) / step)) + 1
+    rows, cols = geo["rows_cols"]
+    check_voxels((cols, rows, n_out), _RESAMPLE_BYTES_PER_VOXEL, d, max_voxels=max_voxels,
+                 claim=f"resampling the slices to {step:.4g} mm would make")
     slices = []
     for f in files_sorted:
         try:
@@ -287,9 +330,6 @@ def read_dicom_folder(folder: str | os.PathLike[str], series_uid: str | None = N
         a = sitk.GetArrayFromImage(im)  # [1, rows, cols] = [k, j, i]
         slices.append(np.asarray(a, dtype=np.float32).reshape(a.shape[-2:]).T)  # [i, j]
     stack = np.stack(slices, axis=-1)  # [i, j, n_slices]
-    depths: np.ndarray = geo["depths"]
-    step = float(np.median(geo["gaps"]))
-    n_out = int(round((depths[-1] - depths[0]) / step)) + 1
     targets = depths[0] + step * np.arange(n_out)
     hi = np.clip(np.searchsorted(depths, targets, side="right"), 1, len(depths) - 1)
     lo = hi - 1
@@ -304,15 +344,20 @@ def read_dicom_folder(folder: str | os.PathLike[str], series_uid: str | None = N
     return Volume(arr.astype(np.float32), affine, str(d), meta)
 
 
-def read_dicom_file(path: str | os.PathLike[str]) -> Volume:
+def read_dicom_file(path: str | os.PathLike[str], *, max_voxels: int | None = None) -> Volume:
     """Read a single DICOM file. A multi-frame 3-D file becomes a Volume; a lone 2-D slice is refused (a 3-D
-    volume is needed: give the folder of its series)."""
+    volume is needed: give the folder of its series). The header's size is checked before pixels are read."""
     import SimpleITK as sitk  # lazy: SimpleITK loads only when an ITK or DICOM file is read
 
     p = Path(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
     try:
         with _itk_quiet():
-            img = sitk.ReadImage(str(p))
+            reader.ReadImageInformation()
+        _check_itk_header(reader, p, max_voxels)
+        with _itk_quiet():
+            img = reader.Execute()
     except RuntimeError as e:
         raise InputError(f"could not read the DICOM file ({_first_line(e)})", p) from None
     size = img.GetSize()

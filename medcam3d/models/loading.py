@@ -2,9 +2,11 @@
 
 * :func:`load_checkpoint` reads a checkpoint with ``torch.load(weights_only=True)``: tensors and plain containers
   only, never pickled code. It accepts a raw state_dict or a dict holding one under ``"state_dict"``,
-  ``"model_state_dict"``, ``"model"`` or ``"params"`` (the format of Draelos & Carin's training code:
-  ``{"params": model.state_dict(), "optimizer": ...}``), and strips ``module.`` (DataParallel) and
-  ``_orig_mod.`` (``torch.compile``) prefixes.
+  ``"model_state_dict"``, ``"model"``, ``"params"`` (the format of Draelos & Carin's training code:
+  ``{"params": model.state_dict(), "optimizer": ...}``), ``"net"`` or ``"network"`` (MONAI's CheckpointSaver
+  dicts, ``{"net": ..., "opt": ...}``), and strips ``module.`` (DataParallel) and ``_orig_mod.``
+  (``torch.compile``) prefixes. TorchScript archives (a MONAI bundle's ``models/model.ts``) are read with
+  ``torch.jit.load`` -- TorchScript, not pickled Python -- and their parameters and buffers used.
 * :func:`build_model` instantiates a spec ``{"_target_": "medcam3d.models.AxialNet", "n_outputs": 13, ...}``
   (any importable ``nn.Module`` class, e.g. ``monai.networks.nets.DenseNet121``; factory functions only from
   :data:`TRUSTED_FACTORY_MODULES`) and optionally loads weights.
@@ -31,6 +33,7 @@ import json
 import pickle
 import re
 import warnings
+import zipfile
 from collections.abc import Mapping, Sequence
 from os import PathLike
 from pathlib import Path
@@ -62,7 +65,7 @@ TRUSTED_FACTORY_MODULES: tuple[str, ...] = ("medcam3d.models", "monai.networks")
 #: Name of the embedded demo model: ``medcam3d/weights/<DEMO_MODEL>.pt`` and ``.json``.
 DEMO_MODEL = "demo_axialnet"
 
-_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "params")
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "params", "net", "network")
 _PREFIXES = ("module.", "_orig_mod.")
 _PACKAGE_PREFIX = "package:"
 
@@ -75,7 +78,8 @@ def _first_line(exc: BaseException) -> str:
 def read_state_dict(path: str | PathLike[str]) -> dict[str, Tensor]:
     """Read a state_dict from a checkpoint file with ``torch.load(path, map_location="cpu", weights_only=True)``.
 
-    Unwraps ``{"state_dict"|"model_state_dict"|"model"|"params": {...}}`` and strips ``module.``/``_orig_mod.``
+    Unwraps ``{"state_dict"|"model_state_dict"|"model"|"params"|"net"|"network": {...}}``, reads TorchScript
+    archives with ``torch.jit.load`` and strips ``module.``/``_orig_mod.``
     prefixes. Returns ``{name: tensor}``.
 
     Raises:
@@ -85,6 +89,8 @@ def read_state_dict(path: str | PathLike[str]) -> dict[str, Tensor]:
     p = Path(path).expanduser()
     if not p.is_file():
         raise InputError("checkpoint file not found", p)
+    if _is_torchscript(p):
+        return _torchscript_state(p)
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -108,6 +114,29 @@ def read_state_dict(path: str | PathLike[str]) -> dict[str, Tensor]:
             + f"); expected a dict of tensors or one under {list(_WRAPPER_KEYS)}",
             p,
         )
+    return _strip_prefixes(state)
+
+
+def _is_torchscript(p: Path) -> bool:
+    """True for a TorchScript archive (``torch.jit.save``): a zip holding ``*/constants.pkl`` and ``*/code/``."""
+    if not zipfile.is_zipfile(p):
+        return False
+    with zipfile.ZipFile(p) as z:
+        names = z.namelist()
+    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
+
+
+def _torchscript_state(p: Path) -> dict[str, Tensor]:
+    """Parameters and buffers of a TorchScript archive (``torch.jit.load``: TorchScript IR, no Python unpickled)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch >= 2.9 deprecates jit; bundles still ship .ts
+            module = torch.jit.load(str(p), map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - any failure means an unreadable archive
+        raise InputError(f"not a readable TorchScript file ({_first_line(exc)})", p) from None
+    state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    if not state:
+        raise InputError("the TorchScript file holds no parameters or buffers", p)
     return _strip_prefixes(state)
 
 

@@ -17,14 +17,17 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from ..outputs import SUMMARY, ClassRecord, Summary, load_summary
+from ..outputs import SUMMARY, ClassRecord, MapGeometryRecord, Summary, load_summary
 
 __all__ = [
+    "CAM_EQUIVALENT",
     "NONDETERMINISTIC_COLUMNS",
     "TABLE_COLUMNS",
     "Cohort",
     "ScanEntry",
+    "coincide_by_proof",
     "collect",
+    "placement_text",
     "redact_paths",
     "table_rows",
 ]
@@ -43,6 +46,33 @@ TABLE_COLUMNS = ("scan_id", "class_index", "label", "score", "probability", "pre
 NONDETERMINISTIC_COLUMNS: tuple[str, ...] = ()
 
 _PATH = re.compile(r"(?:[A-Za-z]:)?(?:[/\\][^\s'\"`,;()<>\[\]{}]+)+")
+
+
+#: methods whose maps coincide (up to a positive factor, so their display maps are equal) when the certificate is
+#: ``cam``: global average pooling + one linear layer after the explained layer (medcam3d.certificate)
+CAM_EQUIVALENT = frozenset({"cam", "hirescam", "gradcam"})
+
+
+def coincide_by_proof(certificate: str | None, methods: Sequence[str]) -> bool:
+    """True when the certificate kind ``certificate`` proves that ``methods`` give one and the same map: kind
+    ``cam`` and every method one of :data:`CAM_EQUIVALENT` (a comparison of them is then degenerate)."""
+    return certificate == "cam" and bool(methods) and set(methods) <= CAM_EQUIVALENT
+
+
+def _numbers(values: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{v:g}" for v in values) + ")"
+
+
+def placement_text(geometry: MapGeometryRecord) -> str:
+    """One line saying where the feature-resolution cells were drawn: kind, how the placement was found, cell
+    centres ``offset + stride × i`` in network-grid voxels, e.g. ``receptive (derived): cell i of each axis at
+    (1, 32, 32) + (3, 8, 8) × i network voxels``."""
+    how = getattr(geometry, "source", None)  # recorded since medcam3d placed cells by "auto"
+    head = f"{geometry.kind} ({how})" if how else f"{geometry.kind} (how found: not recorded)"
+    if not geometry.offset_voxels or not geometry.stride_voxels:
+        return f"{head}: the field of view divided evenly" if geometry.kind == "field" else head
+    return (f"{head}: cell i of each axis at {_numbers(geometry.offset_voxels)} + "
+            f"{_numbers(geometry.stride_voxels)} × i network voxels")
 
 
 def redact_paths(text: str) -> str:
@@ -165,7 +195,10 @@ def _model_info(scans: list[ScanEntry]) -> dict[str, Any]:
 def _private(summary: Summary) -> Summary:
     """Drop what could identify a patient or a site: input path, UIDs, descriptions, hosts."""
     inp = replace(summary.input, path=None, meta={}, sha256=None)
-    return replace(summary, input=inp, extra={k: v for k, v in summary.extra.items() if k != "batch_host"})
+    # warnings (e.g. a scan that does not look like CT) stay, without paths; assumptions name DICOM UIDs: dropped
+    warnings = [redact_paths(w) for w in summary.warnings] if summary.warnings else summary.warnings
+    return replace(summary, input=inp, extra={k: v for k, v in summary.extra.items() if k != "batch_host"},
+                   warnings=warnings, assumptions=None)
 
 
 def _num(v: Any) -> float | None:

@@ -17,8 +17,9 @@ from typing import Any
 
 from ..errors import InputError
 from ..files import atomic_path, write_bytes_atomic
+from ..methods import method_title
 from ..outputs import ClassRecord, montage_name
-from .collect import Cohort, ScanEntry, collect, table_rows
+from .collect import Cohort, ScanEntry, coincide_by_proof, collect, placement_text, table_rows
 from .plots import (
     data_uri,
     disagreement_figure,
@@ -106,16 +107,30 @@ def _median(xs: Sequence[Any]) -> float | None:
     return f[n // 2] if n % 2 else 0.5 * (f[n // 2 - 1] + f[n // 2])
 
 
+def _compared(cohort: Cohort) -> list[str]:
+    """The two methods the summaries' disagreement measures compare (the first two of the cohort)."""
+    return cohort.methods[:2]
+
+
+def _coincide(row: dict[str, Any], compared: Sequence[str]) -> bool:
+    """True when the row's (per-class) certificate proves the compared methods give the same map."""
+    return len(compared) == 2 and coincide_by_proof(row.get("certificate"), compared)
+
+
 def cohort_stats(cohort: Cohort, rows: Sequence[dict[str, Any]], disagree_below: float,
                  flag_outside: float) -> dict[str, Any]:
-    """Per-class numbers of the cohort pages."""
+    """Per-class numbers of the cohort pages. The disagreement of two methods leaves out the (scan, class) pairs
+    where they coincide by proof (certificate ``cam``): ``coinciding`` counts them; with nothing else left,
+    ``all_coincide`` is True and the page says so in one line instead of a table of zeros."""
     by_label: dict[str, list[dict[str, Any]]] = {lab: [] for lab in cohort.labels}
     for r in rows:
         by_label.setdefault(r["label"], []).append(r)
-    methods = cohort.methods
+    methods, compared = cohort.methods, _compared(cohort)
+    coinciding = sum(_coincide(r, compared) for r in rows)
     classes, disagreement, where = [], [], []
     for lab in cohort.labels:
         rs = by_label[lab]
+        differ = [r for r in rs if not _coincide(r, compared)]
         pos = sum(r["predicted"] for r in rs)
         classes.append({"label": lab, "n": len(rs), "positive": pos, "rate": pos / len(rs) if rs else None,
                         "mean_score": _mean([r["score"] for r in rs]),
@@ -123,10 +138,12 @@ def cohort_stats(cohort: Cohort, rows: Sequence[dict[str, Any]], disagree_below:
                         "mean_probability": _mean([r["probability"] for r in rs]),
                         "max_residual": max((abs(r["relative_residual"]) for r in rs
                                              if r["relative_residual"] is not None), default=None)})
-        over = [r["top_overlap"] for r in rs if r["top_overlap"] is not None]
-        disagreement.append({"label": lab, "n": len(over), "median_l2": _median([r["l2"] for r in rs]),
-                             "mean_pearson": _mean([r["pearson"] for r in rs]), "mean_top_overlap": _mean(over),
-                             "disagree_rate": (sum(o < disagree_below for o in over) / len(over)) if over else None})
+        over = [r["top_overlap"] for r in differ if r["top_overlap"] is not None]
+        if differ or not rs:
+            disagreement.append({"label": lab, "n": len(over), "median_l2": _median([r["l2"] for r in differ]),
+                                 "mean_pearson": _mean([r["pearson"] for r in differ]), "mean_top_overlap": _mean(over),
+                                 "disagree_rate": (sum(o < disagree_below for o in over) / len(over)) if over
+                                 else None})
         entry: dict[str, Any] = {"label": lab, "allowed": cohort.allowed.get(lab), "shares": {}, "outside": {},
                                  "n": 0}
         for m in methods:
@@ -139,7 +156,8 @@ def cohort_stats(cohort: Cohort, rows: Sequence[dict[str, Any]], disagree_below:
         where.append(entry)
     where.sort(key=lambda e: (e["outside"].get(methods[0]) is None if methods else True,
                               -(e["outside"].get(methods[0]) or 0.0) if methods else 0.0, e["label"]))
-    return {"classes": classes, "disagreement": disagreement, "where": where}
+    return {"classes": classes, "disagreement": disagreement, "where": where, "coinciding": coinciding,
+            "all_coincide": bool(rows) and coinciding == len(rows), "compared": [method_title(m) for m in compared]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -169,8 +187,11 @@ def _env() -> Any:
 
 
 def _class_view(c: ClassRecord) -> dict[str, Any]:
-    """A class as the template reads it (a plain dict; ``disagreement`` always present, None with one method)."""
-    return {**c.to_dict(), "disagreement": c.disagreement.to_dict() if c.disagreement is not None else None}
+    """A class as the template reads it (a plain dict; ``disagreement`` always present, None with one method;
+    ``coincide``: its certificate proves the two compared methods give the same map)."""
+    compared = c.disagreement.methods if c.disagreement is not None else []
+    return {**c.to_dict(), "disagreement": c.disagreement.to_dict() if c.disagreement is not None else None,
+            "coincide": len(compared) == 2 and coincide_by_proof(c.certificate, compared)}
 
 
 def _montages(s: ScanEntry, montages: int, thumb_width: int) -> list[dict[str, Any]]:
@@ -191,11 +212,16 @@ def _scan_sections(cohort: Cohort, max_scans: int, findings: int, montages: int,
     for s in cohort.scans[:max_scans]:
         cls = sorted(s.classes, key=lambda c: (-float(c.probability or 0.0), c.index))
         inp = s.summary.input
+        top = [_class_view(c) for c in cls[:findings]]
         out.append({"scan_id": s.scan_id, "anchor": f"scan-{s.folder.name}",
-                    "top": [_class_view(c) for c in cls[:findings]], "images": _montages(s, montages, thumb_width),
+                    "top": top, "images": _montages(s, montages, thumb_width),
                     "positives": [c.label for c in cls if c.predicted],
                     "shape": inp.shape or None, "spacing": inp.spacing_mm or None, "path": inp.path,
-                    "shares": (s.summary.organ_shares or {}).get("classes") or {}})
+                    "shares": (s.summary.organ_shares or {}).get("classes") or {},
+                    "warnings": list(s.summary.warnings or []),
+                    "placement": placement_text(s.summary.map_geometry),
+                    "coincide": bool(top) and all(c["coincide"] for c in top),
+                    "compared": [method_title(m) for m in s.summary.methods[:2]]})
     return out
 
 
@@ -210,8 +236,9 @@ def render_html(cohort: Cohort, cols: Sequence[str], rows: Sequence[dict[str, An
         thr = cohort.model.get("threshold")
         thr_score = math.log(thr / (1 - thr)) if isinstance(thr, (int, float)) and 0 < thr < 1 else None
         figures["scores"] = data_uri(score_distribution(labels, scores, thr_score))
-        top = {lab: [r["top_overlap"] for r in rows if r["label"] == lab and r["top_overlap"] is not None]
-               for lab in labels}
+        compared = _compared(cohort)
+        top = {lab: [r["top_overlap"] for r in rows if r["label"] == lab and r["top_overlap"] is not None
+                     and not _coincide(r, compared)] for lab in labels}
         if any(top.values()):
             figures["overlap"] = data_uri(disagreement_figure(labels, top, "top-10 % overlap (1 = same locations)"))
         if cohort.organs and cohort.methods:

@@ -1,8 +1,11 @@
 """HiResCAM next to Grad-CAM on the scan: two panes of one napari viewer (grid mode, linked cameras).
 
-Layer order ``[left scan, left map, right scan, right map]`` with a grid stride of 2 puts each scan under its map
-in its own pane; both scan layers share one array. :class:`Comparison` changes what the panes show (class, method,
-window, threshold, opacity, slice, 2-D/3-D); :meth:`Comparison.screenshot` renders the panes at a chosen size.
+Layer order ``[left scan, left map, left cover, right scan, right map, right cover]`` with a grid stride of 3 puts
+each scan under its map, and over both the drawing of where the network's cells sit (:mod:`.coverage`: the covered
+region's outline, a veil over the uncovered rest), in its own pane; both scan layers share one array. When the
+summary's certificate proves that the two methods give the same map (kind ``cam``), one pane is shown with a line
+saying so instead of two identical ones. :class:`Comparison` changes what the panes show (class, method, window,
+threshold, opacity, slice, 2-D/3-D); :meth:`Comparison.screenshot` renders the panes at a chosen size.
 The window around it (viewer + dock widget) is :mod:`medcam3d.viewer.window`. No Qt import here; napari is
 imported when a comparison is built.
 """
@@ -19,12 +22,15 @@ import numpy as np
 from ..errors import InputError
 from ..files import atomic_path
 from ..io import Volume
-from ..methods import DEFAULT_METHODS
+from ..methods import DEFAULT_METHODS, method_title
+from ..report.collect import coincide_by_proof
+from .coverage import Cover, cover_shapes, covered_world_box, placed_extent
 from .folder import ClassEntry, MapImage, OutputFolder
-from .geometry import place
+from .geometry import Placed, place
 from .layers import (
     DEFAULT_OPACITY,
     DEFAULT_THRESHOLD,
+    cover_layer,
     map_layer,
     map_limits,
     map_name,
@@ -34,6 +40,7 @@ from .layers import (
 
 if TYPE_CHECKING:
     import napari
+    from napari.layers import Layer
 
 __all__ = ["PANES", "Comparison", "default_methods"]
 
@@ -73,9 +80,6 @@ class Comparison:
         threshold: float = DEFAULT_THRESHOLD,
         opacity: float = DEFAULT_OPACITY,
     ) -> None:
-        # napari (and Qt) load only when a viewer is built: importing this module stays cheap
-        from napari.layers import Layer
-
         self.viewer = viewer
         self.folder = folder
         self.methods = list(methods or default_methods(folder.methods))
@@ -86,24 +90,36 @@ class Comparison:
             raise InputError(f"opacity {opacity} is not in [0, 1]")
         self.threshold, self.opacity, self.window = threshold, opacity, window
         placed = place(scan.array, scan.affine)
-        self.scan_layers = []
-        self.map_layers = []
-        for pane, method in zip(PANES, self.methods, strict=True):
-            m = self._map(method)
-            scan_l = Layer.create(*scan_layer(placed, f"{pane}: CT", window, scan.source))
-            map_l = Layer.create(*map_layer(m, f"{pane}: {map_name(m.entry, m.method, m.full_resolution)}",
-                                            threshold, opacity))
-            map_l.name_overlay.visible = True
-            viewer.add_layer(scan_l)
-            viewer.add_layer(map_l)
-            self.scan_layers.append(scan_l)
-            self.map_layers.append(map_l)
-        viewer.canvas.grid.update({"enabled": True, "stride": 2, "shape": (1, 2)})
+        self.box, self.extent = covered_world_box(folder.summary), placed_extent(placed)
+        self.scan_layers: list[Layer] = []
+        self.map_layers: list[Layer] = []
+        self.cover_layers: list[Layer] = []
+        for pane, method in enumerate(self.methods):
+            self._add_pane(pane, self._map(method), placed, scan.source)
         viewer.canvas.overlays.scale_bar.visible = True
         viewer.canvas.overlays.text.update({"visible": True, "position": "bottom_left", "font_size": 10})
-        self._caption()
+        self._arrange()
+        for event in (viewer.dims.events.point, viewer.dims.events.ndisplay, viewer.dims.events.order):
+            event.connect(self._draw_cover)
         self.jump_to_peak(0)
+        self._draw_cover()
         viewer.reset_view()
+
+    def _add_pane(self, pane: int, m: MapImage, placed: Placed, source: str | None) -> None:
+        """Add a pane's three layers: the CT, the map, the drawing of the covered region (drawn once the viewer
+        has its three dimensions, :meth:`_draw_cover`)."""
+        # napari (and Qt) load only when a viewer is built: importing this module stays cheap
+        from napari.layers import Layer
+
+        name = PANES[pane]
+        scan_l = Layer.create(*scan_layer(placed, f"{name}: CT", self.window, source))
+        map_l = Layer.create(*map_layer(m, f"{name}: {map_name(m.entry, m.method, m.full_resolution)}",
+                                        self.threshold, self.opacity))
+        map_l.name_overlay.visible = True
+        cover_l = Layer.create(*cover_layer(Cover([], [], []), self.extent, f"{name}: covered region"))
+        for layer, group in ((scan_l, self.scan_layers), (map_l, self.map_layers), (cover_l, self.cover_layers)):
+            self.viewer.add_layer(layer)
+            group.append(layer)
 
     # what is shown --------------------------------------------------------------------------------------------------
     def _map(self, method: str) -> MapImage:
@@ -120,11 +136,54 @@ class Comparison:
         layer.contrast_limits_range = (min(float(data.min()), lo), hi)
         layer.contrast_limits = (lo, hi)
 
+    @property
+    def coincide(self) -> bool:
+        """True when the certificate proves that the two panes' methods give the same map (one pane shown)."""
+        cert = self.folder.summary.certificate
+        distinct = len(set(self.methods)) == 2  # the same method twice was asked for: two panes, as asked
+        return distinct and coincide_by_proof(cert.kind if cert is not None else None, self.methods)
+
+    def _arrange(self) -> None:
+        """Two panes side by side, or one when the methods coincide by proof."""
+        one = self.coincide
+        self.viewer.canvas.grid.update({"enabled": not one, "stride": 3, "shape": (1, 1 if one else 2)})
+        for layer in (self.scan_layers[1], self.map_layers[1]):
+            layer.visible = not one
+        self.cover_layers[1].visible = not one and self.cover_layers[0].visible
+        self._caption()
+
+    def legend(self) -> list[str]:
+        """The lines under the class: what the outline means, and (certificate ``cam``) why one pane."""
+        g = self.folder.summary.map_geometry
+        how = getattr(g, "source", None)  # recorded since cells are placed by "auto"
+        where = g.kind + (f", {how.split(':')[0]}" if how else "")  # a fallback's reason: in the report
+        lines = [f"cyan box: where the network's cells are ({where}) · veiled: no cell, not 'no evidence'"
+                 if self.box is not None else "where the network's cells are is not recorded in this folder"]
+        if self.coincide:
+            cert = self.folder.summary.certificate
+            lines.append(f"{' and '.join(method_title(m) for m in self.methods)} coincide by proof "
+                         f"for this model (certificate {cert.kind if cert else '?'}): one pane shown")
+        return lines
+
     def _caption(self) -> None:
         e = self.entry
-        self.viewer.canvas.overlays.text.text = (
-            f"{e.label}   score {e.score:+.3f}   p = {e.probability:.3f}{'   predicted' if e.predicted else ''}"
-        )
+        head = f"{e.label}   score {e.score:+.3f}   p = {e.probability:.3f}{'   predicted' if e.predicted else ''}"
+        self.viewer.canvas.overlays.text.text = "\n".join([head, *self.legend()])
+
+    def _draw_cover(self, event: object = None) -> None:
+        """Redraw the covered region for the displayed slice (or the 3-D box)."""
+        dims = self.viewer.dims
+        cover = cover_shapes(self.box, self.extent, dims.displayed, dims.point)
+        styles = cover.styles(self.extent)
+        for layer in self.cover_layers:
+            layer.data = []
+            if cover.shapes:
+                layer.add(cover.data(), **styles)
+
+    def show_cover(self, visible: bool) -> None:
+        """Show or hide the drawing of the covered region."""
+        self.cover_layers[0].visible = visible
+        self.cover_layers[1].visible = visible and not self.coincide
 
     def show_class(self, class_: str | int) -> None:
         """Show this class's maps in both panes."""
@@ -138,7 +197,7 @@ class Comparison:
         m = self.folder.map(method, self.entry.index)
         self.methods[pane] = method
         self._show(pane, m)
-        self._caption()
+        self._arrange()
 
     def set_window(self, window: str) -> None:
         """CT window of both panes: ``"lung"`` or ``"soft_tissue"``."""

@@ -4,7 +4,9 @@ Reads ``summary.json`` (:func:`medcam3d.outputs.load_summary`: classes with scor
 the maps: a class's full-resolution
 heatmap when the folder has one, else its feature-resolution signed raw map from ``lowres_<method>.nii.gz``
 (volume ``k`` of the 4-D file is ``summary["classes"][k]``), each placed in the napari world by its own affine.
-Nothing is recomputed. No Qt, no napari.
+Maps are read with their NIfTI scaling applied (:func:`read_scaled`): a full-resolution heatmap stored as uint8
+with ``scl_slope = 1/255`` reads as float32 in [0, 1], as one stored as float32 does. Nothing is recomputed.
+No Qt, no napari.
 """
 
 from __future__ import annotations
@@ -22,7 +24,16 @@ from ..outputs import SUMMARY, Summary, fullres_name, load_summary, lowres_name
 from ..selection import find_class
 from .geometry import Placed, place
 
-__all__ = ["ClassEntry", "MapImage", "OutputFolder"]
+__all__ = ["ClassEntry", "MapImage", "OutputFolder", "read_scaled"]
+
+
+def read_scaled(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A NIfTI file's voxel values as float32 with its ``scl_slope``/``scl_inter`` applied (never the stored
+    integers), and its affine (float64)."""
+    import nibabel as nib  # imported when maps are read, as everywhere in medcam3d (keeps `medcam3d` light)
+
+    img: Any = nib.load(str(path))
+    return img.get_fdata(dtype=np.float32), np.asarray(img.affine, dtype=np.float64)
 
 
 @dataclass(frozen=True)
@@ -42,8 +53,8 @@ class ClassEntry:
 class MapImage:
     """One method's map of one class, placed in the napari world.
 
-    ``full_resolution``: the display heatmap in [0, 1] on the scan grid; otherwise the signed raw map at feature
-    resolution (``path`` is then the 4-D file)."""
+    ``full_resolution``: the display heatmap in [0, 1] on the scan grid (0 where no cell sits); otherwise the
+    signed raw map at feature resolution (``path`` is then the 4-D file)."""
 
     method: str
     entry: ClassEntry
@@ -107,18 +118,12 @@ class OutputFolder:
                         self.path / lowres_name(method))
 
     def _read_lowres(self, method: str) -> tuple[np.ndarray, np.ndarray]:
-        import nibabel as nib  # imported when maps are read, as everywhere in medcam3d (keeps `medcam3d` light)
-
         path = self.path / lowres_name(method)
-        img: Any = nib.load(str(path))
-        data = np.asarray(img.dataobj, dtype=np.float32)
+        data, affine = read_scaled(path)
         if data.ndim != 4 or data.shape[3] != len(self.classes):
             raise InputError(f"expected a 4-D map with {len(self.classes)} classes, found shape {data.shape}", path)
-        return data, np.asarray(img.affine, dtype=np.float64)
+        return data, affine
 
     @staticmethod
     def _read_fullres(path: Path) -> Placed:
-        import nibabel as nib  # see _read_lowres
-
-        img: Any = nib.load(str(path))
-        return place(np.asarray(img.dataobj, dtype=np.float32), np.asarray(img.affine, dtype=np.float64))
+        return place(*read_scaled(path))

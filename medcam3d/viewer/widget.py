@@ -1,5 +1,7 @@
 """The dock widget of ``medcam3d view``: classes by score, a method per pane, CT window, map opacity and
-threshold, jump to a map's peak, 2-D slices or 3-D rendering. It only drives a :class:`~.comparison.Comparison`."""
+threshold, the covered region's outline on or off, jump to a map's peak, 2-D slices or 3-D rendering, and what the
+outline means (and, when the certificate proves it, that the methods coincide). It only drives a
+:class:`~.comparison.Comparison`."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from qtpy.QtWidgets import (
     QFormLayout,
     QHBoxLayout,
     QHeaderView,
+    QLabel,
     QPushButton,
     QTableWidget,
     QTableWidgetItem,
@@ -54,7 +57,8 @@ class ComparisonWidget(QWidget):
 
     Attributes (for scripts and tests): ``table`` (one row per class, highest score first; selecting a row shows
     that class), ``method_boxes`` (left, right), ``window_box``, ``opacity_box``, ``threshold_box``,
-    ``peak_buttons`` (left, right), ``three_d``.
+    ``peak_buttons`` (left, right), ``cover_box`` (draw the covered region), ``three_d``, ``legend`` (what the
+    outline means; one pane or two).
     """
 
     def __init__(self, comparison: Comparison, parent: QWidget | None = None) -> None:
@@ -114,6 +118,15 @@ class ComparisonWidget(QWidget):
             peaks.addWidget(button)
             self.peak_buttons.append(button)
 
+        self.cover_box = QCheckBox("outline the covered region")
+        self.cover_box.setToolTip("outline where the network's cells sit and veil the rest of the scan: no cell "
+                                  "there (uncovered), which is not the same as no evidence")
+        self.cover_box.setChecked(comparison.cover_layers[0].visible)
+        self.cover_box.toggled.connect(comparison.show_cover)
+        self.legend = QLabel()
+        self.legend.setWordWrap(True)
+        self._on_legend()
+
         self.three_d = QCheckBox("3-D rendering")
         self.three_d.setChecked(comparison.viewer.dims.ndisplay == 3)
         self.three_d.toggled.connect(lambda on: comparison.set_ndisplay(3 if on else 2))
@@ -128,7 +141,9 @@ class ComparisonWidget(QWidget):
         layout.addWidget(self.table)
         layout.addLayout(form)
         layout.addLayout(peaks)
+        layout.addWidget(self.cover_box)
         layout.addWidget(self.three_d)
+        layout.addWidget(self.legend)
 
     def _row(self, class_index: int) -> int:
         return next(r for r, e in enumerate(self.entries) if e.index == class_index)
@@ -140,3 +155,7 @@ class ComparisonWidget(QWidget):
 
     def _on_method(self, pane: int) -> None:
         self.comparison.set_method(pane, self.method_boxes[pane].currentData())
+        self._on_legend()
+
+    def _on_legend(self) -> None:
+        self.legend.setText("\n".join(self.comparison.legend()))

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from ...config import Config
 from ...errors import InputError
 from ...explanation import Explanation
-from ...geometry import MapGeometry
+from ...geometry import GEOMETRIES, MapGeometry
 from ...methods import DEFAULT_METHODS
 from ..metrics import block_fractions
 from ..numbers import json_number
@@ -60,7 +60,8 @@ __all__ = [
 ]
 
 RANDOMISATION_MODES = ("cascading", "independent")
-MAP_GEOMETRIES = ("field", "receptive")
+#: Kept for one release: the map placements are :data:`medcam3d.geometry.GEOMETRIES` (``auto`` included).
+MAP_GEOMETRIES = GEOMETRIES
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -94,9 +95,10 @@ class SuiteOptions:
         figure_label: the label of the figure (default: the first phantom's first present label).
         seed: seed of random orders and re-initialisations.
         device: ``"cpu"``, ``"cuda"``...
-        map_geometry: ``"field"`` (the paper's convention) or ``"receptive"`` (cells at the receptive-field centres
-            the model declares): where feature cells lie for the ground-truth shares, the localisation heatmaps
-            and the allowed-region score.
+        map_geometry: where feature cells lie for the ground-truth shares, the localisation heatmaps and the
+            allowed-region score: ``"auto"`` (default: the receptive-field centres the model declares or its layers
+            give, else the field; :mod:`medcam3d.placement`), ``"field"`` (the paper's convention) or
+            ``"receptive"`` (the receptive-field centres, else an InputError).
     """
 
     methods: tuple[str, ...] = DEFAULT_METHODS
@@ -117,7 +119,7 @@ class SuiteOptions:
     figure_label: str | None = None
     seed: int = 0
     device: str = "cpu"
-    map_geometry: str = "field"
+    map_geometry: str = "auto"
 
     def check(self) -> None:
         """Raise ValueError for unknown parts, fills, orders, modes or map geometry, and for bad numbers."""
@@ -129,8 +131,8 @@ class SuiteOptions:
                 raise ValueError(f"{name}: unknown {bad[0]!r} (choose from {', '.join(allowed)})")
         if self.steps < 1:
             raise ValueError("steps must be >= 1")
-        if self.map_geometry not in MAP_GEOMETRIES:
-            raise ValueError(f"map_geometry: unknown {self.map_geometry!r} (choose from field, receptive)")
+        if self.map_geometry not in GEOMETRIES:
+            raise ValueError(f"map_geometry: unknown {self.map_geometry!r} (choose from {', '.join(GEOMETRIES)})")
         if not 0.0 < self.validation_fraction < 1.0:
             raise ValueError("validation_fraction must be in (0, 1)")
 
@@ -189,7 +191,7 @@ class SuiteRun:
         options: what runs.
         labels: names of the model's M outputs.
         explainer_kwargs: keyword arguments of :class:`medcam3d.Explainer` for this model (target layer, methods,
-            layout, labels).
+            layout, labels, map geometry).
         hu_to_input: HU -> network units (the model's, else the phantom grid's, else the demo preprocessing's).
         n_validation: the first ``n_validation`` phantoms choose the IoU thresholds; the others are reported.
         say: progress messages.
@@ -213,7 +215,8 @@ class SuiteRun:
         """Put the model on the device in eval mode and set up the counters."""
         model = mut.model.to(options.device).eval()
         labels = list(mut.labels)
-        kwargs = {"target_layer": mut.target_layer, "methods": options.methods, "layout": mut.layout, "labels": labels}
+        kwargs = {"target_layer": mut.target_layer, "methods": options.methods, "layout": mut.layout, "labels": labels,
+                  "map_geometry": options.map_geometry}
         hu_to_input = mut.hu_to_input or getattr(source.grid, "hu_to_input", None) or demo_hu_to_input
         n = len(source)
         n_val = max(1, math.ceil(options.validation_fraction * n)) if n > 1 else 1
@@ -276,6 +279,13 @@ class CaseView:
         """Spatial size ``S`` of the network input."""
         return tuple(self.case.x.shape[2:])
 
+    @property
+    def display_geometry(self) -> MapGeometry:
+        """:attr:`geometry` on the grid of :attr:`grid_shape` (the same cells; rescaled if that grid is not the
+        model input's)."""
+        size = tuple(self.explanation.input_size)
+        return self.geometry if self.grid_shape == size else self.geometry.rescaled(size, self.grid_shape)
+
     @cached_property
     def fractions(self) -> dict[str, Tensor]:
         """label -> ``[*s]`` fraction of each map cell's block inside the lesion, for the present labels."""
@@ -314,6 +324,7 @@ class CaseRecord:
     scores: dict[str, float | None]
     certificate: str
     records: dict[str, JsonRecord] = field(default_factory=dict)
+    placement: dict[str, Any] | None = None
 
     @classmethod
     def of(cls, view: CaseView, labels: Sequence[str]) -> CaseRecord:
@@ -321,15 +332,22 @@ class CaseRecord:
         c = view.case
         return cls(c.name, c.index, view.split, list(c.labels), c.marker is not None,
                    {lab: json_number(s) for lab, s in zip(labels, view.scores.tolist())},
-                   view.explanation.certificate.kind)
+                   view.explanation.certificate.kind, placement=_placement_record(view.explanation))
 
     def to_dict(self) -> dict[str, Any]:
         """The case's entry of evaluation.json."""
         out: dict[str, Any] = {"case": self.name, "index": self.index, "split": self.split, "labels": self.labels,
-                               "marker": self.marker, "scores": self.scores, "certificate": self.certificate}
+                               "marker": self.marker, "scores": self.scores, "certificate": self.certificate,
+                               "placement": self.placement}
         for record in self.records.values():
             out.update(record.to_json())
         return out
+
+
+def _placement_record(explanation: Explanation) -> dict[str, Any] | None:
+    """Where the explained cells were placed and how that was found (:meth:`Placement.as_dict`), None if unknown."""
+    placement = explanation.placement
+    return placement.as_dict() if placement is not None else None
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -125,7 +125,8 @@ class ExactnessPart(PartBase[ExactnessCase, ExactnessSummary]):
         if summary.table1:
             out += ["Table 1 analogue: L2 distance between min-max-normalised maps at feature resolution; HiResCAM is "
                     "the locations the model used " + ("(certified exact)" if summary.exact else "(NOT certified)"), ""]
-            rows = [[lab, t.n_present, t.gradcam_present, t.gradcam_all, t.hirescam] for lab, t in summary.table1.items()]
+            rows = [[lab, t.n_present, t.gradcam_present, t.gradcam_all, t.hirescam]
+                    for lab, t in summary.table1.items()]
             out += [md_table(["label", "n present", "Grad-CAM L2 (present)", "Grad-CAM L2 (all scans)", "HiResCAM L2"],
                              rows), ""]
         if summary.cam_equality:

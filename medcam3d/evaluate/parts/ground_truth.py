@@ -168,8 +168,8 @@ class GroundTruthPart(PartBase[GroundTruthCase, GroundTruthSummary]):
             lift = {m: (v / chance if v is not None and chance else None) for m, v in share.items()}
             drop = mean_of(e.removal.score_drop if e.removal else None for e in rs)
             lesions[lab] = LesionSummary(len(rs), chance, share, lift, drop)
-        return GroundTruthSummary(lesions, _marker_summary([r.marker for _, r in cases if r.marker is not None], methods,
-                                                           run.labels))
+        return GroundTruthSummary(lesions, _marker_summary([r.marker for _, r in cases if r.marker is not None],
+                                                           methods, run.labels))
 
     def render(self, summary: GroundTruthSummary, options: SuiteOptions, labels: Sequence[str]) -> list[str]:
         methods = options.methods

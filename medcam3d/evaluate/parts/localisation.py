@@ -149,7 +149,7 @@ class LocalisationPart(PartBase[LocalisationCase, LocalisationSummary]):
             mask = case.case.lesions[lab]
             rec.metrics[lab] = {}
             for m in run.options.methods:
-                heat = to_heatmap(case.raw[m][None, [k]], case.grid_shape, geometry=case.geometry)[0, 0]
+                heat = to_heatmap(case.raw[m][None, [k]], case.grid_shape, geometry=case.display_geometry)[0, 0]
                 curve = iou_curve(heat, mask).numpy()
                 rec.iou_curves.setdefault(lab, {})[m] = curve.tolist()
                 rec.metrics[lab][m] = LocalisationMetrics(

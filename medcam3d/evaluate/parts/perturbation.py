@@ -106,7 +106,8 @@ class PerturbationPart(PartBase[PerturbationCase, PerturbationSummary]):
 
     def unit_passes(self, options: SuiteOptions) -> dict[str, int]:
         interior = max(options.steps - 1, 0)
-        return {"perturbation_per_scan_class_method": 4 * interior if set(options.modes) == set(MODES) else 2 * interior,
+        return {"perturbation_per_scan_class_method":
+                4 * interior if set(options.modes) == set(MODES) else 2 * interior,
                 "perturbation_per_scan_fill_shared": perturbation_passes(options.steps, 0, 0, len(options.modes))}
 
     def run_case(self, run: SuiteRun, case: CaseView) -> PerturbationCase | None:
