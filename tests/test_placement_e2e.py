@@ -202,7 +202,9 @@ def test_demo_hirescam_peaks_lie_in_the_body_at_the_peak_cells_centre(demo_runs)
             cell = np.unravel_index(int(np.argmax(low[..., k])), low.shape[:3])
             on_grid = (to_grid @ np.array([*peak, 1.0]))[:3]
             assert np.all(np.abs(on_grid - demo_centre(cell)) <= HALF_STRIDE + 1e-6), (c["label"], on_grid, cell)
-    assert n_positive >= 6  # the demo model calls several classes on these phantoms
+    # not vacuous: the demo model calls several classes on these phantoms (the guided default of issue 17 calls 4;
+    # the previous default called 9)
+    assert n_positive >= 3
 
 
 # ---------------------------------------------------------------------------------------------------------------
