@@ -53,6 +53,16 @@ def _highdicom() -> tuple[Any, Any]:
     return hd, pydicom
 
 
+
+def _new_instance(hd: Any, series_number: int) -> dict[str, Any]:
+    """The identity of a new DICOM object medcam3d writes (new series and instance UIDs, medcam3d as the device),
+    shared by the Parametric Map and the SEG."""
+    return {
+        "series_instance_uid": hd.UID(), "series_number": int(series_number), "sop_instance_uid": hd.UID(),
+        "instance_number": 1, "manufacturer": "medcam3d", "manufacturer_model_name": "medcam3d",
+        "software_versions": _software(), "device_serial_number": "0",
+    }
+
 def _software() -> str:
     try:
         return version("medcam3d")
@@ -193,14 +203,7 @@ def write_parametric_map(
         pm = hd.pm.ParametricMap(
             source_images=sources,
             pixel_array=frames,
-            series_instance_uid=hd.UID(),
-            series_number=int(series_number),
-            sop_instance_uid=hd.UID(),
-            instance_number=1,
-            manufacturer="medcam3d",
-            manufacturer_model_name="medcam3d",
-            software_versions=_software(),
-            device_serial_number="0",
+            **_new_instance(hd, series_number),
             contains_recognizable_visual_features=False,
             real_world_value_mappings=[mapping],
             voi_lut_transformations=[hd.VOILUTTransformation(window_center=(lo + hi) / 2, window_width=hi - lo)],
@@ -261,14 +264,7 @@ def write_segmentation(
             pixel_array=mask,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=[segment],
-            series_instance_uid=hd.UID(),
-            series_number=int(series_number),
-            sop_instance_uid=hd.UID(),
-            instance_number=1,
-            manufacturer="medcam3d",
-            manufacturer_model_name="medcam3d",
-            software_versions=_software(),
-            device_serial_number="0",
+            **_new_instance(hd, series_number),
             content_description=f"{description} at {threshold:g}"[:64],
             content_label=_code_string(label),
             omit_empty_frames=False,
