@@ -83,6 +83,13 @@ def spatial_candidates(
 ) -> list[str]:
     """The last :data:`MAX_CANDIDATES` modules (in the order they finish) whose output keeps the input's spatial
     axes (see the module docstring). ``x``: ``[B, C, *spatial]``. Runs the model once without a graph."""
+    return _candidates(model, x, layout, forward_kwargs)[0]
+
+
+def _candidates(
+    model: nn.Module, x: Tensor, layout: Layout, forward_kwargs: Mapping[str, Any] | None = None
+) -> tuple[list[str], Any]:
+    """:func:`spatial_candidates` and the model output of its forward pass."""
     seen: dict[str, _Seen] = {}
     batch, size = x.shape[0], tuple(x.shape[2:])
 
@@ -98,7 +105,8 @@ def spatial_candidates(
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
     try:
         with torch.no_grad():
-            final = _key(model(x, **(forward_kwargs or {})))
+            output = model(x, **(forward_kwargs or {}))
+            final = _key(output)
     finally:
         for h in handles:
             h.remove()
@@ -106,7 +114,7 @@ def spatial_candidates(
     eligible = [n for n in names if seen[n].spatial and seen[n].calls == 1 and not (final and seen[n].key == final)]
     # a container passing on an eligible child's output: the child is named
     keep = [n for n in eligible if not any(o.startswith(n + ".") and seen[o].key == seen[n].key for o in eligible)]
-    return keep[-MAX_CANDIDATES:]
+    return keep[-MAX_CANDIDATES:], output
 
 
 def _repeat(value: Any, batch: int, times: int) -> Any:
@@ -191,17 +199,28 @@ def choose_layer(
     model: nn.Module,
     x: Tensor,
     layout: Layout,
-    output: Callable[[Any], Tensor],
+    output: Callable[[Any], Tensor] | None,
     forward_kwargs: Mapping[str, Any] | None = None,
     seed: int = 0,
+    *,
+    bind: Callable[[Any], Callable[[Any], Tensor]] | None = None,
 ) -> LayerChoice:
     """The automatic choice for input ``x`` ``[B, C, *spatial]`` (module docstring). The model should be in eval
     mode with frozen parameters (the explainer's call sets that up).
 
+    Args:
+        output: reads the scores ``[3B, M]`` from the model output on the input repeated 3 times.
+        bind: instead of ``output``, makes the reader from the model output on ``x`` (the candidates' forward
+            pass): targets whose regions are fixed on the real output (:mod:`medcam3d.targets`).
+
     Raises:
         InputError: no module keeps the input's spatial axes (name the layer to explain).
     """
-    names = spatial_candidates(model, x, layout, forward_kwargs)
+    names, real = _candidates(model, x, layout, forward_kwargs)
+    if bind is not None:
+        output = bind(real)
+    if output is None:
+        raise ValueError("choose_layer: give output or bind")
     if not names:
         raise InputError(
             "target_layer='auto': no layer of the model keeps the input's spatial axes; name the layer to explain "

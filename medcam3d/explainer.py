@@ -51,27 +51,13 @@ from .layouts import Layout, resolve_layout
 from .methods import DEFAULT_METHODS, get_method
 from .placement import Placement, choose_placement, find_receptive
 
+# select_scores lives in targets; importing it from explainer keeps working for one release
+from .targets import BoundTargets, Classes, Targets, as_targets, select_scores
+
 if TYPE_CHECKING:  # annotations only (Python 3.10 has no typing.Self)
     from typing_extensions import Self
 
 __all__ = ["Explainer", "explain", "select_scores"]
-
-
-def select_scores(output: Any) -> Tensor:
-    """Default reading of a model's output as raw scores ``[B, M]``: a tensor as is; the first element of a
-    tuple/list; ``output["logits"]`` (or the only value) of a dict."""
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    if isinstance(output, dict):
-        if "logits" in output:
-            return output["logits"]
-        if len(output) == 1:
-            return next(iter(output.values()))
-    raise InputError(
-        f"cannot read class scores from a model output of type {type(output).__name__}; pass output=callable"
-    )
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -377,7 +363,7 @@ class Explainer:
     """Explain a model's raw class scores at one layer with HiResCAM, Grad-CAM, CAM and relatives.
 
     Args:
-        model: any ``nn.Module`` returning raw class scores ``[B, M]`` (or see ``output``).
+        model: any ``nn.Module`` returning raw class scores ``[B, M]``, or dense scores for ``targets`` to read.
         target_layer: dotted module name (``"layer4"``, ``"conv2d.7"``) or the module itself; default the
             model's ``medcam3d_target_layer`` attribute, else ``"auto"``: chosen on the first call among the last
             few layers that keep the input's spatial axes, preferring the strongest head certificate (see
@@ -386,7 +372,11 @@ class Explainer:
         layout: maps the layer output to ``[B, F, *spatial]``; default the model's ``medcam3d_layout`` or
             channels-first. Use :class:`medcam3d.layouts.SlicesAsBatch` when slices ride in the batch axis.
         labels: names of the M outputs; default the model's ``medcam3d_labels``.
-        output: callable turning the model output into ``[B, M]`` raw scores (default :func:`select_scores`).
+        targets: what is explained (:mod:`medcam3d.targets`): :class:`~medcam3d.targets.Classes` (default, the
+            M class scores), :class:`~medcam3d.targets.SegmentationRegions` (regions of a segmentation output), or
+            any callable ``output -> [B, T]``. Bound once per call on the real output (regions fixed there) and read
+            at the real activations, the probe points and in the gradients alike.
+        output: deprecated alias of ``targets=Classes(reader=output)`` (a :class:`DeprecationWarning`).
         certify: compute the faithfulness certificate (a few cheap head evaluations).
         n_probes: random probe points for the affinity test (≥ 2).
         head: ``"auto"`` (fx trace when possible, else re-run), ``"fx"`` or ``"rerun"``.
@@ -419,6 +409,7 @@ class Explainer:
         layout: Layout | str | None = None,
         *,
         labels: Sequence[str] | None = None,
+        targets: Targets | Callable[[Any], Tensor] | None = None,
         output: Callable[[Any], Tensor] | None = None,
         certify: bool = True,
         n_probes: int = 2,
@@ -445,7 +436,7 @@ class Explainer:
         self.layout = resolve_layout(layout if layout is not None else getattr(model, "medcam3d_layout", None))
         lab = labels if labels is not None else getattr(model, "medcam3d_labels", None)
         self.labels = list(lab) if lab is not None else None
-        self.output = output or select_scores
+        self.targets = self._resolve_targets(targets, output)
         self.certify = certify
         if n_probes < 2:
             raise InputError("n_probes must be at least 2")
@@ -478,6 +469,19 @@ class Explainer:
         return self.model.get_submodule(self.layer_choice.name) if self.layer_choice is not None else None
 
     @staticmethod
+    def _resolve_targets(targets: Targets | Callable[[Any], Tensor] | None,
+                         output: Callable[[Any], Tensor] | None) -> Targets:
+        """``targets`` (:func:`medcam3d.targets.as_targets`), or the deprecated ``output=`` reader as
+        :class:`~medcam3d.targets.Classes`."""
+        if output is None:
+            return as_targets(targets)
+        if targets is not None:
+            raise InputError("give targets= or its deprecated alias output=, not both")
+        warnings.warn("Explainer(output=...) is deprecated; use targets=Classes(reader=...) (medcam3d.targets)",
+                      DeprecationWarning, stacklevel=3)
+        return Classes(reader=output)
+
+    @staticmethod
     def _resolve_layer(model: nn.Module, target: str | nn.Module | None) -> LayerChoice | None:
         """The named or declared layer, or None for ``"auto"`` (chosen on the first call)."""
         reason = "given"
@@ -499,14 +503,16 @@ class Explainer:
         return LayerChoice(target, reason)
 
     def _choose_layer(self, x: Tensor, kwargs: Mapping[str, Any]) -> LayerChoice:
-        """``target_layer="auto"``: choose on this input (once; cached), see :mod:`medcam3d.autolayer`."""
+        """``target_layer="auto"``: choose on this input (once; cached), see :mod:`medcam3d.autolayer`. The
+        targets are bound on the output of the candidates' forward pass and read on the input repeated 3 times."""
         if self.layer_choice is None:
-            self.layer_choice = choose_layer(self.model, x, self.layout, self._auto_output(x.shape[0]), kwargs,
-                                             self.seed)
+            batch = x.shape[0]
+            self.layer_choice = choose_layer(self.model, x, self.layout, None, kwargs, self.seed,
+                                             bind=lambda y: self._auto_output(self._bind(y, batch), batch))
         return self.layer_choice
 
-    def _auto_output(self, batch: int) -> Callable[[Any], Tensor]:
-        return lambda y: self._scores(y, 3 * batch)
+    def _auto_output(self, bound: BoundTargets, batch: int) -> Callable[[Any], Tensor]:
+        return lambda y: self._scores(bound, y, 3 * batch)
 
     def _head(self, kwargs: Mapping[str, Any]) -> _Head:
         assert self.layer is not None and self.layer_name is not None  # chosen before the first head
@@ -541,11 +547,14 @@ class Explainer:
 
         Args:
             x: ``[B, C, *spatial]`` input (a MONAI MetaTensor is accepted; its affine is kept).
-            classes: output indices or labels to explain; default all M outputs.
+            classes: which targets to explain: for :class:`~medcam3d.targets.Classes`, output indices or labels
+                (default the targets' own selection, else all M outputs); for other targets, target indices or
+                names (default all T).
             allow_nonfinite: explain an input holding NaN or Inf (refused by default, as the command line does).
             forward_kwargs: the model's other forward arguments (``model(x, **forward_kwargs)``, e.g. clinical
                 covariates), passed to every forward pass of the call.
-        Returns: an :class:`Explanation` with ``raw[method]`` of shape ``[B, K, *map_spatial]``.
+        Returns: an :class:`Explanation` with ``raw[method]`` of shape ``[B, K, *map_spatial]`` (K explained
+            targets) and the targets' descriptions (:attr:`Explanation.targets`).
         """
         affine, meta = None, None
         if hasattr(x, "as_tensor") and hasattr(x, "affine"):  # MONAI MetaTensor, duck-typed
@@ -587,12 +596,13 @@ class Explainer:
             notes.append(f"fx trace unavailable ({self._fx_failed}); the head was evaluated by re-running the model")
         try:
             leaf, output = head.forward(x, kwargs)
-            scores = self._scores(output, batch)
+            bound = self._bind(output, batch)
+            scores = self._scores(bound, output, batch)
             timings["forward"] = time.perf_counter() - t0
             t1 = time.perf_counter()
-            class_idx = self._class_indices(classes, scores.shape[1])
+            class_idx = self._class_indices(classes if classes is not None else bound.selection, bound)
             volume = self._volume(leaf.detach(), batch)  # [B, F, *S]
-            grads, prober = self._probe(head, leaf, scores, class_idx, volume.dtype)
+            grads, prober = self._probe(head, bound, leaf, scores, class_idx, volume.dtype)
             timings["probes"] = time.perf_counter() - t1
             t2 = time.perf_counter()
             raw, kept = self._maps(grads, prober, volume, class_idx)
@@ -611,7 +621,7 @@ class Explainer:
             raw=raw,
             certificate=cert,
             input_size=tuple(x.shape[2:]),
-            labels=self.labels,
+            labels=bound.labels,
             affine=affine,
             activations=volume.detach() if self.keep_gradients else None,
             gradients=kept,
@@ -619,6 +629,10 @@ class Explainer:
             geometry=receptive.geometry if isinstance(receptive, Placement) else None,
             placement=placement,
             layer=self.layer_choice,
+            targets=list(bound.infos),
+            target_valid=bound.valid.to(scores.device),
+            sample_targets=[list(row) for row in bound.sample_infos],
+            notes=list(bound.notes),
         )
 
     def _placement(self, input_size: tuple[int, ...], map_size: tuple[int, ...]) -> tuple[Placement | str, Placement]:
@@ -630,16 +644,18 @@ class Explainer:
         return found, choose_placement(self.map_geometry, found, map_size, input_size)
 
     def _probe(
-        self, head: _Head, leaf: Tensor, scores: Tensor, class_idx: list[int], dtype: torch.dtype
+        self, head: _Head, bound: BoundTargets, leaf: Tensor, scores: Tensor, class_idx: list[int], dtype: torch.dtype
     ) -> tuple[_HeadGradients, Prober]:
-        """Evaluate the head at the probe points and at zero; return the gradient source and a fresh prober."""
+        """Evaluate the head at the probe points and at zero (scores read through the same ``bound`` targets);
+        return the gradient source and a fresh prober."""
         batch = scores.shape[0]
         hooked = leaf.detach()
         probes = probe_points(hooked, self.n_probes, self.seed) if self.certify else []
-        grads = _HeadGradients(self.layout, batch, leaf, scores, probes, [self._scores(head(p), batch) for p in probes])
+        probe_scores = [self._scores(bound, head(p), batch) for p in probes]
+        grads = _HeadGradients(self.layout, batch, leaf, scores, probes, probe_scores)
         if self.certify:
             with torch.no_grad():
-                baseline = self._scores(head(torch.zeros_like(hooked)), batch)[:, class_idx]
+                baseline = self._scores(bound, head(torch.zeros_like(hooked)), batch)[:, class_idx]
         else:
             baseline = torch.full((batch, len(class_idx)), float("nan"), dtype=scores.dtype, device=scores.device)
         prober = Prober(
@@ -680,28 +696,45 @@ class Explainer:
             )
 
     # -- pieces ---------------------------------------------------------------------------------------------
-    def _scores(self, output: Any, batch: int) -> Tensor:
-        s = self.output(output)
+    def _bind(self, output: Any, batch: int) -> BoundTargets:
+        """The targets bound on the real model ``output`` (detached; no graph), checked against the batch."""
+        output = _detach(output)
+        with torch.no_grad():
+            bound = self.targets.bind(output, self.labels)
+            if not isinstance(bound, BoundTargets):
+                raise InputError(f"targets.bind returned {type(bound).__name__}, not BoundTargets")
+            self._scores(bound, output, batch)  # the shape checks, with their messages
+        if bound.valid.shape != (batch, len(bound.infos)):
+            raise InputError(f"targets: valid has shape {tuple(bound.valid.shape)}, expected "
+                             f"[B={batch}, T={len(bound.infos)}]")
+        return bound
+
+    def _scores(self, bound: BoundTargets, output: Any, batch: int) -> Tensor:
+        """``[B, T]`` target scores of ``output`` (graph kept), read through the bound targets."""
+        s = bound(output)
         if not isinstance(s, Tensor):
-            raise InputError(f"output selector returned {type(s).__name__}, not a tensor")
+            raise InputError(f"the targets' score reader returned {type(s).__name__}, not a tensor")
         if s.ndim == 1:
             s = s.unsqueeze(1)
         if s.ndim != 2 or s.shape[0] != batch:
             raise InputError(
                 f"model scores have shape {tuple(s.shape)}; expected [B={batch}, M] raw class scores "
-                "(for dense outputs pass output=lambda y: y.flatten(2).mean(2) or similar)"
+                "(for segmentation outputs pass targets=SegmentationRegions(...), medcam3d.targets)"
             )
         return s
 
-    def _class_indices(self, classes: Sequence[int | str] | None, m: int) -> list[int]:
+    def _class_indices(self, classes: Sequence[int | str] | None, bound: BoundTargets) -> list[int]:
+        """Indices on the T axis of the explained targets (labels or names looked up in ``bound.labels``)."""
+        m = len(bound.infos)
         if classes is None:
             return list(range(m))
+        names = bound.labels
         out = []
         for c in classes:
             if isinstance(c, str):
-                if not self.labels or c not in self.labels:
+                if not names or c not in names:
                     raise InputError(f"classes: unknown label {c!r}")
-                c = self.labels.index(c)
+                c = names.index(c)
             c = int(c)
             if not 0 <= c < m:
                 raise InputError(f"classes: index {c} out of range for a model with {m} outputs")
@@ -722,6 +755,17 @@ class Explainer:
         per_class = activations.numel() * activations.element_size() * (6 + 2 * len(self.methods))
         size = max(1, min(len(classes), self.max_chunk_bytes // max(per_class, 1)))
         return [classes[i : i + size] for i in range(0, len(classes), size)]
+
+
+def _detach(output: Any) -> Any:
+    """``output`` with every tensor detached (tuples, lists and dicts walked)."""
+    if isinstance(output, Tensor):
+        return output.detach()
+    if isinstance(output, (tuple, list)):
+        return type(output)(_detach(o) for o in output) if type(output) in (tuple, list) else output
+    if isinstance(output, dict):
+        return {k: _detach(v) for k, v in output.items()}
+    return output
 
 
 def _meta_out(x: Any) -> Any:
