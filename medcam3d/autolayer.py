@@ -70,7 +70,8 @@ class _Seen:
 
     def returned(self, out: Any) -> bool:
         """True when ``out`` is this module's output, unchanged since (same live tensor, same version)."""
-        return self.ref is not None and self.ref() is out and out._version == self.version
+        live = self.ref() if self.ref is not None else None
+        return live is not None and live is out and live._version == self.version
 
 
 def _conv_input(module: nn.Module, inputs: Any) -> tuple[int, ...] | None:

@@ -11,7 +11,11 @@ How one call works (``explainer(x)``):
 3. **All classes at once.** ``∂s_k/∂A`` for the K classes comes from one batched backward
    (``torch.autograd.grad(..., is_grads_batched=True)``), chunked over classes to bound memory, with a
    class-by-class fallback for heads whose ops have no batching rule. Sample b's gradient is taken of its own
-   score only, so samples never mix (the model runs in eval mode).
+   score only, so samples never mix (the model runs in eval mode). The scores are those of the *targets*
+   (:mod:`medcam3d.targets`: the classes by default, or regions of a segmentation), bound once on the real output
+   and read through the same bound targets everywhere below. Region targets on a pointwise head (e.g. a 1×1×1
+   output convolution after the explained layer) share one backward pass per class: their regions are disjoint,
+   so each target's gradient is the class's gradient restricted to its region.
 4. **Methods** (:mod:`medcam3d.methods`) turn ``(A, ∂s/∂A)`` into signed raw maps, after a layout adaptor
    (:mod:`medcam3d.layouts`) has mapped both onto ``[B, F, *spatial]``.
 5. **Placement** (:mod:`medcam3d.placement`): where the explained cells sit on the input -- declared by the
@@ -30,6 +34,7 @@ when an exception is raised), and no parameter ``.grad`` is ever written.
 from __future__ import annotations
 
 import difflib
+import operator
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -39,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.fx
 from torch import Tensor, nn
+from torch.nn import functional as F  # noqa: N812 - the usual name
 
 from .autolayer import LayerChoice, choose_layer
 from .certificate import Certificate, Prober, default_tolerance, probe_points
@@ -99,6 +105,7 @@ class _Head:
     """Runs the model once (backbone without graph) and then evaluates the head at any activations."""
 
     kind = "abstract"
+    pointwise = False  # True when each output voxel depends on the same voxel of the explained layer only
 
     def forward(self, x: Tensor, kwargs: Mapping[str, Any]) -> tuple[Tensor, Any]:
         """Run the model on ``x`` (``kwargs``: the forward's other keyword arguments). Returns the explained
@@ -123,6 +130,68 @@ class _LeafTracer(torch.fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return m is self._leaf or super().is_leaf_module(m, module_qualified_name)
+
+
+_POINTWISE_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Dropout, nn.Dropout1d,
+    nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+)
+_POINTWISE_FUNCTIONS: set[Any] = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, torch.add, torch.sub, torch.mul,
+    torch.div, torch.neg, torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.clamp, F.relu, F.leaky_relu, F.gelu,
+    F.silu, F.elu, F.dropout, F.sigmoid, F.tanh,
+}
+_POINTWISE_METHODS = {"relu", "sigmoid", "tanh", "exp", "float", "double", "half", "to", "contiguous", "clone", "add",
+                      "sub", "mul", "div", "neg", "clamp"}
+_CHANNEL_FUNCTIONS: set[Any] = {torch.softmax, torch.log_softmax, F.softmax, F.log_softmax, torch.cat}
+
+
+def _channel_dim(node: torch.fx.Node) -> bool:
+    """True when a softmax / concatenation node works along axis 1 (the channels)."""
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    return isinstance(dim, int) and dim == 1
+
+
+def _pointwise_module(m: nn.Module) -> bool:
+    if isinstance(m, _POINTWISE_MODULES):
+        return True
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):  # running statistics only
+        return bool(not m.training and m.track_running_stats)
+    if isinstance(m, (nn.Softmax, nn.LogSoftmax)):
+        return m.dim == 1
+    if isinstance(m, nn.modules.conv._ConvNd):
+        padding = m.padding if isinstance(m.padding, tuple) else (0,) if m.padding == "valid" else (1,)
+        return (all(k == 1 for k in m.kernel_size) and all(st == 1 for st in m.stride)
+                and all(p == 0 for p in padding) and all(p == 0 for p in m.output_padding))
+    return False
+
+
+def _pointwise_index(index: Any) -> bool:
+    """An index that selects along the batch and channel axes only (never a spatial one)."""
+    if isinstance(index, int):
+        return True
+    return (isinstance(index, tuple) and Ellipsis not in index
+            and all(i == slice(None) for i in index[2:]))
+
+
+def _pointwise_node(node: torch.fx.Node, root: nn.Module) -> bool:
+    """True when the node's output at a voxel depends on its tensor inputs at that voxel only (an allowlist)."""
+    if node.op in ("output", "get_attr", "placeholder"):
+        return True
+    if node.op == "call_module":
+        return _pointwise_module(root.get_submodule(str(node.target)))
+    if node.op == "call_function":
+        if node.target is operator.getitem:
+            return _pointwise_index(node.args[1])
+        if node.target in _CHANNEL_FUNCTIONS:
+            return _channel_dim(node)
+        return node.target in _POINTWISE_FUNCTIONS
+    if node.op == "call_method":
+        if node.target in ("softmax", "log_softmax"):
+            return _channel_dim(node)
+        return node.target in _POINTWISE_METHODS
+    return False
 
 
 class _FxHead(_Head):
@@ -162,6 +231,8 @@ class _FxHead(_Head):
             if n not in self.keep:
                 self.free_after.setdefault(pos, []).append(n)
         self.env: dict[torch.fx.Node, Any] = {}
+        # each output voxel computed from the same voxel of the explained layer (e.g. a 1x1x1 output convolution)
+        self.pointwise = all(_pointwise_node(n, self.gm) for n in self.head_nodes)
 
     def accepts(self, kwargs: Mapping[str, Any]) -> bool:
         """True when every forward keyword argument is a placeholder of the trace (else re-run the model)."""
@@ -315,8 +386,12 @@ def _sketch_gradient(scores: Tensor, leaf: Tensor, v: Tensor) -> Tensor:
 
 
 def _to_volume(layout: Layout, per_class: Tensor, batch: int) -> Tensor:
-    """``[k, N, ...]`` hooked-layout gradients -> ``[B, k, F, *S]``."""
-    return torch.stack([layout.to_volume(g, batch) for g in per_class], dim=1)
+    """``[k, N, ...]`` hooked-layout gradients -> ``[B, k, F, *S]`` (a view, no copy, when the layout is already
+    the volume layout)."""
+    volumes = [layout.to_volume(g, batch) for g in per_class]
+    if all(v is g for v, g in zip(volumes, per_class)):
+        return per_class.transpose(0, 1)
+    return torch.stack(volumes, dim=1)
 
 
 class _HeadGradients:
@@ -328,10 +403,16 @@ class _HeadGradients:
         batch: B.
         leaf: the real activations (hooked layout, requires grad); ``scores`` ``[B, M]`` has its graph from it.
         probes: probe activations (hooked layout, leaves); ``probe_scores`` ``[B, M]`` each, graphs from them.
+        regions: for region targets on a pointwise head (each output voxel computed from the same voxel of the
+            explained layer, :attr:`_Head.pointwise`): class -> ``[B, *S]`` label map (t + 1 on target t's region,
+            :attr:`medcam3d.targets.BoundTargets.regions`) on the explained grid, and ``target_class`` the class of
+            each target. The targets of one class then share one backward pass: their regions are disjoint, so the
+            gradient of their summed scores, restricted to target t's region, is target t's gradient (exactly).
     """
 
     def __init__(
-        self, layout: Layout, batch: int, leaf: Tensor, scores: Tensor, probes: list[Tensor], probe_scores: list[Tensor]
+        self, layout: Layout, batch: int, leaf: Tensor, scores: Tensor, probes: list[Tensor],
+        probe_scores: list[Tensor], regions: dict[int, Tensor] | None = None, target_class: Sequence[int] = (),
     ) -> None:
         self.layout = layout
         self.batch = batch
@@ -340,13 +421,34 @@ class _HeadGradients:
         self.probes = probes
         self.points = [layout.to_volume(p.detach(), batch) for p in probes]
         self.point_scores = probe_scores
+        self.regions = regions
+        self.target_class = list(target_class)
+        self._class_sums: dict[int, Tensor] = {}  # class -> gradient of its targets' summed scores (real point)
 
     def gradients(self, classes: Sequence[int], probe: int | None = None) -> Tensor:
         """``[B, k, F, *S]`` gradients of the ``classes`` scores at the real activations or at probe ``probe``."""
-        if probe is None:
-            return _to_volume(self.layout, _class_gradients(self.scores, self.leaf, classes), self.batch).detach()
-        per_class = _class_gradients(self.point_scores[probe], self.probes[probe], classes)
-        return _to_volume(self.layout, per_class, self.batch)
+        scores, leaf = (self.scores, self.leaf) if probe is None else (self.point_scores[probe], self.probes[probe])
+        if self.regions is not None:
+            return self._by_region(scores, leaf, classes, probe is None)
+        per_class = _class_gradients(scores, leaf, classes)
+        out = _to_volume(self.layout, per_class, self.batch)
+        return out.detach() if probe is None else out
+
+    def _by_region(self, scores: Tensor, leaf: Tensor, targets: Sequence[int], cache: bool) -> Tensor:
+        """Pointwise head: one backward pass per class (its targets' scores summed), split by region."""
+        assert self.regions is not None
+        sums: dict[int, Tensor] = self._class_sums if cache else {}
+        out = []
+        for t in targets:
+            cls = self.target_class[t]
+            if cls not in sums:
+                v = torch.zeros_like(scores)
+                v[:, [u for u, c in enumerate(self.target_class) if c == cls]] = 1.0
+                g = _sketch_gradient(scores, leaf, v)
+                sums[cls] = self.layout.to_volume(g.detach() if cache else g, self.batch)
+            inside = (self.regions[cls] == t + 1).unsqueeze(1)  # [B, 1, *S]
+            out.append(sums[cls] * inside)
+        return torch.stack(out, dim=1)
 
     def combined_gradient(self, weights: Tensor, probe: int) -> Tensor:
         """``[B, F, *S]`` gradient of ``Σ_c weights[b, c] s_c`` (``weights`` ``[B, M]``) at probe ``probe``."""
@@ -602,7 +704,7 @@ class Explainer:
             t1 = time.perf_counter()
             class_idx = self._class_indices(classes if classes is not None else bound.selection, bound)
             volume = self._volume(leaf.detach(), batch)  # [B, F, *S]
-            grads, prober = self._probe(head, bound, leaf, scores, class_idx, volume.dtype)
+            grads, prober = self._probe(head, bound, leaf, scores, class_idx, volume)
             timings["probes"] = time.perf_counter() - t1
             t2 = time.perf_counter()
             raw, kept = self._maps(grads, prober, volume, class_idx)
@@ -644,7 +746,7 @@ class Explainer:
         return found, choose_placement(self.map_geometry, found, map_size, input_size)
 
     def _probe(
-        self, head: _Head, bound: BoundTargets, leaf: Tensor, scores: Tensor, class_idx: list[int], dtype: torch.dtype
+        self, head: _Head, bound: BoundTargets, leaf: Tensor, scores: Tensor, class_idx: list[int], volume: Tensor
     ) -> tuple[_HeadGradients, Prober]:
         """Evaluate the head at the probe points and at zero (scores read through the same ``bound`` targets);
         return the gradient source and a fresh prober."""
@@ -652,7 +754,11 @@ class Explainer:
         hooked = leaf.detach()
         probes = probe_points(hooked, self.n_probes, self.seed) if self.certify else []
         probe_scores = [self._scores(bound, head(p), batch) for p in probes]
-        grads = _HeadGradients(self.layout, batch, leaf, scores, probes, probe_scores)
+        regions = bound.regions if head.pointwise else None
+        if regions is not None and any(r.shape[1:] != volume.shape[2:] for r in regions.values()):
+            regions = None  # the explained grid is not the output grid
+        grads = _HeadGradients(self.layout, batch, leaf, scores, probes, probe_scores, regions,
+                               [i.cls for i in bound.infos])
         if self.certify:
             with torch.no_grad():
                 baseline = self._scores(bound, head(torch.zeros_like(hooked)), batch)[:, class_idx]
@@ -662,7 +768,7 @@ class Explainer:
             class_idx,
             grads,
             baseline,
-            default_tolerance(dtype),
+            default_tolerance(volume.dtype),
             checked=self.certify,
             jacobian_test=self.jacobian,
             sketch_seed=self.seed + 1,

@@ -135,6 +135,11 @@ class BoundTargets:
         notes: one-line remarks (skipped empty regions, dropped components).
         selection: the targets explained when the call names none (None = all); indices or names.
         sample_infos: ``[B][T]`` per-sample descriptions (None where invalid).
+        regions: for region targets, class -> ``[B, *S]`` label map on the output grid (0 outside every region,
+            t + 1 inside target t's region): the score of target t is a weighted sum of channel ``infos[t].cls`` over
+            its region, and the regions of one class are disjoint. Lets the explainer differentiate all targets of
+            a class in one backward pass when the head maps each output voxel from the same voxel only. None for
+            other targets.
     """
 
     infos: list[TargetInfo]
@@ -144,6 +149,7 @@ class BoundTargets:
     notes: list[str] = field(default_factory=list)
     selection: Sequence[int | str] | None = None
     sample_infos: list[list[TargetInfo | None]] = field(default_factory=list)
+    regions: dict[int, Tensor] | None = None
 
     def __call__(self, output: Any) -> Tensor:
         """``[B, T]`` raw target scores of ``output`` (the regions fixed at bind time)."""
@@ -230,13 +236,14 @@ def as_targets(targets: Targets | Callable[[Any], Tensor] | None) -> Targets:
 
 
 @dataclass
-class _Region:
-    """One target's region in every sample: ``masks [B, *S]`` bool (empty where the sample has none)."""
+class _ClassRegions:
+    """The regions of one class in every sample: ``labels [B, *S]`` int64, 0 outside, k inside its k-th region
+    (k = 1..count; for components, the k-th largest)."""
 
     cls: int
     kind: str
-    masks: Tensor
-    component: int | None = None
+    labels: Tensor
+    count: int
 
 
 class RegionScores:
@@ -280,7 +287,7 @@ class SegmentationRegions:
         region: ``"predicted"`` (the predicted mask of the class, one target), ``"components"`` (each
             26-connected component of the predicted mask, largest first), a mask tensor (the output's spatial shape
             ``[*S]`` shared by the batch, or ``[B, *S]``; non-zero = inside) or a box ``(start, stop)`` of voxel
-            index tuples (half-open, on the output grid).
+            index tuples (half-open, on the output grid). A numpy mask is accepted too.
         reduce: ``"sum"`` or ``"mean"`` over the region.
         activation: how the prediction is made: ``"softmax"`` (the predicted mask is ``argmax == cls``) or
             ``"sigmoid"`` (``sigmoid(y[cls]) >= threshold``).
@@ -299,14 +306,16 @@ class SegmentationRegions:
     def __init__(
         self,
         cls: int | str | Sequence[int | str],
-        region: str | Tensor | tuple[Sequence[int], Sequence[int]] = "predicted",
+        region: str | Tensor | np.ndarray | tuple[Sequence[int], Sequence[int]] = "predicted",
         reduce: str = "sum",
         activation: str = "softmax",
         threshold: float = 0.5,
         max_targets: int = 20,
         reader: Callable[[Any], Tensor] | None = None,
     ) -> None:
-        self.cls = list(cls) if isinstance(cls, (list, tuple)) else [cls]
+        self.cls: list[int | str] = list(cls) if isinstance(cls, (list, tuple)) else [cls]  # type: ignore[list-item]
+        if isinstance(region, np.ndarray):
+            region = torch.from_numpy(region)
         if isinstance(region, str) and region not in ("predicted", "components"):
             raise InputError(f"targets: region must be 'predicted', 'components', a mask or a box, got {region!r}")
         if not isinstance(region, (str, Tensor)):
@@ -330,11 +339,9 @@ class SegmentationRegions:
 
     def bind(self, output: Any, labels: Sequence[str] | None) -> BoundTargets:
         dense = self._dense(output)
-        classes = [_resolve_class(c, labels, dense.shape[1]) for c in self.cls]
+        classes = list(dict.fromkeys(_resolve_class(c, labels, dense.shape[1]) for c in self.cls))
         notes: list[str] = []
-        regions: list[_Region] = []
-        for c in classes:
-            regions += self._regions(dense, c, _class_name(c, labels), notes)
+        regions = [r for c in classes if (r := self._regions(dense, c, _class_name(c, labels), notes)) is not None]
         if not regions:
             raise InputError(f"targets: no region left to explain ({'; '.join(notes)})")
         return _bound(regions, dense, labels, self.reduce, self.reader, notes)
@@ -352,8 +359,8 @@ class SegmentationRegions:
             return dense.argmax(dim=1) == cls
         return torch.sigmoid(dense[:, cls].float()) >= self.threshold
 
-    def _regions(self, dense: Tensor, cls: int, name: str, notes: list[str]) -> list[_Region]:
-        """The regions of one class (empty ones dropped with a note)."""
+    def _regions(self, dense: Tensor, cls: int, name: str, notes: list[str]) -> _ClassRegions | None:
+        """The regions of one class (None, with a note, when they are empty in every sample)."""
         shape = (dense.shape[0], *dense.shape[2:])
         if isinstance(self.region, Tensor):
             masks, kind = _user_mask(self.region, shape), "mask"
@@ -364,12 +371,12 @@ class SegmentationRegions:
         empty = ~masks.flatten(1).any(dim=1)
         if bool(empty.all()):
             notes.append(f"{name}: the {kind} region is empty; target skipped")
-            return []
+            return None
         if bool(empty.any()):
             which = ", ".join(str(i) for i in torch.nonzero(empty).flatten().tolist())
             notes.append(f"{name}: the {kind} region is empty in sample(s) {which}; those entries are invalid")
         if not (isinstance(self.region, str) and self.region == "components"):
-            return [_Region(cls, kind, masks)]
+            return _ClassRegions(cls, kind, masks.long(), 1)
         return _components(masks, cls, self.max_targets, name, notes)
 
 
@@ -415,79 +422,86 @@ def _box_mask(box: tuple[tuple[int, ...], tuple[int, ...]], shape: tuple[int, ..
     return mask
 
 
-def _components(masks: Tensor, cls: int, cap: int, name: str, notes: list[str]) -> list[_Region]:
-    """Each sample's 26-connected components (full connectivity in any number of axes), largest first; target k
-    is the k-th largest component of every sample that has one. At most ``cap`` per sample (a note says how many
-    were dropped)."""
+def _components(masks: Tensor, cls: int, cap: int, name: str, notes: list[str]) -> _ClassRegions:
+    """Each sample's 26-connected components (full connectivity in any number of axes), ranked largest first (ties
+    in scan order); target k is the k-th largest component of every sample that has one. At most ``cap`` per
+    sample (a note says how many were dropped)."""
     arr = masks.cpu().numpy()
     structure = np.ones((3,) * (arr.ndim - 1), dtype=bool)
-    per_sample: list[list[np.ndarray]] = []
-    dropped = 0
-    for m in arr:
+    ranked = np.zeros(arr.shape, dtype=np.int64)
+    dropped, count = 0, 0
+    for b, m in enumerate(arr):
         lab, n = ndimage.label(m, structure=structure)
         sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:]
-        order = np.argsort(-sizes, kind="stable")  # largest first; ties in scan order
+        order = np.argsort(-sizes, kind="stable")[:cap]
+        rank = np.zeros(n + 1, dtype=np.int64)
+        rank[order + 1] = np.arange(1, len(order) + 1)
+        ranked[b] = rank[lab]
         dropped += max(0, n - cap)
-        per_sample.append([lab == (i + 1) for i in order[:cap]])
+        count = max(count, len(order))
     if dropped:
         notes.append(f"{name}: {dropped} smallest component(s) beyond max_targets={cap} dropped")
-    count = max(len(p) for p in per_sample)
-    empty = np.zeros(arr.shape[1:], dtype=bool)
-    return [
-        _Region(cls, "component", torch.from_numpy(np.stack([p[k] if k < len(p) else empty for p in per_sample])),
-                component=k + 1)
-        for k in range(count)
-    ]
+    return _ClassRegions(cls, "component", torch.from_numpy(ranked).to(masks.device), count)
 
 
-def _centroid(mask: Tensor) -> tuple[int, tuple[float, ...] | None]:
-    """Voxel count and centroid (mean voxel index; None when empty) of one sample's ``mask [*S]``."""
-    idx = torch.nonzero(mask)
-    if idx.shape[0] == 0:
-        return 0, None
-    return int(idx.shape[0]), tuple(float(v) for v in idx.double().mean(dim=0).tolist())
+def _measure(labels: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """Voxel counts ``[count]`` and centroids ``[count, d]`` (mean voxel index; NaN where empty) of the regions
+    1..count of one sample's ``labels [*S]``, from its labelled voxels only."""
+    where = torch.nonzero(labels)  # [n, d]
+    values = labels[tuple(where.T)] - 1
+    voxels = torch.bincount(values, minlength=count)[:count]
+    sums = torch.zeros((count, labels.ndim), dtype=torch.float64, device=labels.device)
+    sums.index_add_(0, values, where.double())
+    return voxels.cpu(), (sums / voxels.unsqueeze(1).double()).cpu()
 
 
-def _describe(region: _Region, voxels: int, centroid: tuple[float, ...] | None, sample: int | None,
+def _describe(region: _ClassRegions, k: int, voxels: int, centroid: Tensor | None, sample: int | None,
               labels: Sequence[str] | None) -> TargetInfo:
-    """A region's description; without ``voxels`` (0) the batch-wide one (no voxel count, no centroid)."""
-    suffix = f"component {region.component}" if region.kind == "component" else region.kind
+    """Region k's description; without ``voxels`` (0) the batch-wide one (no voxel count, no centroid)."""
+    component = k + 1 if region.kind == "component" else None
+    suffix = f"component {component}" if component is not None else region.kind
     return TargetInfo(
         name=f"{_class_name(region.cls, labels)} {suffix}",
         cls=region.cls,
         region=region.kind,
-        component=region.component,
+        component=component,
         voxels=voxels or None,
-        centroid=centroid,
+        centroid=None if not voxels or centroid is None else tuple(float(v) for v in centroid.tolist()),
         sample=sample,
     )
 
 
-def _bound(regions: list[_Region], dense: Tensor, labels: Sequence[str] | None, reduce: str,
+def _bound(regions: list[_ClassRegions], dense: Tensor, labels: Sequence[str] | None, reduce: str,
            reader: Callable[[Any], Tensor], notes: list[str]) -> BoundTargets:
-    """The bound form of ``regions`` on ``dense [B, C, *S]``: label maps, weights, descriptions."""
-    batch = dense.shape[0]
+    """The bound form of ``regions`` on ``dense [B, C, *S]``: label maps, weights, descriptions. The targets are
+    numbered class by class, region by region."""
+    batch, total = dense.shape[0], sum(r.count for r in regions)
     label_maps: dict[int, Tensor] = {}
-    weights = torch.zeros((batch, len(regions)), dtype=torch.float64)
-    sample_infos: list[list[TargetInfo | None]] = [[None] * len(regions) for _ in range(batch)]
-    shared = all(bool((r.masks == r.masks[:1]).all()) for r in regions)  # the same regions in every sample
-    for t, r in enumerate(regions):
-        flat = r.masks.flatten(1)
-        label_maps.setdefault(r.cls, torch.zeros(flat.shape, dtype=torch.int64))[flat] = t + 1
+    weights = torch.zeros((batch, total), dtype=torch.float64)
+    sample_infos: list[list[TargetInfo | None]] = [[None] * total for _ in range(batch)]
+    infos: list[TargetInfo] = []
+    for r in regions:
+        first = len(infos)
+        flat = r.labels.flatten(1)
+        label_maps[r.cls] = torch.where(flat > 0, flat + first, torch.zeros_like(flat))  # 0 or global index + 1
+        shared = all(bool(torch.equal(r.labels[b], r.labels[0])) for b in range(1, batch))
         for b in range(batch):
-            voxels, centroid = _centroid(r.masks[b])
-            if voxels:
-                weights[b, t] = 1.0 / voxels if reduce == "mean" else 1.0
-                sample_infos[b][t] = _describe(r, voxels, centroid, None if shared else b, labels)
-    infos = [
-        sample_infos[0][t] if shared and sample_infos[0][t] is not None else _describe(r, 0, None, None, labels)
-        for t, r in enumerate(regions)
-    ]
+            voxels, centroids = _measure(r.labels[b], r.count)
+            for k in range(r.count):
+                n = int(voxels[k])
+                if n:
+                    weights[b, first + k] = 1.0 / n if reduce == "mean" else 1.0
+                    sample_infos[b][first + k] = _describe(r, k, n, centroids[k], None if shared else b, labels)
+        for k in range(r.count):
+            one = sample_infos[0][first + k]
+            infos.append(one if shared and one is not None else _describe(r, k, 0, None, None, labels))
     return BoundTargets(
-        infos=infos,  # type: ignore[arg-type]  # every entry is set above
+        infos=infos,
         valid=weights > 0,
-        score=RegionScores(reader, {c: m.to(dense.device) for c, m in label_maps.items()}, weights.to(dense.dtype)),
-        labels=[i.name for i in infos if i is not None],
+        score=RegionScores(reader, {c: m.to(dense.device) for c, m in label_maps.items()},
+                           weights.to(dense.device, dense.dtype)),
+        labels=[i.name for i in infos],
         notes=notes,
         sample_infos=sample_infos,
+        regions={c: m.view(dense.shape[0], *dense.shape[2:]).to(dense.device) for c, m in label_maps.items()},
     )

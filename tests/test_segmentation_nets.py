@@ -143,7 +143,7 @@ def test_unet_hirescam_exact_against_zero_activations():
     assert exp.certificate.kind == "affine-head"
 
 
-# --- skip connections: the head takes the skip tensors as constants ----------------------------------------------------
+# --- skip connections: the head takes the skip tensors as constants ------------------------------------------------
 class SkipUNet(nn.Module):
     """enc (full res) -> down (stride 2) -> ``mid`` (explained bottleneck) -> transposed conv up -> cat with the
     encoder's skip tensor -> conv -> ReLU -> 1x1x1 conv (3 classes)."""
@@ -207,7 +207,7 @@ def test_skip_path_perturbation_changes_nothing_upstream():
     torch.testing.assert_close(again.raw["hirescam"], kept, rtol=0, atol=0)
 
 
-# --- placement through upsampling, transposed convolutions and skip concatenations ----------------------------------------
+# --- placement through upsampling, transposed convolutions and skip concatenations ---------------------------------
 class UpNet(nn.Module):
     """stride-2 conv (cells at 2i) -> ``up`` -> cat with the full-resolution input features -> ``fuse`` -> 1x1x1."""
 

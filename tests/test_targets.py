@@ -313,3 +313,28 @@ def test_custom_targets_object():
     by_box = _explain(SegmentationRegions(0, ((0, 0, 0), (2, 2, 2))), x)
     torch.testing.assert_close(exp.raw["hirescam"], by_box.raw["hirescam"])
     assert exp.labels is None and exp.targets[0].name == "corner"
+
+
+def test_pointwise_head_one_backward_per_class_matches_per_target():
+    """On a 1x1x1 head the targets of one class share one backward pass (their regions are disjoint); gradients and
+    maps equal the per-target ones of the re-run head, which differentiates every target on its own."""
+    x = _activation(size=6)
+    targets = SegmentationRegions([1, 2], "components")
+    fast = _explain(targets, x, keep_gradients=True, head="fx")
+    slow = _explain(targets, x, keep_gradients=True, head="rerun")
+    assert len(fast.targets) >= 3 and {t.cls for t in fast.targets} == {1, 2}
+    torch.testing.assert_close(fast.gradients, slow.gradients, rtol=0, atol=1e-6)
+    for m in fast.raw:
+        torch.testing.assert_close(fast.raw[m], slow.raw[m], rtol=1e-6, atol=1e-6)
+    assert fast.certificate.kind == slow.certificate.kind == "affine-head"
+
+
+def test_pointwise_detection():
+    from medcam3d.explainer import _FxHead
+
+    seg = SegHead()
+    assert _FxHead(seg, seg.act, "act").pointwise
+    wide = nn.Sequential(nn.Identity(), nn.Conv3d(2, 3, 3, padding=1))
+    assert not _FxHead(wide, wide[0], "0").pointwise
+    pooled = nn.Sequential(nn.Identity(), nn.AvgPool3d(2), nn.Conv3d(2, 3, 1))
+    assert not _FxHead(pooled, pooled[0], "0").pointwise
