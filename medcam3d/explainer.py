@@ -56,6 +56,7 @@ from .layouts import Layout, resolve_layout
 # DEFAULT_METHODS lives in methods; importing it from explainer keeps working for one release
 from .methods import DEFAULT_METHODS, get_method
 from .placement import Placement, choose_placement, find_receptive
+from .regions import REGION_METHODS, ClassGradient
 
 # select_scores lives in targets; importing it from explainer keeps working for one release
 from .targets import BoundTargets, Classes, Targets, as_targets, select_scores
@@ -194,6 +195,18 @@ def _pointwise_node(node: torch.fx.Node, root: nn.Module) -> bool:
     return False
 
 
+def _inplace(node: torch.fx.Node, root: nn.Module) -> bool:
+    """True when a node may write into its input (an ``inplace`` flag, an in-place method or operator)."""
+    if node.op == "call_module":
+        return bool(getattr(root.get_submodule(str(node.target)), "inplace", False))
+    if node.op == "call_method":
+        return str(node.target).endswith("_")
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return bool(node.kwargs.get("inplace", False)) or name.startswith("i") and hasattr(operator, name)
+    return False
+
+
 class _FxHead(_Head):
     """Head evaluation on a torch.fx trace split at the explained layer's node."""
 
@@ -233,6 +246,8 @@ class _FxHead(_Head):
         self.env: dict[torch.fx.Node, Any] = {}
         # each output voxel computed from the same voxel of the explained layer (e.g. a 1x1x1 output convolution)
         self.pointwise = all(_pointwise_node(n, self.gm) for n in self.head_nodes)
+        # a pointwise head without in-place ops never writes into its inputs: no defensive copies needed
+        self.copies = not (self.pointwise and not any(_inplace(n, self.gm) for n in self.head_nodes))
 
     def accepts(self, kwargs: Mapping[str, Any]) -> bool:
         """True when every forward keyword argument is a placeholder of the trace (else re-run the model)."""
@@ -271,8 +286,8 @@ class _FxHead(_Head):
     def __call__(self, activations: Tensor) -> Any:
         interp = torch.fx.Interpreter(self.gm, garbage_collect_values=False)
         # clones, so that in-place ops in the head (ReLU(inplace=True), +=) never touch the leaf or the cache
-        env = {n: v.clone() if isinstance(v, Tensor) else v for n, v in self.env.items()}
-        env[self.target] = activations.clone()
+        env = {n: v.clone() if isinstance(v, Tensor) and self.copies else v for n, v in self.env.items()}
+        env[self.target] = activations.clone() if self.copies else activations
         interp.env = env
         out = None
         for n in self.head_nodes:
@@ -434,21 +449,45 @@ class _HeadGradients:
         out = _to_volume(self.layout, per_class, self.batch)
         return out.detach() if probe is None else out
 
-    def _by_region(self, scores: Tensor, leaf: Tensor, targets: Sequence[int], cache: bool) -> Tensor:
+    def class_gradient(self, cls: int, scores: Tensor | None = None, leaf: Tensor | None = None) -> Tensor:
+        """``[B, F, *S]`` gradient of the summed scores of class ``cls``'s targets (one backward pass), at the real
+        activations (cached) or at the given probe ``scores`` and ``leaf``."""
+        if scores is None and cls in self._class_sums:
+            return self._class_sums[cls]
+        real = scores is None
+        scores, leaf = (self.scores, self.leaf) if real else (scores, leaf)
+        assert scores is not None and leaf is not None
+        v = torch.zeros_like(scores)
+        v[:, [u for u, c in enumerate(self.target_class) if c == cls]] = 1.0
+        g = _sketch_gradient(scores, leaf, v)
+        volume = self.layout.to_volume(g.detach() if real else g, self.batch)
+        if real:
+            self._class_sums[cls] = volume
+        return volume
+
+    def _by_region(self, scores: Tensor, leaf: Tensor, targets: Sequence[int], real: bool) -> Tensor:
         """Pointwise head: one backward pass per class (its targets' scores summed), split by region."""
         assert self.regions is not None
-        sums: dict[int, Tensor] = self._class_sums if cache else {}
+        sums: dict[int, Tensor] = {}
         out = []
         for t in targets:
             cls = self.target_class[t]
             if cls not in sums:
-                v = torch.zeros_like(scores)
-                v[:, [u for u, c in enumerate(self.target_class) if c == cls]] = 1.0
-                g = _sketch_gradient(scores, leaf, v)
-                sums[cls] = self.layout.to_volume(g.detach() if cache else g, self.batch)
+                sums[cls] = self.class_gradient(cls) if real else self.class_gradient(cls, scores, leaf)
             inside = (self.regions[cls] == t + 1).unsqueeze(1)  # [B, 1, *S]
             out.append(sums[cls] * inside)
         return torch.stack(out, dim=1)
+
+    def class_runs(self, targets: Sequence[int]) -> list[tuple[int, list[int]]]:
+        """``targets`` cut into runs of consecutive targets of one class: ``(class, run)`` in order."""
+        runs: list[tuple[int, list[int]]] = []
+        for t in targets:
+            cls = self.target_class[t]
+            if runs and runs[-1][0] == cls:
+                runs[-1][1].append(t)
+            else:
+                runs.append((cls, [t]))
+        return runs
 
     def combined_gradient(self, weights: Tensor, probe: int) -> Tensor:
         """``[B, F, *S]`` gradient of ``Σ_c weights[b, c] s_c`` (``weights`` ``[B, M]``) at probe ``probe``."""
@@ -778,9 +817,12 @@ class Explainer:
     def _maps(
         self, grads: _HeadGradients, prober: Prober, volume: Tensor, class_idx: list[int]
     ) -> tuple[dict[str, Tensor], Tensor | None]:
-        """Gradients -> maps -> evidence, a chunk of classes at a time.
+        """Gradients -> maps -> evidence, a chunk of classes at a time (region targets on a pointwise head: a
+        class at a time, from one gradient per class, :mod:`medcam3d.regions`).
 
         Returns: method -> raw maps ``[B, K, *S]``, and the gradients ``[B, K, F, *S]`` when kept."""
+        if grads.regions is not None and not self.keep_gradients and set(self.methods) <= set(REGION_METHODS):
+            return self._region_maps(grads, prober, volume, class_idx), None
         raw: dict[str, list[Tensor]] = {m: [] for m in self.methods}
         kept: list[Tensor] = []
         for chunk in self._chunks(class_idx, volume):
@@ -792,6 +834,22 @@ class Explainer:
             if self.keep_gradients:
                 kept.append(g)
         return {m: torch.cat(v, dim=1) for m, v in raw.items()}, torch.cat(kept, dim=1) if kept else None
+
+    def _region_maps(
+        self, grads: _HeadGradients, prober: Prober, volume: Tensor, class_idx: list[int]
+    ) -> dict[str, Tensor]:
+        """:meth:`_maps` for region targets on a pointwise head: per run of one class's targets, the maps and the
+        evidence from the class's gradient and label map (no per-target gradient tensor)."""
+        assert grads.regions is not None
+        raw: dict[str, list[Tensor]] = {m: [] for m in self.methods}
+        total = len(grads.target_class)
+        for cls, run in grads.class_runs(class_idx):
+            cg = ClassGradient(grads.class_gradient(cls), grads.regions[cls], total)
+            with torch.no_grad():
+                for m in self.methods:
+                    raw[m].append(cg.maps(m, volume, run))
+                prober.add_summary(cg.summary(volume, run, grads.points if self.certify else []))
+        return {m: torch.cat(v, dim=1) for m, v in raw.items()}
 
     def _check_cam(self, cert: Certificate) -> None:
         """Refuse method ``cam`` unless the head is certified GAP + linear."""

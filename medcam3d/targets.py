@@ -273,9 +273,10 @@ class RegionScores:
         flat = dense.flatten(2)  # [B, C, N]
         sums = flat.new_zeros((b, t + 1))
         for cls, labels in self.label_maps.items():
-            idx = labels.to(flat.device).repeat(reps, 1)
-            sums = sums.scatter_add(1, idx, flat[:, cls])
-        return sums[:, 1:] * self.weights.to(flat.device, flat.dtype).repeat(reps, 1)
+            idx = labels.to(flat.device)
+            sums = sums.scatter_add(1, idx if reps == 1 else idx.repeat(reps, 1), flat[:, cls])
+        weights = self.weights.to(flat.device, flat.dtype)
+        return sums[:, 1:] * (weights if reps == 1 else weights.repeat(reps, 1))
 
 
 class SegmentationRegions:
@@ -354,9 +355,15 @@ class SegmentationRegions:
         return dense.detach()
 
     def _predicted(self, dense: Tensor, cls: int) -> Tensor:
-        """``[B, *S]`` bool: where the model predicts class ``cls``."""
+        """``[B, *S]`` bool: where the model predicts class ``cls`` (softmax: where ``argmax == cls``, the first of
+        tied maxima winning, computed channel by channel: a strided argmax is slow on the CPU)."""
         if self.activation == "softmax":
-            return dense.argmax(dim=1) == cls
+            top = dense[:, cls]
+            wins = torch.ones_like(top, dtype=torch.bool)
+            for c in range(dense.shape[1]):
+                if c != cls:
+                    wins &= top > dense[:, c] if c < cls else top >= dense[:, c]
+            return wins
         return torch.sigmoid(dense[:, cls].float()) >= self.threshold
 
     def _regions(self, dense: Tensor, cls: int, name: str, notes: list[str]) -> _ClassRegions | None:

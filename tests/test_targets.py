@@ -315,18 +315,40 @@ def test_custom_targets_object():
     assert exp.labels is None and exp.targets[0].name == "corner"
 
 
-def test_pointwise_head_one_backward_per_class_matches_per_target():
-    """On a 1x1x1 head the targets of one class share one backward pass (their regions are disjoint); gradients and
-    maps equal the per-target ones of the re-run head, which differentiates every target on its own."""
-    x = _activation(size=6)
+@pytest.mark.parametrize("jacobian", ["sketch", "per-class"])
+def test_pointwise_head_one_backward_per_class_matches_per_target(jacobian):
+    """On a 1x1x1 head the targets of one class share one backward pass (their regions are disjoint). The maps and
+    the certificate's evidence computed from that one gradient per class (medcam3d.regions), and the per-target
+    gradients cut from it, equal those of the re-run head, which differentiates every target on its own."""
+    x = _activation(batch=2, size=6)
     targets = SegmentationRegions([1, 2], "components")
-    fast = _explain(targets, x, keep_gradients=True, head="fx")
-    slow = _explain(targets, x, keep_gradients=True, head="rerun")
+    fast = _explain(targets, x, head="fx", jacobian=jacobian)  # maps and evidence by regions
+    kept = _explain(targets, x, keep_gradients=True, head="fx", jacobian=jacobian)  # per-target gradients, grouped
+    slow = _explain(targets, x, keep_gradients=True, head="rerun", jacobian=jacobian)  # one backward per target
     assert len(fast.targets) >= 3 and {t.cls for t in fast.targets} == {1, 2}
-    torch.testing.assert_close(fast.gradients, slow.gradients, rtol=0, atol=1e-6)
-    for m in fast.raw:
-        torch.testing.assert_close(fast.raw[m], slow.raw[m], rtol=1e-6, atol=1e-6)
-    assert fast.certificate.kind == slow.certificate.kind == "affine-head"
+    assert not bool(fast.target_valid.all())  # padded: some sample has fewer components
+    torch.testing.assert_close(kept.gradients, slow.gradients, rtol=0, atol=1e-6)
+    for e in (fast, kept):
+        for m in slow.raw:
+            torch.testing.assert_close(e.raw[m], slow.raw[m], rtol=1e-5, atol=1e-6)
+        c, ref = e.certificate, slow.certificate
+        assert c.kind == ref.kind == "affine-head" and c.per_class == ref.per_class
+        torch.testing.assert_close(c.completeness_residual, ref.completeness_residual, rtol=0, atol=1e-4)
+        torch.testing.assert_close(c.spatial_variation.double(), ref.spatial_variation.double(), rtol=1e-5,
+                                   atol=1e-6)
+        assert float(c.probe_residual.max()) <= c.tolerance and float(c.jacobian_difference.max()) <= c.tolerance
+
+
+def test_region_path_refuses_other_methods_by_falling_back():
+    """Methods other than HiResCAM and Grad-CAM need per-target gradients: the dense path is used, same maps."""
+    x = _activation(size=6)
+    targets = SegmentationRegions(1, "components")
+    torch.manual_seed(0)
+    both = Explainer(SegHead(), "act", ("hirescam", "layercam"), targets=targets)(x)
+    torch.manual_seed(0)
+    ref = Explainer(SegHead(), "act", ("hirescam", "layercam"), targets=targets, head="rerun")(x)
+    for m in ref.raw:
+        torch.testing.assert_close(both.raw[m], ref.raw[m], rtol=1e-5, atol=1e-6)
 
 
 def test_pointwise_detection():
@@ -338,3 +360,37 @@ def test_pointwise_detection():
     assert not _FxHead(wide, wide[0], "0").pointwise
     pooled = nn.Sequential(nn.Identity(), nn.AvgPool3d(2), nn.Conv3d(2, 3, 1))
     assert not _FxHead(pooled, pooled[0], "0").pointwise
+
+
+def test_class_gradient_equals_dense_per_target_quantities():
+    """medcam3d.regions against the dense definitions on g_t = G ⊙ 1[R_t]: methods, contribution sums, gradient
+    stats (zeros outside a region count; a region covering the whole grid has none), probe sums, sketch."""
+    from medcam3d.certificate import contribution_sums, gradient_stats
+    from medcam3d.methods import gradcam, hirescam
+    from medcam3d.regions import ClassGradient
+
+    g = torch.Generator().manual_seed(5)
+    grad = torch.randn(2, 3, 4, 5, 6, generator=g)
+    act = torch.randn(2, 3, 4, 5, 6, generator=g)
+    probe = torch.randn(2, 3, 4, 5, 6, generator=g)
+    labels = torch.randint(0, 4, (2, 4, 5, 6), generator=g)  # targets 0, 1, 2 (label t + 1), 0 = outside
+    labels[1] = 3  # sample 1: target 2 covers the whole grid, targets 0 and 1 are empty there
+    cg = ClassGradient(grad, labels, 3)
+    targets = [0, 1, 2]
+    dense = torch.stack([grad * (labels == t + 1).unsqueeze(1) for t in targets], dim=1)  # [B, 3, F, *S]
+    torch.testing.assert_close(cg.dense(targets), dense)
+    torch.testing.assert_close(cg.maps("hirescam", act, targets), hirescam(act, dense), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cg.maps("gradcam", act, targets), gradcam(act, dense), rtol=1e-5, atol=1e-6)
+    s = cg.summary(act, targets, [probe])
+    ref_c, ref_m = contribution_sums(act, dense)
+    torch.testing.assert_close(s.contribution, ref_c, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(s.magnitude, ref_m, rtol=1e-6, atol=1e-6)
+    ref_v, ref_g = gradient_stats(dense)
+    torch.testing.assert_close(s.variation, ref_v, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s.gmax, ref_g)
+    torch.testing.assert_close(s.probe_sums[0][0], contribution_sums(probe, dense)[0], rtol=1e-6, atol=1e-6)
+    coef = torch.tensor([0.5, -2.0, 3.0], dtype=torch.float64)
+    torch.testing.assert_close(s.combine(coef), torch.einsum("k,bk...->b...", coef.float(), dense), rtol=1e-5,
+                               atol=1e-6)
+    with pytest.raises(ValueError):
+        cg.maps("layercam", act, targets)
