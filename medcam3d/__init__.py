@@ -8,6 +8,11 @@ Public API::
     exp.raw["hirescam"]             # [B, K, *map_spatial] signed maps
     exp.heatmap("gradcam")          # [B, K, *input_spatial] in [0, 1]
     exp.certificate                 # what is proven about the maps
+
+    # a segmentation net: each connected component of class 2's predicted mask is one target
+    from medcam3d import SegmentationRegions
+    exp = Explainer(unet, targets=SegmentationRegions(2, "components"))(x)
+    exp.targets                     # [TargetInfo(name, cls, region, component, voxels, centroid), ...]
 """
 
 from __future__ import annotations
@@ -18,18 +23,24 @@ from .explainer import Explainer, explain
 from .explanation import Explanation
 from .layouts import ChannelsFirst, ChannelsLast, SlicesAsBatch
 from .methods import METHODS, register_method
+from .targets import BoundTargets, Classes, SegmentationRegions, TargetInfo, Targets
 
 __version__ = "0.1.0"
 
 __all__ = [
     "METHODS",
+    "BoundTargets",
     "Certificate",
     "ChannelsFirst",
     "ChannelsLast",
+    "Classes",
     "Explainer",
     "Explanation",
     "InputError",
+    "SegmentationRegions",
     "SlicesAsBatch",
+    "TargetInfo",
+    "Targets",
     "__version__",
     "explain",
     "register_method",

@@ -6,8 +6,11 @@ The rule (chosen once, on the first input, because it needs the input's shapes):
    which outputs still have the input's number of spatial axes (after the layout adaptor, :mod:`medcam3d.layouts`)
    with none reduced to one cell -- i.e. the layers before the head reduces space. Excluded: modules that run more than
    once, containers whose output is their last child's (the child is named), and the module whose output *is* the
-   model output (a segmentation net's final convolution: the layer feeding it is explained). The last
-   :data:`MAX_CANDIDATES` remain.
+   model output. For a segmentation net (a dense output ``[B, C, *spatial]`` with the input's spatial axes) the
+   *output convolution* is the last convolution (or transposed convolution) that turns an input of another shape
+   into the output's shape -- a 1×1×1 convolution, or a UNet's last up-convolution with whatever follows it at the
+   output's shape (MONAI's residual unit); only modules that finish before it are candidates, so the layer feeding
+   the output convolution is the deepest. The last :data:`MAX_CANDIDATES` remain.
 2. **One head evaluation per candidate.** The model is re-run once on the input repeated three times, with the
    candidate's output replaced by ``[A; P; 0]`` (the real activations ``A``, a random probe point ``P`` far away,
    zero). One backward pass of a random combination ``v·s`` of the scores at ``A`` and at ``P`` gives the
@@ -23,6 +26,7 @@ Pure torch (layer 2): no MONAI import.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -53,17 +57,50 @@ class LayerChoice:
 
 @dataclass
 class _Seen:
+    """What one module's (first) call returned."""
+
     order: int
     calls: int
-    key: tuple[Any, ...] | None  # (data_ptr, shape, stride, dtype, version) of a tensor output, else None
+    shape: tuple[int, ...] | None  # of a tensor output, else None
     spatial: bool
+    conv_in: tuple[int, ...] | None = None  # a convolution's input shape
+    ref: weakref.ref[Tensor] | None = None  # the output tensor, while it lives
+    version: int = 0  # its version counter then (tells a tensor changed in place later from the same tensor)
+    passes_on: tuple[str, ...] = ()  # descendants whose output this module returns unchanged
+
+    def returned(self, out: Any) -> bool:
+        """True when ``out`` is this module's output, unchanged since (same live tensor, same version)."""
+        live = self.ref() if self.ref is not None else None
+        return live is not None and live is out and live._version == self.version
 
 
-def _key(out: Any) -> tuple[Any, ...] | None:
-    if not isinstance(out, Tensor):
+def _conv_input(module: nn.Module, inputs: Any) -> tuple[int, ...] | None:
+    """The input shape of a convolution or transposed convolution module, else None."""
+    if isinstance(module, nn.modules.conv._ConvNd) and inputs and isinstance(inputs[0], Tensor):
+        return tuple(inputs[0].shape)
+    return None
+
+
+def _output_convolution(seen: dict[str, _Seen], output: Any, size: tuple[int, ...]) -> int | None:
+    """Finish order of a segmentation net's output convolution (module docstring), None for other outputs."""
+    if not isinstance(output, Tensor) or output.ndim != len(size) + 2:
         return None
-    # the version counter tells an output changed in place later (``+=``, ReLU(inplace=True)) from the same tensor
-    return (out.data_ptr(), tuple(out.shape), out.stride(), out.dtype, out._version)
+    if any(m == 1 < n for m, n in zip(output.shape[2:], size)):
+        return None
+    shape = tuple(output.shape)
+    convs = [s.order for s in seen.values() if s.conv_in is not None and s.shape == shape and s.conv_in != shape]
+    return max(convs) if convs else None
+
+
+def _record(order: int, name: str, module: nn.Module, inputs: Any, out: Any, seen: dict[str, _Seen],
+            spatial: bool) -> _Seen:
+    """What a module's call returned. Tensors are compared by identity while they live (a freed tensor's memory
+    can be reused by a later one, so addresses are not compared)."""
+    if not isinstance(out, Tensor):
+        return _Seen(order, 1, None, spatial, _conv_input(module, inputs))
+    same = tuple(o for o, s in seen.items() if o.startswith(name + ".") and s.returned(out))
+    return _Seen(order, 1, tuple(out.shape), spatial, _conv_input(module, inputs), weakref.ref(out), out._version,
+                 same)
 
 
 def _is_spatial(out: Any, layout: Layout, batch: int, size: tuple[int, ...]) -> bool:
@@ -83,6 +120,13 @@ def spatial_candidates(
 ) -> list[str]:
     """The last :data:`MAX_CANDIDATES` modules (in the order they finish) whose output keeps the input's spatial
     axes (see the module docstring). ``x``: ``[B, C, *spatial]``. Runs the model once without a graph."""
+    return _candidates(model, x, layout, forward_kwargs)[0]
+
+
+def _candidates(
+    model: nn.Module, x: Tensor, layout: Layout, forward_kwargs: Mapping[str, Any] | None = None
+) -> tuple[list[str], Any]:
+    """:func:`spatial_candidates` and the model output of its forward pass."""
     seen: dict[str, _Seen] = {}
     batch, size = x.shape[0], tuple(x.shape[2:])
 
@@ -91,22 +135,26 @@ def spatial_candidates(
             if name in seen:
                 seen[name].calls += 1
             else:
-                seen[name] = _Seen(len(seen), 1, _key(output), _is_spatial(output, layout, batch, size))
+                seen[name] = _record(len(seen), name, module, inputs, output, seen,
+                                     _is_spatial(output, layout, batch, size))
 
         return record
 
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
     try:
         with torch.no_grad():
-            final = _key(model(x, **(forward_kwargs or {})))
+            output = model(x, **(forward_kwargs or {}))
     finally:
         for h in handles:
             h.remove()
     names = sorted(seen, key=lambda n: seen[n].order)
-    eligible = [n for n in names if seen[n].spatial and seen[n].calls == 1 and not (final and seen[n].key == final)]
+    eligible = [n for n in names if seen[n].spatial and seen[n].calls == 1 and not seen[n].returned(output)]
+    stage = _output_convolution(seen, output, size)
+    if stage is not None:  # a segmentation net: the layers before its output convolution
+        eligible = [n for n in eligible if seen[n].order < stage]
     # a container passing on an eligible child's output: the child is named
-    keep = [n for n in eligible if not any(o.startswith(n + ".") and seen[o].key == seen[n].key for o in eligible)]
-    return keep[-MAX_CANDIDATES:]
+    keep = [n for n in eligible if not any(o in eligible for o in seen[n].passes_on)]
+    return keep[-MAX_CANDIDATES:], output
 
 
 def _repeat(value: Any, batch: int, times: int) -> Any:
@@ -191,17 +239,28 @@ def choose_layer(
     model: nn.Module,
     x: Tensor,
     layout: Layout,
-    output: Callable[[Any], Tensor],
+    output: Callable[[Any], Tensor] | None,
     forward_kwargs: Mapping[str, Any] | None = None,
     seed: int = 0,
+    *,
+    bind: Callable[[Any], Callable[[Any], Tensor]] | None = None,
 ) -> LayerChoice:
     """The automatic choice for input ``x`` ``[B, C, *spatial]`` (module docstring). The model should be in eval
     mode with frozen parameters (the explainer's call sets that up).
 
+    Args:
+        output: reads the scores ``[3B, M]`` from the model output on the input repeated 3 times.
+        bind: instead of ``output``, makes the reader from the model output on ``x`` (the candidates' forward
+            pass): targets whose regions are fixed on the real output (:mod:`medcam3d.targets`).
+
     Raises:
         InputError: no module keeps the input's spatial axes (name the layer to explain).
     """
-    names = spatial_candidates(model, x, layout, forward_kwargs)
+    names, real = _candidates(model, x, layout, forward_kwargs)
+    if bind is not None:
+        output = bind(real)
+    if output is None:
+        raise ValueError("choose_layer: give output or bind")
     if not names:
         raise InputError(
             "target_layer='auto': no layer of the model keeps the input's spatial axes; name the layer to explain "

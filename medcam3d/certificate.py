@@ -27,7 +27,7 @@ fed the real gradients a chunk of classes at a time (:meth:`Prober.add`), as the
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -39,6 +39,7 @@ from .heatmaps import normalize
 __all__ = [
     "Certificate",
     "Evidence",
+    "GradientSummary",
     "ProbedHead",
     "Prober",
     "certify",
@@ -51,6 +52,7 @@ __all__ = [
     "l2_distance",
     "pearson",
     "probe_points",
+    "secant_from_sums",
     "secant_residual",
     "spatial_variation",
     "top_overlap",
@@ -101,10 +103,16 @@ def secant_residual(gradients: Tensor, probes: list[Tensor], probe_scores: list[
     Returns: ``[k]`` float64, the largest residual over samples and probes relative to
     ``|s(P)| + |s(0)| + Σ|∂s/∂A ⊙ P|``.
     """
-    out = torch.zeros(gradients.shape[1], dtype=torch.float64)
+    return secant_from_sums([contribution_sums(p, gradients) for p in probes], probe_scores, baseline)
+
+
+def secant_from_sums(sums: Sequence[tuple[Tensor, Tensor]], probe_scores: Sequence[Tensor], baseline: Tensor) -> Tensor:
+    """:func:`secant_residual` from ``(Σ ∂s/∂A|_A ⊙ P, Σ |∂s/∂A|_A ⊙ P|)`` at each probe point (each ``[B, k]``,
+    e.g. from :func:`contribution_sums`), the scores ``s(P)`` there (each ``[B, k]``) and ``s(0)`` ``[B, k]``.
+    Returns: ``[k]`` float64."""
+    out = torch.zeros(baseline.shape[1], dtype=torch.float64)
     s0 = baseline.detach().double().cpu()
-    for p, sp in zip(probes, probe_scores):
-        lin, mag = contribution_sums(p, gradients)
+    for (lin, mag), sp in zip(sums, probe_scores):
         sp = sp.detach().double().cpu()
         res = (sp - s0 - lin.cpu()).abs()
         rel = _safe_ratio(res, sp.abs() + s0.abs() + mag.cpu())
@@ -392,6 +400,45 @@ class ProbedHead(Protocol):
         ...
 
 
+@dataclass
+class GradientSummary:
+    """What a :class:`Prober` keeps of the gradients of k classes at the real activations, however they were
+    computed: :meth:`of` from the dense gradients ``[B, k, F, *S]``; :mod:`medcam3d.regions` from one gradient per
+    class for region targets, without the dense tensor.
+
+    Attributes:
+        contribution: ``[B, k]`` ``Σ ∂s/∂A ⊙ A`` (the HiResCAM sums), float64.
+        magnitude: ``[B, k]`` ``Σ |∂s/∂A ⊙ A|``, float64.
+        variation: ``[k]`` spatial variation of the gradient (:func:`gradient_stats`).
+        gmax: ``[k]`` ``max |∂s/∂A|``.
+        probe_sums: at each probe point ``P``, ``(Σ ∂s/∂A ⊙ P, Σ |∂s/∂A ⊙ P|)``, each ``[B, k]`` float64 (empty when
+            unchecked).
+        combine: coefficients ``[k]`` (float64) -> ``Σ_c coef_c ∂s_c/∂A``, ``[B, F, *S]`` (the Jacobian sketch).
+        dense: the gradients ``[B, k, F, *S]`` (called only for per-class Jacobian comparisons).
+    """
+
+    contribution: Tensor
+    magnitude: Tensor
+    variation: Tensor
+    gmax: Tensor
+    probe_sums: list[tuple[Tensor, Tensor]]
+    combine: Callable[[Tensor], Tensor]
+    dense: Callable[[], Tensor]
+
+    @classmethod
+    def of(cls, activations: Tensor, gradients: Tensor, points: Sequence[Tensor] = ()) -> GradientSummary:
+        """The summary of dense ``gradients`` ``[B, k, F, *S]`` at ``activations`` ``[B, F, *S]``, with the probe
+        sums at ``points`` (each ``[B, F, *S]``)."""
+        signed, magnitude = contribution_sums(activations, gradients)
+        variation, gmax = gradient_stats(gradients)
+
+        def combine(coef: Tensor) -> Tensor:
+            return torch.einsum("k,bk...->b...", coef.to(gradients.device, gradients.dtype), gradients)
+
+        return cls(signed, magnitude, variation, gmax, [contribution_sums(p, gradients) for p in points], combine,
+                   lambda: gradients)
+
+
 class Prober:
     """Collects the certificate's evidence while the gradients are computed, then decides the certificate.
 
@@ -456,30 +503,34 @@ class Prober:
 
         Args: activations ``[B, F, *S]``; gradients ``[B, k, F, *S]`` at those activations, for the classes
         ``classes[n_added : n_added + k]``."""
-        sl = slice(self.n_added, self.n_added + gradients.shape[1])
+        self.add_summary(GradientSummary.of(activations, gradients, list(self.head.points) if self.checked else []))
+
+    def add_summary(self, summary: GradientSummary) -> None:
+        """Take the next ``k`` classes' gradients as a :class:`GradientSummary` (what :meth:`add` does with dense
+        gradients)."""
+        k = summary.contribution.shape[1]
+        sl = slice(self.n_added, self.n_added + k)
         chunk = self.classes[sl]
-        if len(chunk) != gradients.shape[1]:
-            raise ValueError(f"gradients for {gradients.shape[1]} classes, but only {len(chunk)} left to add")
+        if len(chunk) != k:
+            raise ValueError(f"gradients for {k} classes, but only {len(chunk)} left to add")
         self._chunks.append(chunk)
-        signed, magnitude = contribution_sums(activations, gradients)
-        self._contribution.append(signed)
-        self._magnitude.append(magnitude)
-        variation, gmax = gradient_stats(gradients)
-        self._variation.append(variation)
+        self._contribution.append(summary.contribution)
+        self._magnitude.append(summary.magnitude)
+        self._variation.append(summary.variation)
         if not self.checked:
             return
         scores = [ps.detach()[:, chunk] for ps in self.head.point_scores]
-        self._secant.append(secant_residual(gradients, list(self.head.points), scores, self.baseline[:, sl]))
+        self._secant.append(secant_from_sums(summary.probe_sums, scores, self.baseline[:, sl]))
         if self.jacobian_test == "per-class":
-            self._jacobian.append(self._per_class_jacobian(gradients, chunk))
+            self._jacobian.append(self._per_class_jacobian(summary.dense(), chunk))
         else:
-            self._add_to_sketch(gradients, gmax, sl)
+            self._add_to_sketch(summary, sl)
 
-    def _add_to_sketch(self, gradients: Tensor, gmax: Tensor, sl: slice) -> None:
+    def _add_to_sketch(self, summary: GradientSummary, sl: slice) -> None:
         """Add ``Σ_c v_c ∂s_c/∂A`` of this chunk's classes to the sketch (``v_c = z_c / max|∂s_c/∂A|``)."""
-        scale = gmax.double().cpu()
+        scale = summary.gmax.double().cpu()
         self._coef[sl] = self._z[sl] / torch.where(scale > 0, scale, torch.ones_like(scale))
-        part = torch.einsum("k,bk...->b...", self._coef[sl].to(gradients.device, gradients.dtype), gradients)
+        part = summary.combine(self._coef[sl])
         self._sketch = part if self._sketch is None else self._sketch + part
 
     def _per_class_jacobian(self, gradients: Tensor, chunk: list[int]) -> Tensor:

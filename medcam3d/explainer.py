@@ -11,7 +11,11 @@ How one call works (``explainer(x)``):
 3. **All classes at once.** ``∂s_k/∂A`` for the K classes comes from one batched backward
    (``torch.autograd.grad(..., is_grads_batched=True)``), chunked over classes to bound memory, with a
    class-by-class fallback for heads whose ops have no batching rule. Sample b's gradient is taken of its own
-   score only, so samples never mix (the model runs in eval mode).
+   score only, so samples never mix (the model runs in eval mode). The scores are those of the *targets*
+   (:mod:`medcam3d.targets`: the classes by default, or regions of a segmentation), bound once on the real output
+   and read through the same bound targets everywhere below. Region targets on a pointwise head (e.g. a 1×1×1
+   output convolution after the explained layer) share one backward pass per class: their regions are disjoint,
+   so each target's gradient is the class's gradient restricted to its region.
 4. **Methods** (:mod:`medcam3d.methods`) turn ``(A, ∂s/∂A)`` into signed raw maps, after a layout adaptor
    (:mod:`medcam3d.layouts`) has mapped both onto ``[B, F, *spatial]``.
 5. **Placement** (:mod:`medcam3d.placement`): where the explained cells sit on the input -- declared by the
@@ -30,6 +34,7 @@ when an exception is raised), and no parameter ``.grad`` is ever written.
 from __future__ import annotations
 
 import difflib
+import operator
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -39,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.fx
 from torch import Tensor, nn
+from torch.nn import functional as F  # noqa: N812 - the usual name
 
 from .autolayer import LayerChoice, choose_layer
 from .certificate import Certificate, Prober, default_tolerance, probe_points
@@ -50,28 +56,15 @@ from .layouts import Layout, resolve_layout
 # DEFAULT_METHODS lives in methods; importing it from explainer keeps working for one release
 from .methods import DEFAULT_METHODS, get_method
 from .placement import Placement, choose_placement, find_receptive
+from .regions import REGION_METHODS, ClassGradient
+
+# select_scores lives in targets; importing it from explainer keeps working for one release
+from .targets import BoundTargets, Classes, Targets, as_targets, select_scores
 
 if TYPE_CHECKING:  # annotations only (Python 3.10 has no typing.Self)
     from typing_extensions import Self
 
 __all__ = ["Explainer", "explain", "select_scores"]
-
-
-def select_scores(output: Any) -> Tensor:
-    """Default reading of a model's output as raw scores ``[B, M]``: a tensor as is; the first element of a
-    tuple/list; ``output["logits"]`` (or the only value) of a dict."""
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    if isinstance(output, dict):
-        if "logits" in output:
-            return output["logits"]
-        if len(output) == 1:
-            return next(iter(output.values()))
-    raise InputError(
-        f"cannot read class scores from a model output of type {type(output).__name__}; pass output=callable"
-    )
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -113,6 +106,7 @@ class _Head:
     """Runs the model once (backbone without graph) and then evaluates the head at any activations."""
 
     kind = "abstract"
+    pointwise = False  # True when each output voxel depends on the same voxel of the explained layer only
 
     def forward(self, x: Tensor, kwargs: Mapping[str, Any]) -> tuple[Tensor, Any]:
         """Run the model on ``x`` (``kwargs``: the forward's other keyword arguments). Returns the explained
@@ -137,6 +131,80 @@ class _LeafTracer(torch.fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return m is self._leaf or super().is_leaf_module(m, module_qualified_name)
+
+
+_POINTWISE_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Dropout, nn.Dropout1d,
+    nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+)
+_POINTWISE_FUNCTIONS: set[Any] = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, torch.add, torch.sub, torch.mul,
+    torch.div, torch.neg, torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.clamp, F.relu, F.leaky_relu, F.gelu,
+    F.silu, F.elu, F.dropout, F.sigmoid, F.tanh,
+}
+_POINTWISE_METHODS = {"relu", "sigmoid", "tanh", "exp", "float", "double", "half", "to", "contiguous", "clone", "add",
+                      "sub", "mul", "div", "neg", "clamp"}
+_CHANNEL_FUNCTIONS: set[Any] = {torch.softmax, torch.log_softmax, F.softmax, F.log_softmax, torch.cat}
+
+
+def _channel_dim(node: torch.fx.Node) -> bool:
+    """True when a softmax / concatenation node works along axis 1 (the channels)."""
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    return isinstance(dim, int) and dim == 1
+
+
+def _pointwise_module(m: nn.Module) -> bool:
+    if isinstance(m, _POINTWISE_MODULES):
+        return True
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):  # running statistics only
+        return bool(not m.training and m.track_running_stats)
+    if isinstance(m, (nn.Softmax, nn.LogSoftmax)):
+        return m.dim == 1
+    if isinstance(m, nn.modules.conv._ConvNd):
+        padding = m.padding if isinstance(m.padding, tuple) else (0,) if m.padding == "valid" else (1,)
+        return (all(k == 1 for k in m.kernel_size) and all(st == 1 for st in m.stride)
+                and all(p == 0 for p in padding) and all(p == 0 for p in m.output_padding))
+    return False
+
+
+def _pointwise_index(index: Any) -> bool:
+    """An index that selects along the batch and channel axes only (never a spatial one)."""
+    if isinstance(index, int):
+        return True
+    return (isinstance(index, tuple) and Ellipsis not in index
+            and all(i == slice(None) for i in index[2:]))
+
+
+def _pointwise_node(node: torch.fx.Node, root: nn.Module) -> bool:
+    """True when the node's output at a voxel depends on its tensor inputs at that voxel only (an allowlist)."""
+    if node.op in ("output", "get_attr", "placeholder"):
+        return True
+    if node.op == "call_module":
+        return _pointwise_module(root.get_submodule(str(node.target)))
+    if node.op == "call_function":
+        if node.target is operator.getitem:
+            return _pointwise_index(node.args[1])
+        if node.target in _CHANNEL_FUNCTIONS:
+            return _channel_dim(node)
+        return node.target in _POINTWISE_FUNCTIONS
+    if node.op == "call_method":
+        if node.target in ("softmax", "log_softmax"):
+            return _channel_dim(node)
+        return node.target in _POINTWISE_METHODS
+    return False
+
+
+def _inplace(node: torch.fx.Node, root: nn.Module) -> bool:
+    """True when a node may write into its input (an ``inplace`` flag, an in-place method or operator)."""
+    if node.op == "call_module":
+        return bool(getattr(root.get_submodule(str(node.target)), "inplace", False))
+    if node.op == "call_method":
+        return str(node.target).endswith("_")
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return bool(node.kwargs.get("inplace", False)) or name.startswith("i") and hasattr(operator, name)
+    return False
 
 
 class _FxHead(_Head):
@@ -176,6 +244,10 @@ class _FxHead(_Head):
             if n not in self.keep:
                 self.free_after.setdefault(pos, []).append(n)
         self.env: dict[torch.fx.Node, Any] = {}
+        # each output voxel computed from the same voxel of the explained layer (e.g. a 1x1x1 output convolution)
+        self.pointwise = all(_pointwise_node(n, self.gm) for n in self.head_nodes)
+        # a pointwise head without in-place ops never writes into its inputs: no defensive copies needed
+        self.copies = not (self.pointwise and not any(_inplace(n, self.gm) for n in self.head_nodes))
 
     def accepts(self, kwargs: Mapping[str, Any]) -> bool:
         """True when every forward keyword argument is a placeholder of the trace (else re-run the model)."""
@@ -214,8 +286,8 @@ class _FxHead(_Head):
     def __call__(self, activations: Tensor) -> Any:
         interp = torch.fx.Interpreter(self.gm, garbage_collect_values=False)
         # clones, so that in-place ops in the head (ReLU(inplace=True), +=) never touch the leaf or the cache
-        env = {n: v.clone() if isinstance(v, Tensor) else v for n, v in self.env.items()}
-        env[self.target] = activations.clone()
+        env = {n: v.clone() if isinstance(v, Tensor) and self.copies else v for n, v in self.env.items()}
+        env[self.target] = activations.clone() if self.copies else activations
         interp.env = env
         out = None
         for n in self.head_nodes:
@@ -329,8 +401,12 @@ def _sketch_gradient(scores: Tensor, leaf: Tensor, v: Tensor) -> Tensor:
 
 
 def _to_volume(layout: Layout, per_class: Tensor, batch: int) -> Tensor:
-    """``[k, N, ...]`` hooked-layout gradients -> ``[B, k, F, *S]``."""
-    return torch.stack([layout.to_volume(g, batch) for g in per_class], dim=1)
+    """``[k, N, ...]`` hooked-layout gradients -> ``[B, k, F, *S]`` (a view, no copy, when the layout is already
+    the volume layout)."""
+    volumes = [layout.to_volume(g, batch) for g in per_class]
+    if all(v is g for v, g in zip(volumes, per_class)):
+        return per_class.transpose(0, 1)
+    return torch.stack(volumes, dim=1)
 
 
 class _HeadGradients:
@@ -342,10 +418,16 @@ class _HeadGradients:
         batch: B.
         leaf: the real activations (hooked layout, requires grad); ``scores`` ``[B, M]`` has its graph from it.
         probes: probe activations (hooked layout, leaves); ``probe_scores`` ``[B, M]`` each, graphs from them.
+        regions: for region targets on a pointwise head (each output voxel computed from the same voxel of the
+            explained layer, :attr:`_Head.pointwise`): class -> ``[B, *S]`` label map (t + 1 on target t's region,
+            :attr:`medcam3d.targets.BoundTargets.regions`) on the explained grid, and ``target_class`` the class of
+            each target. The targets of one class then share one backward pass: their regions are disjoint, so the
+            gradient of their summed scores, restricted to target t's region, is target t's gradient (exactly).
     """
 
     def __init__(
-        self, layout: Layout, batch: int, leaf: Tensor, scores: Tensor, probes: list[Tensor], probe_scores: list[Tensor]
+        self, layout: Layout, batch: int, leaf: Tensor, scores: Tensor, probes: list[Tensor],
+        probe_scores: list[Tensor], regions: dict[int, Tensor] | None = None, target_class: Sequence[int] = (),
     ) -> None:
         self.layout = layout
         self.batch = batch
@@ -354,13 +436,58 @@ class _HeadGradients:
         self.probes = probes
         self.points = [layout.to_volume(p.detach(), batch) for p in probes]
         self.point_scores = probe_scores
+        self.regions = regions
+        self.target_class = list(target_class)
+        self._class_sums: dict[int, Tensor] = {}  # class -> gradient of its targets' summed scores (real point)
 
     def gradients(self, classes: Sequence[int], probe: int | None = None) -> Tensor:
         """``[B, k, F, *S]`` gradients of the ``classes`` scores at the real activations or at probe ``probe``."""
-        if probe is None:
-            return _to_volume(self.layout, _class_gradients(self.scores, self.leaf, classes), self.batch).detach()
-        per_class = _class_gradients(self.point_scores[probe], self.probes[probe], classes)
-        return _to_volume(self.layout, per_class, self.batch)
+        scores, leaf = (self.scores, self.leaf) if probe is None else (self.point_scores[probe], self.probes[probe])
+        if self.regions is not None:
+            return self._by_region(scores, leaf, classes, probe is None)
+        per_class = _class_gradients(scores, leaf, classes)
+        out = _to_volume(self.layout, per_class, self.batch)
+        return out.detach() if probe is None else out
+
+    def class_gradient(self, cls: int, scores: Tensor | None = None, leaf: Tensor | None = None) -> Tensor:
+        """``[B, F, *S]`` gradient of the summed scores of class ``cls``'s targets (one backward pass), at the real
+        activations (cached) or at the given probe ``scores`` and ``leaf``."""
+        if scores is None and cls in self._class_sums:
+            return self._class_sums[cls]
+        real = scores is None
+        scores, leaf = (self.scores, self.leaf) if real else (scores, leaf)
+        assert scores is not None and leaf is not None
+        v = torch.zeros_like(scores)
+        v[:, [u for u, c in enumerate(self.target_class) if c == cls]] = 1.0
+        g = _sketch_gradient(scores, leaf, v)
+        volume = self.layout.to_volume(g.detach() if real else g, self.batch)
+        if real:
+            self._class_sums[cls] = volume
+        return volume
+
+    def _by_region(self, scores: Tensor, leaf: Tensor, targets: Sequence[int], real: bool) -> Tensor:
+        """Pointwise head: one backward pass per class (its targets' scores summed), split by region."""
+        assert self.regions is not None
+        sums: dict[int, Tensor] = {}
+        out = []
+        for t in targets:
+            cls = self.target_class[t]
+            if cls not in sums:
+                sums[cls] = self.class_gradient(cls) if real else self.class_gradient(cls, scores, leaf)
+            inside = (self.regions[cls] == t + 1).unsqueeze(1)  # [B, 1, *S]
+            out.append(sums[cls] * inside)
+        return torch.stack(out, dim=1)
+
+    def class_runs(self, targets: Sequence[int]) -> list[tuple[int, list[int]]]:
+        """``targets`` cut into runs of consecutive targets of one class: ``(class, run)`` in order."""
+        runs: list[tuple[int, list[int]]] = []
+        for t in targets:
+            cls = self.target_class[t]
+            if runs and runs[-1][0] == cls:
+                runs[-1][1].append(t)
+            else:
+                runs.append((cls, [t]))
+        return runs
 
     def combined_gradient(self, weights: Tensor, probe: int) -> Tensor:
         """``[B, F, *S]`` gradient of ``Σ_c weights[b, c] s_c`` (``weights`` ``[B, M]``) at probe ``probe``."""
@@ -377,7 +504,7 @@ class Explainer:
     """Explain a model's raw class scores at one layer with HiResCAM, Grad-CAM, CAM and relatives.
 
     Args:
-        model: any ``nn.Module`` returning raw class scores ``[B, M]`` (or see ``output``).
+        model: any ``nn.Module`` returning raw class scores ``[B, M]``, or dense scores for ``targets`` to read.
         target_layer: dotted module name (``"layer4"``, ``"conv2d.7"``) or the module itself; default the
             model's ``medcam3d_target_layer`` attribute, else ``"auto"``: chosen on the first call among the last
             few layers that keep the input's spatial axes, preferring the strongest head certificate (see
@@ -386,7 +513,11 @@ class Explainer:
         layout: maps the layer output to ``[B, F, *spatial]``; default the model's ``medcam3d_layout`` or
             channels-first. Use :class:`medcam3d.layouts.SlicesAsBatch` when slices ride in the batch axis.
         labels: names of the M outputs; default the model's ``medcam3d_labels``.
-        output: callable turning the model output into ``[B, M]`` raw scores (default :func:`select_scores`).
+        targets: what is explained (:mod:`medcam3d.targets`): :class:`~medcam3d.targets.Classes` (default, the
+            M class scores), :class:`~medcam3d.targets.SegmentationRegions` (regions of a segmentation output), or
+            any callable ``output -> [B, T]``. Bound once per call on the real output (regions fixed there) and read
+            at the real activations, the probe points and in the gradients alike.
+        output: deprecated alias of ``targets=Classes(reader=output)`` (a :class:`DeprecationWarning`).
         certify: compute the faithfulness certificate (a few cheap head evaluations).
         n_probes: random probe points for the affinity test (≥ 2).
         head: ``"auto"`` (fx trace when possible, else re-run), ``"fx"`` or ``"rerun"``.
@@ -419,6 +550,7 @@ class Explainer:
         layout: Layout | str | None = None,
         *,
         labels: Sequence[str] | None = None,
+        targets: Targets | Callable[[Any], Tensor] | None = None,
         output: Callable[[Any], Tensor] | None = None,
         certify: bool = True,
         n_probes: int = 2,
@@ -445,7 +577,7 @@ class Explainer:
         self.layout = resolve_layout(layout if layout is not None else getattr(model, "medcam3d_layout", None))
         lab = labels if labels is not None else getattr(model, "medcam3d_labels", None)
         self.labels = list(lab) if lab is not None else None
-        self.output = output or select_scores
+        self.targets = self._resolve_targets(targets, output)
         self.certify = certify
         if n_probes < 2:
             raise InputError("n_probes must be at least 2")
@@ -478,6 +610,19 @@ class Explainer:
         return self.model.get_submodule(self.layer_choice.name) if self.layer_choice is not None else None
 
     @staticmethod
+    def _resolve_targets(targets: Targets | Callable[[Any], Tensor] | None,
+                         output: Callable[[Any], Tensor] | None) -> Targets:
+        """``targets`` (:func:`medcam3d.targets.as_targets`), or the deprecated ``output=`` reader as
+        :class:`~medcam3d.targets.Classes`."""
+        if output is None:
+            return as_targets(targets)
+        if targets is not None:
+            raise InputError("give targets= or its deprecated alias output=, not both")
+        warnings.warn("Explainer(output=...) is deprecated; use targets=Classes(reader=...) (medcam3d.targets)",
+                      DeprecationWarning, stacklevel=3)
+        return Classes(reader=output)
+
+    @staticmethod
     def _resolve_layer(model: nn.Module, target: str | nn.Module | None) -> LayerChoice | None:
         """The named or declared layer, or None for ``"auto"`` (chosen on the first call)."""
         reason = "given"
@@ -499,14 +644,16 @@ class Explainer:
         return LayerChoice(target, reason)
 
     def _choose_layer(self, x: Tensor, kwargs: Mapping[str, Any]) -> LayerChoice:
-        """``target_layer="auto"``: choose on this input (once; cached), see :mod:`medcam3d.autolayer`."""
+        """``target_layer="auto"``: choose on this input (once; cached), see :mod:`medcam3d.autolayer`. The
+        targets are bound on the output of the candidates' forward pass and read on the input repeated 3 times."""
         if self.layer_choice is None:
-            self.layer_choice = choose_layer(self.model, x, self.layout, self._auto_output(x.shape[0]), kwargs,
-                                             self.seed)
+            batch = x.shape[0]
+            self.layer_choice = choose_layer(self.model, x, self.layout, None, kwargs, self.seed,
+                                             bind=lambda y: self._auto_output(self._bind(y, batch), batch))
         return self.layer_choice
 
-    def _auto_output(self, batch: int) -> Callable[[Any], Tensor]:
-        return lambda y: self._scores(y, 3 * batch)
+    def _auto_output(self, bound: BoundTargets, batch: int) -> Callable[[Any], Tensor]:
+        return lambda y: self._scores(bound, y, 3 * batch)
 
     def _head(self, kwargs: Mapping[str, Any]) -> _Head:
         assert self.layer is not None and self.layer_name is not None  # chosen before the first head
@@ -541,11 +688,14 @@ class Explainer:
 
         Args:
             x: ``[B, C, *spatial]`` input (a MONAI MetaTensor is accepted; its affine is kept).
-            classes: output indices or labels to explain; default all M outputs.
+            classes: which targets to explain: for :class:`~medcam3d.targets.Classes`, output indices or labels
+                (default the targets' own selection, else all M outputs); for other targets, target indices or
+                names (default all T).
             allow_nonfinite: explain an input holding NaN or Inf (refused by default, as the command line does).
             forward_kwargs: the model's other forward arguments (``model(x, **forward_kwargs)``, e.g. clinical
                 covariates), passed to every forward pass of the call.
-        Returns: an :class:`Explanation` with ``raw[method]`` of shape ``[B, K, *map_spatial]``.
+        Returns: an :class:`Explanation` with ``raw[method]`` of shape ``[B, K, *map_spatial]`` (K explained
+            targets) and the targets' descriptions (:attr:`Explanation.targets`).
         """
         affine, meta = None, None
         if hasattr(x, "as_tensor") and hasattr(x, "affine"):  # MONAI MetaTensor, duck-typed
@@ -587,12 +737,13 @@ class Explainer:
             notes.append(f"fx trace unavailable ({self._fx_failed}); the head was evaluated by re-running the model")
         try:
             leaf, output = head.forward(x, kwargs)
-            scores = self._scores(output, batch)
+            bound = self._bind(output, batch)
+            scores = self._scores(bound, output, batch)
             timings["forward"] = time.perf_counter() - t0
             t1 = time.perf_counter()
-            class_idx = self._class_indices(classes, scores.shape[1])
+            class_idx = self._class_indices(classes if classes is not None else bound.selection, bound)
             volume = self._volume(leaf.detach(), batch)  # [B, F, *S]
-            grads, prober = self._probe(head, leaf, scores, class_idx, volume.dtype)
+            grads, prober = self._probe(head, bound, leaf, scores, class_idx, volume)
             timings["probes"] = time.perf_counter() - t1
             t2 = time.perf_counter()
             raw, kept = self._maps(grads, prober, volume, class_idx)
@@ -611,7 +762,7 @@ class Explainer:
             raw=raw,
             certificate=cert,
             input_size=tuple(x.shape[2:]),
-            labels=self.labels,
+            labels=bound.labels,
             affine=affine,
             activations=volume.detach() if self.keep_gradients else None,
             gradients=kept,
@@ -619,6 +770,10 @@ class Explainer:
             geometry=receptive.geometry if isinstance(receptive, Placement) else None,
             placement=placement,
             layer=self.layer_choice,
+            targets=list(bound.infos),
+            target_valid=bound.valid.to(scores.device),
+            sample_targets=[list(row) for row in bound.sample_infos],
+            notes=list(bound.notes),
         )
 
     def _placement(self, input_size: tuple[int, ...], map_size: tuple[int, ...]) -> tuple[Placement | str, Placement]:
@@ -630,23 +785,29 @@ class Explainer:
         return found, choose_placement(self.map_geometry, found, map_size, input_size)
 
     def _probe(
-        self, head: _Head, leaf: Tensor, scores: Tensor, class_idx: list[int], dtype: torch.dtype
+        self, head: _Head, bound: BoundTargets, leaf: Tensor, scores: Tensor, class_idx: list[int], volume: Tensor
     ) -> tuple[_HeadGradients, Prober]:
-        """Evaluate the head at the probe points and at zero; return the gradient source and a fresh prober."""
+        """Evaluate the head at the probe points and at zero (scores read through the same ``bound`` targets);
+        return the gradient source and a fresh prober."""
         batch = scores.shape[0]
         hooked = leaf.detach()
         probes = probe_points(hooked, self.n_probes, self.seed) if self.certify else []
-        grads = _HeadGradients(self.layout, batch, leaf, scores, probes, [self._scores(head(p), batch) for p in probes])
+        probe_scores = [self._scores(bound, head(p), batch) for p in probes]
+        regions = bound.regions if head.pointwise else None
+        if regions is not None and any(r.shape[1:] != volume.shape[2:] for r in regions.values()):
+            regions = None  # the explained grid is not the output grid
+        grads = _HeadGradients(self.layout, batch, leaf, scores, probes, probe_scores, regions,
+                               [i.cls for i in bound.infos])
         if self.certify:
             with torch.no_grad():
-                baseline = self._scores(head(torch.zeros_like(hooked)), batch)[:, class_idx]
+                baseline = self._scores(bound, head(torch.zeros_like(hooked)), batch)[:, class_idx]
         else:
             baseline = torch.full((batch, len(class_idx)), float("nan"), dtype=scores.dtype, device=scores.device)
         prober = Prober(
             class_idx,
             grads,
             baseline,
-            default_tolerance(dtype),
+            default_tolerance(volume.dtype),
             checked=self.certify,
             jacobian_test=self.jacobian,
             sketch_seed=self.seed + 1,
@@ -656,9 +817,12 @@ class Explainer:
     def _maps(
         self, grads: _HeadGradients, prober: Prober, volume: Tensor, class_idx: list[int]
     ) -> tuple[dict[str, Tensor], Tensor | None]:
-        """Gradients -> maps -> evidence, a chunk of classes at a time.
+        """Gradients -> maps -> evidence, a chunk of classes at a time (region targets on a pointwise head: a
+        class at a time, from one gradient per class, :mod:`medcam3d.regions`).
 
         Returns: method -> raw maps ``[B, K, *S]``, and the gradients ``[B, K, F, *S]`` when kept."""
+        if grads.regions is not None and not self.keep_gradients and set(self.methods) <= set(REGION_METHODS):
+            return self._region_maps(grads, prober, volume, class_idx), None
         raw: dict[str, list[Tensor]] = {m: [] for m in self.methods}
         kept: list[Tensor] = []
         for chunk in self._chunks(class_idx, volume):
@@ -671,6 +835,22 @@ class Explainer:
                 kept.append(g)
         return {m: torch.cat(v, dim=1) for m, v in raw.items()}, torch.cat(kept, dim=1) if kept else None
 
+    def _region_maps(
+        self, grads: _HeadGradients, prober: Prober, volume: Tensor, class_idx: list[int]
+    ) -> dict[str, Tensor]:
+        """:meth:`_maps` for region targets on a pointwise head: per run of one class's targets, the maps and the
+        evidence from the class's gradient and label map (no per-target gradient tensor)."""
+        assert grads.regions is not None
+        raw: dict[str, list[Tensor]] = {m: [] for m in self.methods}
+        total = len(grads.target_class)
+        for cls, run in grads.class_runs(class_idx):
+            cg = ClassGradient(grads.class_gradient(cls), grads.regions[cls], total)
+            with torch.no_grad():
+                for m in self.methods:
+                    raw[m].append(cg.maps(m, volume, run))
+                prober.add_summary(cg.summary(volume, run, grads.points if self.certify else []))
+        return {m: torch.cat(v, dim=1) for m, v in raw.items()}
+
     def _check_cam(self, cert: Certificate) -> None:
         """Refuse method ``cam`` unless the head is certified GAP + linear."""
         if "cam" in self.methods and cert.kind != "cam":
@@ -680,28 +860,45 @@ class Explainer:
             )
 
     # -- pieces ---------------------------------------------------------------------------------------------
-    def _scores(self, output: Any, batch: int) -> Tensor:
-        s = self.output(output)
+    def _bind(self, output: Any, batch: int) -> BoundTargets:
+        """The targets bound on the real model ``output`` (detached; no graph), checked against the batch."""
+        output = _detach(output)
+        with torch.no_grad():
+            bound = self.targets.bind(output, self.labels)
+            if not isinstance(bound, BoundTargets):
+                raise InputError(f"targets.bind returned {type(bound).__name__}, not BoundTargets")
+            self._scores(bound, output, batch)  # the shape checks, with their messages
+        if bound.valid.shape != (batch, len(bound.infos)):
+            raise InputError(f"targets: valid has shape {tuple(bound.valid.shape)}, expected "
+                             f"[B={batch}, T={len(bound.infos)}]")
+        return bound
+
+    def _scores(self, bound: BoundTargets, output: Any, batch: int) -> Tensor:
+        """``[B, T]`` target scores of ``output`` (graph kept), read through the bound targets."""
+        s = bound(output)
         if not isinstance(s, Tensor):
-            raise InputError(f"output selector returned {type(s).__name__}, not a tensor")
+            raise InputError(f"the targets' score reader returned {type(s).__name__}, not a tensor")
         if s.ndim == 1:
             s = s.unsqueeze(1)
         if s.ndim != 2 or s.shape[0] != batch:
             raise InputError(
                 f"model scores have shape {tuple(s.shape)}; expected [B={batch}, M] raw class scores "
-                "(for dense outputs pass output=lambda y: y.flatten(2).mean(2) or similar)"
+                "(for segmentation outputs pass targets=SegmentationRegions(...), medcam3d.targets)"
             )
         return s
 
-    def _class_indices(self, classes: Sequence[int | str] | None, m: int) -> list[int]:
+    def _class_indices(self, classes: Sequence[int | str] | None, bound: BoundTargets) -> list[int]:
+        """Indices on the T axis of the explained targets (labels or names looked up in ``bound.labels``)."""
+        m = len(bound.infos)
         if classes is None:
             return list(range(m))
+        names = bound.labels
         out = []
         for c in classes:
             if isinstance(c, str):
-                if not self.labels or c not in self.labels:
+                if not names or c not in names:
                     raise InputError(f"classes: unknown label {c!r}")
-                c = self.labels.index(c)
+                c = names.index(c)
             c = int(c)
             if not 0 <= c < m:
                 raise InputError(f"classes: index {c} out of range for a model with {m} outputs")
@@ -722,6 +919,17 @@ class Explainer:
         per_class = activations.numel() * activations.element_size() * (6 + 2 * len(self.methods))
         size = max(1, min(len(classes), self.max_chunk_bytes // max(per_class, 1)))
         return [classes[i : i + size] for i in range(0, len(classes), size)]
+
+
+def _detach(output: Any) -> Any:
+    """``output`` with every tensor detached (tuples, lists and dicts walked)."""
+    if isinstance(output, Tensor):
+        return output.detach()
+    if isinstance(output, (tuple, list)):
+        return type(output)(_detach(o) for o in output) if type(output) in (tuple, list) else output
+    if isinstance(output, dict):
+        return {k: _detach(v) for k, v in output.items()}
+    return output
 
 
 def _meta_out(x: Any) -> Any:

@@ -15,6 +15,7 @@ from .errors import InputError
 from .geometry import GEOMETRIES, MapGeometry, covered_region
 from .heatmaps import iter_heatmaps, to_heatmap
 from .placement import Placement, no_receptive_message
+from .targets import TargetInfo
 
 __all__ = ["Explanation"]
 
@@ -24,12 +25,13 @@ class Explanation:
     """Maps for K classes of a batch of B inputs.
 
     Attributes:
-        scores: ``[B, M]`` raw class scores ``s_m`` (before sigmoid/softmax) for all M model outputs.
-        classes: the K explained class indices (into the M outputs), in the order of the maps' K axis.
+        scores: ``[B, M]`` raw scores ``s_m`` (before sigmoid/softmax) of all M targets: the M model outputs
+            for class targets (the default), the T region scores for segmentation targets (:mod:`medcam3d.targets`).
+        classes: the K explained target indices (into the M scores), in the order of the maps' K axis.
         raw: method name -> ``[B, K, *map_spatial]`` signed maps at feature resolution (before any ReLU).
         certificate: what is proven about these maps (:class:`medcam3d.certificate.Certificate`).
         input_size: spatial size of the model input (the default heatmap size).
-        labels: names of the M outputs, when known.
+        labels: names of the M outputs, when known (for region targets, the target names).
         affine: ``[4, 4]`` affine of the input grid (array index -> RAS mm) when the input was a MONAI
             MetaTensor, else None.
         activations: ``[B, F, *map_spatial]`` explained-layer activations (only with ``keep_gradients=True``).
@@ -48,6 +50,14 @@ class Explanation:
             heatmaps MetaTensors with their own world affine only. None for plain tensors (plain tensors out).
         layer: the explained layer and why it was explained (given, declared by the model, or chosen by
             ``target_layer="auto"``; :class:`medcam3d.autolayer.LayerChoice`). None on explanations built by hand.
+        targets: the M targets described (:class:`medcam3d.targets.TargetInfo`: class, region, voxels, centroid),
+            parallel to :attr:`scores`' second axis; for class targets one ``region="class"`` entry per output. None
+            on explanations built by hand.
+        target_valid: ``[B, M]`` bool, False where a sample has no such target (per-sample regions are padded; an
+            invalid entry's score and maps are exactly 0). None on explanations built by hand.
+        sample_targets: ``[B][M]`` per-sample descriptions (None where invalid); equal to :attr:`targets` in every
+            sample unless regions differ per sample.
+        notes: one-line remarks about the targets (skipped empty regions, dropped components).
     """
 
     scores: Tensor
@@ -64,6 +74,10 @@ class Explanation:
     placement: Placement | None = None
     layer: LayerChoice | None = None
     meta: Any = None
+    targets: list[TargetInfo] | None = None
+    target_valid: Tensor | None = None
+    sample_targets: list[list[TargetInfo | None]] | None = None
+    notes: list[str] = field(default_factory=list)
 
     # -- naming ---------------------------------------------------------------------------------------------
     @property
@@ -212,6 +226,7 @@ class Explanation:
             raw={k: mv(v) for k, v in self.raw.items()},
             activations=mv(self.activations),
             gradients=mv(self.gradients),
+            target_valid=mv(self.target_valid),
         )
 
     def cpu(self) -> Explanation:
