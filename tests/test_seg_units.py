@@ -160,3 +160,40 @@ def test_montage_views_cut_through_the_given_voxel():
         assert v.ct[v.peak] == 100.0  # the marked pixel is the given voxel
     peak_views = montage_views(ct, {"hirescam": hm}, np.eye(4))
     assert peak_views[0].peak == (0, 0)  # the peak (4, 5, 6): row J-1-5 = 0, column I-1-4 = 0
+
+
+# -- the README's section ------------------------------------------------------------------------------------------
+
+
+def _readme_section() -> str:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    start = text.index("## Explain a segmentation network")
+    return text[start:text.index("\n## ", start + 3)]
+
+
+def test_readme_segmentation_config_loads(tmp_path):
+    from medcam3d.config import load_config
+
+    section = _readme_section()
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "seg.yaml").write_text(block)
+    c = load_config(tmp_path / "seg.yaml")
+    assert c.task == "segmentation" and c.probability == "softmax" and c.labels == ["background", "nodule", "mass"]
+    assert c.targets == TargetSettings(region="components", reduce="sum", max_targets=20, classes=(1, 2),
+                                       background=0)
+
+
+def test_readme_segmentation_commands_parse():
+    from medcam3d.cli import build_parser
+
+    section = _readme_section()
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    lines = [line.split("#", 1)[0].split() for line in block.strip().splitlines()]
+    assert len(lines) == 4
+    for words in lines:
+        assert words[0] == "medcam3d"
+        args = build_parser().parse_args(words[1:])
+        assert args.command in ("explain", "demo")
+    assert build_parser().parse_args(lines[3][1:]).task == "segmentation"
