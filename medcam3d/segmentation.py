@@ -148,8 +148,9 @@ class RecordingTargets:
 def _mean_probabilities(bound: BoundTargets, probs: Tensor, reduce: str) -> np.ndarray:
     """``[T]``: each target's mean probability of its class over its region in sample 0 (NaN for an invalid
     entry): the bound region scores read on the probabilities, divided by the voxel count for sums."""
+    exact = probs.to(torch.float64) if probs.device.type != "mps" else probs  # MPS has no float64
     with torch.no_grad():
-        reduced = bound(probs.to(torch.float64))[0].cpu().numpy()
+        reduced = bound(exact)[0].double().cpu().numpy()
     out = np.full(len(bound.infos), np.nan)
     for t, info in enumerate(bound.sample_infos[0] if bound.sample_infos else bound.infos):
         if info is not None and info.voxels:
