@@ -153,11 +153,18 @@ def test_montage_views_cut_through_the_given_voxel():
     hm = np.zeros((5, 6, 7), np.float32)
     hm[4, 5, 6] = 1.0  # the peak is elsewhere: `at` wins
     ct[1, 2, 3] = 100.0
-    views = montage_views(ct, {"hirescam": hm}, np.eye(4), at=(1, 2, 3))
+    region = np.zeros((5, 6, 7), bool)
+    region[1, 2, 3] = region[0, 2, 3] = True  # the voxel and its neighbour towards patient left (x - 1)
+    views = montage_views(ct, {"hirescam": hm}, np.eye(4), at=(1, 2, 3), region=region)
     assert [v.name for v in views] == ["axial", "coronal", "sagittal"]
     assert [v.peak for v in views] == [(3, 3), (3, 3), (3, 3)]
     for v in views:
         assert v.ct[v.peak] == 100.0  # the marked pixel is the given voxel
+        assert v.region is not None and v.region[v.peak]
+    # i = 0 is one column further to the image's right (patient left) in the axial and coronal views; the
+    # sagittal slice at i = 1 holds only the voxel itself
+    assert [int(v.region.sum()) for v in views] == [2, 2, 1]
+    assert views[0].region[3, 4] and views[1].region[3, 4]
     peak_views = montage_views(ct, {"hirescam": hm}, np.eye(4))
     assert peak_views[0].peak == (0, 0)  # the peak (4, 5, 6): row J-1-5 = 0, column I-1-4 = 0
 
