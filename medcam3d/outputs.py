@@ -31,7 +31,7 @@ the predicted segmentation (:mod:`medcam3d.targets`) -- where classification net
     targets.csv                             target,name,class,label,region,component,voxels,centroid_x_mm,
                                             centroid_y_mm,centroid_z_mm,score (:class:`TargetRecord`)
 
-and the montages cut through each region's centroid instead of the map's peak.
+and the montages cut through each region's centroid instead of the map's peak, the region outlined.
 
 ``NNN`` is the zero-padded class (or target) index.
 A folder is written under a temporary name next to its destination and
