@@ -21,7 +21,20 @@ Folder layout (documented in the README; readers -- viewer, batch, reports -- re
                                             letters, the covered region outlined, the peak marked, a colour bar in
                                             raw scores, the CT window named
 
-``NNN`` is the zero-padded class index. A folder is written under a temporary name next to its destination and
+Segmentation networks (``task: segmentation``; summary ``task == "segmentation"``) explain *targets* -- regions of
+the predicted segmentation (:mod:`medcam3d.targets`) -- where classification networks explain classes: every
+``<NNN>_<label>`` above is then the target index and the target's name, ``scores.csv`` and the summary's
+``classes`` hold one row per target, and the folder also holds::
+
+    segmentation.nii.gz                     the predicted label map (uint8, value = output channel, 0 = background)
+                                            on the scan's own grid (its affine and shape; nearest neighbour)
+    targets.csv                             target,name,class,label,region,component,voxels,centroid_x_mm,
+                                            centroid_y_mm,centroid_z_mm,score (:class:`TargetRecord`)
+
+and the montages cut through each region's centroid instead of the map's peak, the region outlined.
+
+``NNN`` is the zero-padded class (or target) index.
+A folder is written under a temporary name next to its destination and
 renamed into place when complete; an existing medcam3d output folder is replaced, anything else is refused.
 
 ``summary.json`` has one owner, this module: :class:`Summary` (typed records), written only by
@@ -80,9 +93,13 @@ __all__ = [
     "WINDOWS",
     "DICOM_PM_PREFIX",
     "DICOM_SEG_PREFIX",
+    "SEGMENTATION",
+    "TARGETS",
+    "TARGET_FIELDS",
     "BatchRecord",
     "COVERED_COLOUR",
     "PEAK_COLOUR",
+    "REGION_COLOUR",
     "VIEW_LETTERS",
     "CertificateRecord",
     "ClassRecord",
@@ -97,6 +114,7 @@ __all__ = [
     "MontageView",
     "PeakRecord",
     "Summary",
+    "TargetRecord",
     "check_output_folder",
     "class_stem",
     "dicom_pm_name",
@@ -108,18 +126,23 @@ __all__ = [
     "montage_name",
     "montage_views",
     "output_folder",
+    "read_targets_csv",
     "render_montage",
     "summary_from_dict",
     "to_spl",
     "write_json",
     "write_scores_csv",
     "write_summary",
+    "write_targets_csv",
 ]
 
 SUMMARY = "summary.json"
 DICOM_PM_PREFIX = "dicom_pm_"
 DICOM_SEG_PREFIX = "dicom_seg_"
 SCORES = "scores.csv"
+#: segmentation networks: the predicted label map on the scan grid, and one row per explained target
+SEGMENTATION = "segmentation.nii.gz"
+TARGETS = "targets.csv"
 SCHEMA_VERSION = 1
 """Version of the ``summary.json`` schema this code writes (see the versioning rule in the module docstring)."""
 #: CT display windows: name -> (level, width) in HU
@@ -248,13 +271,18 @@ class _Record:
 
     #: fields left out of the JSON when None (such keys were absent, not null, before the schema had types)
     _omit_if_none: ClassVar[tuple[str, ...]] = ()
+    #: fields left out of the JSON when they hold their default (added fields whose default is what older files
+    #: meant: a file rewritten keeps its keys)
+    _omit_if_default: ClassVar[tuple[str, ...]] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object (fresh lists and dicts: changing it leaves the record alone)."""
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name != _EXTRA and not (value is None and f.name in self._omit_if_none):
+            omit = (value is None and f.name in self._omit_if_none) or (
+                f.name in self._omit_if_default and value == f.default)
+            if f.name != _EXTRA and not omit:
                 out[f.name] = _dump(value)
         out.update(_dump(getattr(self, _EXTRA, {})))
         return out
@@ -448,6 +476,79 @@ class ClassRecord(_Record):
 
 
 @dataclass(kw_only=True)
+class TargetRecord(_Record):
+    """One explained target of a segmentation network (:class:`medcam3d.targets.TargetInfo` as written out).
+
+    Attributes:
+        index: position on the K axis of the maps (and in ``classes``, ``scores.csv``, ``targets.csv``).
+        name: the target's name (e.g. ``"mass component 1"``), as file names and ``classes[].label`` show it.
+        cls: the output channel whose score is explained (= its value in ``segmentation.nii.gz``).
+        label: that channel's class name.
+        region: ``"predicted"`` (the class's whole predicted mask), ``"component"`` (one 26-connected component of
+            it), ``"mask"``, ``"box"`` or ``"class"``.
+        component: the component's rank by size (1 = largest); None for other regions.
+        voxels: the region's size in network-grid voxels (None when unknown).
+        centroid_mm: the region's centroid in RAS mm (the convention of :attr:`PeakRecord.world_ras_mm`), mapped
+            from network-grid indices by the network grid's affine; None when unknown.
+        score: the raw region score: the class's logits summed (``reduce: sum``) or averaged (``mean``) over the
+            region -- not a probability.
+    """
+
+    index: int
+    name: str
+    cls: int
+    label: str
+    region: str
+    component: int | None = None
+    voxels: int | None = None
+    centroid_mm: list[float] | None = None
+    score: float
+
+
+#: the columns of ``targets.csv`` (:func:`write_targets_csv`, :func:`read_targets_csv`)
+TARGET_FIELDS = ("target", "name", "class", "label", "region", "component", "voxels", "centroid_x_mm",
+                 "centroid_y_mm", "centroid_z_mm", "score")
+
+
+def _cell(value: Any) -> str:
+    """A CSV cell: empty for None, 9 significant digits for floats."""
+    if value is None:
+        return ""
+    return f"{value:.9g}" if isinstance(value, float) else str(value)
+
+
+def write_targets_csv(records: Sequence[TargetRecord], path: str | os.PathLike[str]) -> Path:
+    """``targets.csv``: one row per target (:data:`TARGET_FIELDS`; empty cells for unknown values)."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(TARGET_FIELDS)
+    for r in records:
+        xyz = list(r.centroid_mm) if r.centroid_mm is not None else [None, None, None]
+        w.writerow([_cell(v) for v in (r.index, r.name, r.cls, r.label, r.region, r.component, r.voxels,
+                                       *(None if v is None else float(v) for v in xyz), float(r.score))])
+    return write_text_atomic(path, buf.getvalue())
+
+
+def read_targets_csv(path: str | os.PathLike[str]) -> list[TargetRecord]:
+    """The records of a ``targets.csv`` (:func:`write_targets_csv`); InputError naming the file when it is not
+    one."""
+    p = Path(path)
+    try:
+        rows = list(csv.DictReader(io.StringIO(p.read_text(encoding="utf-8"))))
+    except OSError as e:
+        raise InputError(f"unreadable ({e.strerror or e})", p) from None
+    opt = (lambda v, kind: kind(v) if v != "" else None)  # noqa: E731 - a two-use converter
+    try:
+        return [TargetRecord(
+            index=int(r["target"]), name=r["name"], cls=int(r["class"]), label=r["label"], region=r["region"],
+            component=opt(r["component"], int), voxels=opt(r["voxels"], int),
+            centroid_mm=None if r["centroid_x_mm"] == "" else [float(r[f"centroid_{a}_mm"]) for a in "xyz"],
+            score=float(r["score"])) for r in rows]
+    except (KeyError, TypeError, ValueError) as e:
+        raise InputError(f"not a medcam3d targets.csv ({type(e).__name__}: {e})", p) from None
+
+
+@dataclass(kw_only=True)
 class BatchRecord(_Record):
     """Written by ``medcam3d batch``: the scan's id, its folder under ``scans/`` and the run that made it."""
 
@@ -480,10 +581,18 @@ class Summary(_Record):
     (what was assumed rather than refused, e.g. which of several DICOM series was read, a generated DICOM UID), one
     line each, ``dicom_export`` and ``notes`` were added in schema version 1 (added fields keep the version); they
     are absent from older files.
+
+    Segmentation networks (added in version 1 too; older files read as ``task == "classification"``, and
+    ``task`` is written only when it is not that): ``task`` is ``"segmentation"``, ``targets`` describes each
+    explained target in the maps' K order (:class:`TargetRecord`), ``classes`` holds one record per target
+    (``label`` = the target's name, ``score`` = its raw region score, ``probability`` = the mean predicted
+    probability of its class over the region), ``segmentation`` names the predicted label map's file and
+    ``segmentation_labels`` maps its values (as strings) to class names (background 0 omitted).
     """
 
     _omit_if_none: ClassVar[tuple[str, ...]] = ("batch", "organ_shares", "warnings", "assumptions", "dicom_export",
-                                                "notes")
+                                                "notes", "targets", "segmentation", "segmentation_labels")
+    _omit_if_default: ClassVar[tuple[str, ...]] = ("task",)
 
     schema_version: int = SCHEMA_VERSION
     medcam3d_version: str = "unknown"
@@ -510,6 +619,10 @@ class Summary(_Record):
     assumptions: list[str] | None = None
     dicom_export: DicomExportRecord | None = None
     notes: list[str] | None = None
+    task: str = "classification"
+    targets: list[TargetRecord] | None = None
+    segmentation: str | None = None
+    segmentation_labels: dict[str, str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def with_sections(self, sections: Mapping[str, Any] | None) -> Summary:
@@ -576,9 +689,11 @@ def write_summary(summary: Summary, path: str | os.PathLike[str]) -> Path:
 # Montage
 # -----------------------------------------------------------------------------------------------------------------
 
-#: montage colours (RGB in [0, 1]): the outline of the region the map's cells cover, and the marker at the peak
+#: montage colours (RGB in [0, 1]): the outline of the region the map's cells cover, the marker at the peak, and
+#: the outline of an explained segmentation region
 COVERED_COLOUR = (0.0, 1.0, 1.0)
 PEAK_COLOUR = (0.2, 1.0, 0.2)
+REGION_COLOUR = (1.0, 0.3, 1.0)
 #: orientation letters per view: (top, bottom, left, right) -- radiological convention
 VIEW_LETTERS = {"axial": ("A", "P", "R", "L"), "coronal": ("S", "I", "R", "L"), "sagittal": ("S", "I", "A", "P")}
 #: ``covered`` for a montage: a bool volume on the scan grid, or a function of scan indices ``(i, j, k)``
@@ -624,6 +739,14 @@ def _peak_spl(volume: np.ndarray, affine: np.ndarray) -> tuple[int, int, int]:
     return out[0], out[1], out[2]
 
 
+def _index_spl(ijk: Sequence[int], shape: tuple[int, ...], affine: np.ndarray) -> tuple[int, int, int]:
+    """SPL index ``(k, j, i)`` of scan voxel ``ijk`` (as :func:`_peak_spl` maps the peak)."""
+    out = [0, 0, 0]
+    for a, (axis, flip) in enumerate(_spl_transform(affine)):
+        out[int(axis)] = shape[a] - 1 - int(ijk[a]) if flip < 0 else int(ijk[a])
+    return out[0], out[1], out[2]
+
+
 def _unit(a: np.ndarray) -> np.ndarray:
     """A display map slice as float in [0, 1] (uint8 maps hold ``round(255 h)``)."""
     return a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else np.asarray(a, dtype=np.float32)
@@ -638,6 +761,7 @@ class MontageView:
         ct: ``[rows, cols]`` HU.
         maps: method -> ``[rows, cols]`` display values in [0, 1].
         covered: ``[rows, cols]`` bool, where the map's cells sit (None: not known, drawn as all covered).
+        region: ``[rows, cols]`` bool, the explained segmentation region on this slice (None: no region).
         aspect: pixel height / width.
         peak: ``(row, col)`` of the peak in this view.
     """
@@ -648,6 +772,7 @@ class MontageView:
     covered: np.ndarray | None
     aspect: float
     peak: tuple[int, int]
+    region: np.ndarray | None = None
 
     @property
     def letters(self) -> tuple[str, str, str, str]:
@@ -687,8 +812,12 @@ def montage_views(
     affine: np.ndarray,
     peak_from: str | None = None,
     covered: Covered | None = None,
+    at: Sequence[int] | None = None,
+    region: np.ndarray | None = None,
 ) -> list[MontageView]:
-    """The axial, coronal and sagittal slices through the peak of ``maps[peak_from]`` (default: the first map).
+    """The axial, coronal and sagittal slices through the peak of ``maps[peak_from]`` (default: the first map), or
+    through scan voxel ``at = (i, j, k)`` (a segmentation region's centroid), which the marker then marks;
+    ``region`` (bool ``[I, J, K]``, the explained region) is cut with them and outlined.
 
     Args:
         ct: ``[I, J, K]`` HU on the scan grid.
@@ -700,13 +829,17 @@ def montage_views(
     methods = list(maps)
     ct_s, sp = to_spl(ct, affine)
     maps_s = {m: to_spl(v, affine)[0] for m, v in maps.items()}
-    k, j, i = _peak_spl(np.asarray(maps[peak_from or methods[0]]), affine)
+    if at is not None:
+        k, j, i = _index_spl(at, tuple(ct.shape), affine)
+    else:
+        k, j, i = _peak_spl(np.asarray(maps[peak_from or methods[0]]), affine)
     cuts = _cuts(k, j, i, ct_s.shape[0])
     masks = _covered_slices(covered, tuple(ct.shape), affine, cuts)
+    regions = _covered_slices(region, tuple(ct.shape), affine, cuts)
     aspects = {"axial": sp[1] / sp[2], "coronal": sp[0] / sp[2], "sagittal": sp[0] / sp[1]}
     return [
         MontageView(name, np.asarray(cut(ct_s)), {m: _unit(np.asarray(cut(v))) for m, v in maps_s.items()},
-                    masks[name], aspects[name], peak)
+                    masks[name], aspects[name], peak, regions[name])
         for name, (cut, peak) in cuts.items()
     ]
 
@@ -742,11 +875,23 @@ def _setup_panel(ax: Any, view: MontageView, title: str) -> tuple[Any, Any]:
     return image, peak
 
 
-def _footer(window: str, views: Sequence[MontageView], peak_from: str, note: str | None) -> str:
+def _region_outline(p: _Panel, region: np.ndarray | None) -> Any:
+    """The panel's outline of the explained region on its slice (the previous one removed); None when nothing is
+    drawn."""
+    if p.region is not None:
+        p.region.remove()
+    if region is None or not region.any() or region.all():
+        return None
+    return p.ax.contour(region.astype(np.float32), levels=[0.5], colors=[REGION_COLOUR], linewidths=1.2)
+
+
+def _footer(window: str, views: Sequence[MontageView], marker: str, note: str | None) -> str:
     level, width = WINDOWS[window]
-    lines = [f"window: {window.replace('_', ' ')} (level {level:g} HU, width {width:g} HU)   + peak of {peak_from}"]
+    lines = [f"window: {window.replace('_', ' ')} (level {level:g} HU, width {width:g} HU)   + {marker}"]
     if any(v.covered is not None and not v.covered.all() for v in views):
         lines[0] += "   cyan outline: where the map's cells sit (outside it: no cell, not zero evidence)"
+    if any(v.region is not None for v in views):
+        lines[0] += "   magenta outline: the explained region"
     if note:
         lines.append(note)
     return "\n".join(lines)
@@ -762,6 +907,7 @@ class _Panel:
     method: str
     view: int
     outline: Any = None
+    region: Any = None
 
 
 class MontageRenderer:
@@ -791,6 +937,7 @@ class MontageRenderer:
         window: str = "lung",
         scales: Mapping[str, tuple[float, float]] | None = None,
         note: str | None = None,
+        marker: str | None = None,
     ) -> Path:
         """One PNG of ``views`` (arguments as :func:`draw_montage`)."""
         from matplotlib import colormaps  # heavy: imported only when a montage is drawn (see _build)
@@ -813,12 +960,13 @@ class MontageRenderer:
             if mask is not None and mask.any() and not mask.all():
                 p.outline = p.ax.contour(mask.astype(np.float32), levels=[0.5], colors=[COVERED_COLOUR],
                                          linewidths=1.2)
+            p.region = _region_outline(p, view.region)
         for m, (mappable, bar) in zip(rows, self._bars):
             lo, hi = (scales or {}).get(m, (0.0, 1.0))
             mappable.set_clim(lo, hi if hi > lo else lo + 1.0)
             bar.set_label(f"{m} raw score" if scales and m in scales else "display value", fontsize=8)
         self._texts[0].set_text(title)
-        self._texts[1].set_text(_footer(window, views, rows[0], note))
+        self._texts[1].set_text(_footer(window, views, marker or f"peak of {rows[0]}", note))
         meta = json.dumps({"panels": self._meta, "window": window})
         with atomic_path(path) as tmp:  # the temporary name keeps the .png suffix, which chooses the format
             self._fig.savefig(tmp, dpi=self.dpi, metadata={"medcam3d": meta},
@@ -869,17 +1017,19 @@ def draw_montage(
     note: str | None = None,
     dpi: int = 100,
     renderer: MontageRenderer | None = None,
+    marker: str | None = None,
 ) -> Path:
     """Draw ``views`` as a PNG: one row per method (default: every map of the views), columns axial / coronal /
     sagittal, each with orientation letters, the covered region's outline and a marker at the peak, a colour bar
     per row on the signed map's raw-score scale (``scales[method] = (lo, hi)``: the raw scores display values 0 and
-    1 stand for; without it the display scale), and a footer naming the window (and ``note``). ``renderer``: a
-    :class:`MontageRenderer` to reuse between montages of one scan (its ``dpi`` wins).
+    1 stand for; without it the display scale), and a footer naming the window, what the marker marks (``marker``,
+    default the first row's peak) and ``note``. ``renderer``: a :class:`MontageRenderer` to reuse between montages
+    of one scan (its ``dpi`` wins).
 
     The image is 1200 x (400 x rows) pixels at the default dpi. The PNG's ``medcam3d`` text chunk records each
     panel's pixel box (``bbox_px``: left, top, right, bottom) and slice shape."""
     r = renderer or MontageRenderer(dpi)
-    return r.draw(views, path, title, methods=methods, window=window, scales=scales, note=note)
+    return r.draw(views, path, title, methods=methods, window=window, scales=scales, note=note, marker=marker)
 
 
 def render_montage(
@@ -897,9 +1047,11 @@ def render_montage(
     note: str | None = None,
     methods: Sequence[str] | None = None,
     renderer: MontageRenderer | None = None,
+    at: Sequence[int] | None = None,
+    region: np.ndarray | None = None,
 ) -> Path:
-    """A PNG: one row per method, columns axial / coronal / sagittal through the peak of ``maps[peak_from]``
-    (:func:`montage_views` then :func:`draw_montage`).
+    """A PNG: one row per method, columns axial / coronal / sagittal through the peak of ``maps[peak_from]``, or
+    through scan voxel ``at`` (:func:`montage_views` then :func:`draw_montage`).
 
     Args:
         ct: ``[I, J, K]`` HU on the scan grid.
@@ -913,7 +1065,11 @@ def render_montage(
         note: a line under the images (e.g. that the methods coincide by proof).
         methods: the rows (default: every map).
         renderer: a :class:`MontageRenderer` reused between the montages of one scan (faster; its dpi wins).
+        at: ``(i, j, k)`` scan voxel to cut through instead of the peak (a segmentation region's centroid); the
+            marker marks it and the footer says so.
+        region: bool ``[I, J, K]``: the explained segmentation region, outlined in magenta.
     The image is 1200 x (400 x rows) pixels at the default dpi."""
-    views = montage_views(ct, maps, affine, peak_from, covered)
+    views = montage_views(ct, maps, affine, peak_from, covered, at, region)
+    marker = "centroid of the region" if at is not None else None
     return draw_montage(views, path, title, methods=methods, window=window, scales=scales, note=note, dpi=dpi,
-                        renderer=renderer)
+                        renderer=renderer, marker=marker)
