@@ -132,11 +132,9 @@ def _config_or_bundle(args: argparse.Namespace) -> Config | str | None:
     """``--config`` (a path or name), or the config of the MONAI bundle given with ``--bundle``."""
     if getattr(args, "bundle", None) is None:
         return args.config
-    if args.config is not None:
-        raise InputError("give --config or --bundle, not both")
-    from .monai.bundle import load_bundle  # lazy: MONAI's bundle parser is needed only with --bundle
+    from .monai.bundle import config_or_bundle  # lazy: MONAI's bundle parser is needed only with --bundle
 
-    return load_bundle(args.bundle)
+    return config_or_bundle(args.config, args.bundle)
 
 
 def _print_notes(summary: Summary) -> None:

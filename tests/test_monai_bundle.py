@@ -155,19 +155,48 @@ def test_config_accepts_dictionary_transforms_and_short_targets():
     assert full_target("monai.networks.nets.DenseNet121") == "monai.networks.nets.DenseNet121"
 
 
-def test_readme_bundle_command(tmp_path, scan, monkeypatch):
-    """The README's ``--bundle`` command line, run as written (in a folder holding scan.nii.gz and my_bundle/)."""
+def test_readme_bundle_commands(tmp_path, scan, monkeypatch):
+    """The README's ``--bundle`` command lines, run as written (in a folder holding scan.nii.gz, scans/ and
+    my_bundle/; the batch line in one process, ``--shard 0/1``, to keep the test short)."""
     import re
     import shlex
     import shutil
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     section = readme[readme.index("## Use in a MONAI pipeline"):]
-    (command,) = [line for line in re.findall(r"```bash\n(.*?)```", section, flags=re.S)[0].splitlines() if line]
+    explain, batch = [line for line in re.findall(r"```bash\n(.*?)```", section, flags=re.S)[0].splitlines() if line]
     make_bundle(tmp_path / "my_bundle")
     shutil.copy(scan, tmp_path / "scan.nii.gz")
+    (tmp_path / "scans").mkdir()
+    shutil.copy(scan, tmp_path / "scans" / "case1.nii.gz")
     monkeypatch.chdir(tmp_path)
-    argv = shlex.split(command)
-    assert argv[0] == "medcam3d"
+    argv = shlex.split(explain)
+    assert argv[:2] == ["medcam3d", "explain"]
     assert main([*argv[1:], "--quiet"]) == 0
     assert {c.label for c in load_summary(tmp_path / "scan_maps").classes} == {"no_nodule", "nodule"}
+    argv = shlex.split(batch)
+    assert argv[:2] == ["medcam3d", "batch"]
+    assert main([*argv[1:], "--quiet", "--shard", "0/1", "--no-report"]) == 0
+    got = {c.label: c.score for c in load_summary(tmp_path / "audit" / "scans" / "case1").classes}
+    want = {c.label: c.score for c in load_summary(tmp_path / "scan_maps").classes}
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+
+
+def test_bundle_postprocessing_sets_softmax_and_threshold(tmp_path, scan):
+    """``postprocessing: Activationsd(softmax=True), AsDiscreted(threshold=0.7)`` -> softmax probabilities (summing to
+    1 over the two classes, equal to softmax of the bundle network's scores) and the 0.7 threshold."""
+    post = {"_target_": "Compose", "transforms": [
+        {"_target_": "Activationsd", "keys": "pred", "softmax": True},
+        {"_target_": "AsDiscreted", "keys": "pred", "threshold": 0.7},
+    ]}
+    bundle = make_bundle(tmp_path / "bundle", {**INFERENCE, "postprocessing": post})
+    out = tmp_path / "out"
+    assert main(["explain", str(scan), "--bundle", str(bundle), "--out", str(out), "--quiet"]) == 0
+    summary = load_summary(out)
+    assert summary.probability == "softmax"
+    assert summary.threshold == pytest.approx(0.7)
+    want = _direct_scores(bundle, scan)
+    softmax = np.exp(want - want.max()) / np.exp(want - want.max()).sum()
+    got = [c.probability for c in summary.classes]
+    np.testing.assert_allclose(got, softmax, rtol=1e-4, atol=1e-6)
+    assert [c.predicted for c in summary.classes] == [bool(p >= 0.7) for p in softmax]

@@ -78,11 +78,11 @@ def _check_device(text: str) -> None:
         raise InputError(f"--device {text!r}: medcam3d runs on cpu, cuda or mps")
 
 
-def cmd_batch(args: argparse.Namespace) -> int:
+def _check_options(args: argparse.Namespace, shard_spec: Any) -> None:
+    """Refuse option combinations that cannot work, before anything is written (one line each)."""
     _check_device(args.device)
     if args.dicom_seg is not None and not args.dicom_out:
         raise InputError("--dicom-seg needs --dicom-out")
-    shard_spec = parse_shard(args.shard) if args.shard else None
     engines = [x for x in (args.scheduler, args.scheduler_file, args.cluster) if x]
     if len(engines) > 1 or (engines and shard_spec):
         raise InputError("choose one of --scheduler, --scheduler-file, --cluster slurm, --shard")
@@ -94,11 +94,18 @@ def cmd_batch(args: argparse.Namespace) -> int:
         raise InputError("--cluster slurm needs --cluster-config FILE (YAML)")
     if args.cluster_config and not args.cluster:
         raise InputError("--cluster-config needs --cluster slurm")
+    if args.bundle and args.config:
+        raise InputError("give --config or --bundle, not both")
     for name in ("retries", "workers", "torch_threads", "allowed_failures"):
         v = getattr(args, name)
         if v is not None and v < (1 if name in ("workers", "torch_threads") else 0):
             least = 1 if name in ("workers", "torch_threads") else 0
             raise InputError(f"--{name.replace('_', '-')} {v}: must be >= {least}")
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    shard_spec = parse_shard(args.shard) if args.shard else None
+    _check_options(args, shard_spec)
     if shard_spec:
         kind = "loop"
     elif args.scheduler:
@@ -115,9 +122,10 @@ def cmd_batch(args: argparse.Namespace) -> int:
     config = args.config
     if config and Path(config).expanduser().exists():
         config = str(Path(config).expanduser().resolve())  # workers may run elsewhere: absolute paths
+    bundle = str(Path(args.bundle).expanduser().resolve()) if args.bundle else None
     checkpoint = str(Path(args.model).expanduser().resolve()) if args.model else None
     settings = BatchSettings(
-        out_dir=str(Path(args.out).expanduser().resolve()), config=config, checkpoint=checkpoint,
+        out_dir=str(Path(args.out).expanduser().resolve()), config=config, bundle=bundle, checkpoint=checkpoint,
         methods=tuple(args.methods), classes=tuple(args.classes) if args.classes else None,
         full_res=tuple(args.full_res) if args.full_res else None, device=args.device,
         torch_threads=args.torch_threads, organ_codes=_organ_codes(args.organ_codes),
@@ -141,6 +149,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("cohort", help="manifest CSV (scan_id,path[,organ_labels_path]) or a folder of scans")
     p.add_argument("--out", required=True, help="batch folder (created; re-runs resume it)")
     p.add_argument("--config", help="YAML config (default: the embedded demo model's)")
+    p.add_argument("--bundle", metavar="DIR", help="a MONAI bundle folder (configs/inference.json, models/model.pt) "
+                                                   "instead of --config, as in medcam3d explain")
     p.add_argument("--model", metavar="CHECKPOINT", help="weights file overriding the config's")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
                    help=f"methods to compute (default: {' '.join(DEFAULT_METHODS)})")

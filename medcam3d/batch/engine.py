@@ -35,10 +35,8 @@ from typing import Any
 
 import torch
 
-from ..config import load_config
 from ..errors import InputError
 from ..files import sha256_of, write_json_atomic
-from ..pipeline import DEFAULT_CONFIG
 from ..report import write_report
 from .cohort import BadRow, ScanTask, read_cohort, shard
 from .slurm import read_slurm_config, start_slurm_cluster
@@ -364,7 +362,9 @@ def local_cluster(workers: int, gpus: Sequence[str] = (), threads: int | None = 
 # ---------------------------------------------------------------------------------------------------------------
 def fingerprint(settings: BatchSettings) -> dict[str, Any]:
     """What makes two runs' outputs comparable: config and weights checksums, methods, class selections, codes."""
-    cfg = load_config(settings.config or DEFAULT_CONFIG)
+    cfg = settings.load_config()
+    if settings.bundle:
+        cfg.build_model()  # a network_def that does not build or weights that do not fit: refused before any output
     weights = Path(settings.checkpoint).expanduser().resolve() if settings.checkpoint else cfg.weights_path
     if settings.checkpoint and not (weights and weights.is_file()):
         raise InputError("model checkpoint not found", weights)
@@ -377,6 +377,8 @@ def fingerprint(settings: BatchSettings) -> dict[str, Any]:
         "full_res": list(settings.full_res) if settings.full_res else None,
         "organ_codes": dict(settings.organ_codes),
         "map_geometry": settings.map_geometry or cfg.map_geometry or "auto",
+        # recorded only with --bundle, so that older batch folders keep their hash
+        **({"bundle": settings.bundle} if settings.bundle else {}),
         # outputs added by issue 18: recorded only when asked for, so that older batch folders keep their hash
         **({"dicom_out": {"seg_threshold": settings.dicom_seg}} if settings.dicom_out else {}),
     }

@@ -28,11 +28,12 @@ from typing import Any
 
 import torch
 
+from ..config import Config, load_config
 from ..errors import InputError
 from ..files import atomic_path
 from ..io import check_dicom_source, read_volume
 from ..methods import DEFAULT_METHODS
-from ..pipeline import DicomExport, ScanResult, Session, read_scan
+from ..pipeline import DEFAULT_CONFIG, DicomExport, ScanResult, Session, read_scan
 from .cohort import ScanTask
 from .organs import organ_fractions, shares_record
 
@@ -52,6 +53,7 @@ class BatchSettings:
     Attributes:
         out_dir: the batch folder (absolute; must be visible to every worker).
         config: config path or shipped name (None: the embedded demo model); must be visible to every worker.
+        bundle: a MONAI bundle folder instead of ``config`` (absolute; visible to every worker), as ``--bundle``.
         checkpoint: weights overriding the config's.
         methods, classes, full_res: as ``medcam3d explain`` (None = its defaults).
         device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` on the worker.
@@ -87,10 +89,22 @@ class BatchSettings:
     dicom_seg: float | None = None
     run_id: str = ""
     fingerprint_sha: str = ""
+    bundle: str | None = None
 
     def session_key(self) -> tuple[Any, ...]:
-        return (self.config, self.checkpoint, self.methods, self.device, self.torch_threads, self.map_geometry,
-                self.max_voxels, self.ignore_modality)
+        return (self.config, self.bundle, self.checkpoint, self.methods, self.device, self.torch_threads,
+                self.map_geometry, self.max_voxels, self.ignore_modality)
+
+    def load_config(self) -> Config:
+        """The config these settings name: the bundle's (:func:`medcam3d.monai.bundle.load_bundle`), the given
+        config, or the embedded demo model's."""
+        if self.bundle is None:
+            return load_config(self.config or DEFAULT_CONFIG)
+        from ..monai.bundle import config_or_bundle  # lazy: MONAI's bundle parser is needed only with a bundle
+
+        source = config_or_bundle(self.config, self.bundle)
+        assert isinstance(source, Config)
+        return source
 
     @property
     def dicom(self) -> DicomExport | None:
@@ -190,7 +204,8 @@ def get_session(settings: BatchSettings) -> tuple[Session, bool]:
     key = settings.session_key()
     if key in _SESSIONS:
         return _SESSIONS[key], False
-    _SESSIONS[key] = Session(settings.config, settings.checkpoint, settings.methods, settings.device,
+    config = settings.load_config() if settings.bundle else settings.config
+    _SESSIONS[key] = Session(config, settings.checkpoint, settings.methods, settings.device,
                              map_geometry=settings.map_geometry, max_voxels=settings.max_voxels,
                              ignore_modality=settings.ignore_modality)
     return _SESSIONS[key], True

@@ -11,7 +11,8 @@ A bundle (MONAI's bundle spec) is a folder ::
 and returns a :class:`medcam3d.config.Config`: the ``network_def`` as the model spec (short ``_target_`` names
 resolved as MONAI does), the preprocessing's dictionary transforms as array transforms (loading, channel and
 type transforms dropped: medcam3d reads the scan itself into a channel-first RAS MetaTensor), label names from
-the metadata's ``channel_def`` when present, and the weights.
+the metadata's ``channel_def`` when present, the probability (``softmax``/``sigmoid``) and threshold from the
+``postprocessing``'s ``Activations(d)`` / ``AsDiscrete(d)`` when present, and the weights.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from monai.bundle import ConfigParser
 from ..config import Config, full_target
 from ..errors import InputError
 
-__all__ = ["SKIPPED_TRANSFORMS", "load_bundle"]
+__all__ = ["SKIPPED_TRANSFORMS", "config_or_bundle", "load_bundle"]
 
 #: transforms of a bundle's preprocessing that medcam3d does itself (reading, channel-first, types, devices)
 SKIPPED_TRANSFORMS = (
@@ -106,6 +107,29 @@ def _preprocessing(parser: ConfigParser, where: Path) -> list[dict[str, Any]]:
     return out
 
 
+def _scoring(parser: ConfigParser, where: Path) -> dict[str, Any]:
+    """``probability`` (and ``threshold``) from the bundle's ``postprocessing``: ``Activations(d)`` with
+    ``softmax=True`` or ``sigmoid=True``, ``AsDiscrete(d)`` with a ``threshold``; empty (medcam3d's defaults:
+    sigmoid, 0.5) when the bundle says nothing."""
+    if parser.get("postprocessing", None) is None:
+        return {}
+    post = _resolved(parser, "postprocessing", where)
+    items = post.get("transforms", []) if isinstance(post, Mapping) else post
+    found: dict[str, Any] = {}
+    for t in items if isinstance(items, list) else []:
+        if not isinstance(t, Mapping) or not isinstance(t.get("_target_"), str):
+            continue
+        name = t["_target_"].rsplit(".", 1)[-1].rstrip("dD").removesuffix("Dict")
+        if name == "Activations" and t.get("softmax") is True:
+            found["probability"] = "softmax"
+        elif name == "Activations" and t.get("sigmoid") is True:
+            found["probability"] = "sigmoid"
+        elif name == "AsDiscrete" and isinstance(t.get("threshold"), (int, float)) and not isinstance(
+                t.get("threshold"), bool):
+            found["threshold"] = float(t["threshold"])
+    return found
+
+
 def _labels(parser: ConfigParser, network: Mapping[str, Any]) -> list[str]:
     """Names from ``network_data_format.outputs.pred.channel_def``, else ``class_<i>`` for the network's outputs."""
     fmt = parser.get("_meta_#network_data_format#outputs#pred", None) or {}
@@ -149,7 +173,22 @@ def load_bundle(folder: str | os.PathLike[str]) -> Config:
         "weights": str(weights) if weights is not None else None,
         "labels": labels,
         "preprocessing": _preprocessing(parser, inference),
+        **_scoring(parser, inference),
     }
     if not data["preprocessing"]:
         data["preprocessing"] = [{"_target_": "Identity"}]
     return Config.from_dict(data, path=inference)
+
+
+def config_or_bundle(config: Config | str | None, bundle: str | os.PathLike[str] | None) -> Config | str | None:
+    """What a command's ``--config`` / ``--bundle`` pair names: ``config`` as given (a path or shipped name, None
+    for the embedded demo model), or the bundle's :class:`~medcam3d.config.Config` (:func:`load_bundle`).
+
+    Raises:
+        InputError: both given, or the bundle is not readable (see :func:`load_bundle`).
+    """
+    if bundle is None:
+        return config
+    if config is not None:
+        raise InputError("give --config or --bundle, not both")
+    return load_bundle(bundle)
