@@ -1,5 +1,6 @@
-"""The dock widget of ``medcam3d view``: classes by score, a method per pane, CT window, map opacity and
-threshold, the covered region's outline on or off, jump to a map's peak, 2-D slices or 3-D rendering, and what the
+"""The dock widget of ``medcam3d view``: classes by score (or, for a segmentation folder, its targets with class,
+component, voxels and score), a method per pane, CT window, map opacity and threshold, the covered region's
+outline on or off, the segmentation on or off, jump to a map's peak, 2-D slices or 3-D rendering, and what the
 outline means (and, when the certificate proves it, that the methods coincide). It only drives a
 :class:`~.comparison.Comparison`."""
 
@@ -26,13 +27,27 @@ from qtpy.QtWidgets import (
 )
 
 from ..methods import method_title
+from ..outputs import TargetRecord
 from .comparison import PANES, Comparison
+from .folder import ClassEntry
 from .layers import WINDOWS
 
-__all__ = ["ComparisonWidget"]
+__all__ = ["CLASS_COLUMNS", "TARGET_COLUMNS", "ComparisonWidget", "target_cells"]
 
-_COLUMNS = ("class", "score", "p", "full res.")
+CLASS_COLUMNS = ("class", "score", "p", "full res.")
+#: the table's columns for a segmentation folder (one row per target, in targets.csv order)
+TARGET_COLUMNS = ("target", "class", "component", "voxels", "score")
 T = TypeVar("T")
+
+
+def _class_cells(e: ClassEntry) -> tuple[str, ...]:
+    return (e.label, f"{e.score:+.3f}", f"{e.probability:.3f}", "yes" if e.full_resolution else "")
+
+
+def target_cells(t: TargetRecord) -> tuple[str, ...]:
+    """A target's row of the table: name, class, component rank (empty for a whole region), voxels, score."""
+    return (t.name, t.label, "" if t.component is None else str(t.component),
+            "" if t.voxels is None else str(t.voxels), f"{t.score:+.3f}")
 
 
 def _present(part: T | None) -> T:
@@ -55,19 +70,22 @@ def _spin(value: float, maximum: float, changed: Callable[[float], None]) -> QDo
 class ComparisonWidget(QWidget):
     """Controls for the two panes of ``comparison``.
 
-    Attributes (for scripts and tests): ``table`` (one row per class, highest score first; selecting a row shows
-    that class), ``method_boxes`` (left, right), ``window_box``, ``opacity_box``, ``threshold_box``,
-    ``peak_buttons`` (left, right), ``cover_box`` (draw the covered region), ``three_d``, ``legend`` (what the
-    outline means; one pane or two).
+    Attributes (for scripts and tests): ``table`` (one row per class, highest score first, or per target in their
+    order; selecting a row shows that class, or that target at its centroid), ``method_boxes`` (left, right),
+    ``window_box``, ``opacity_box``, ``threshold_box``, ``peak_buttons`` (left, right), ``cover_box`` (draw the
+    covered region), ``segmentation_box`` (show the segmentation; None without one), ``three_d``, ``legend`` (what
+    the outline means; one pane or two).
     """
 
     def __init__(self, comparison: Comparison, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.comparison = comparison
-        self.entries = comparison.folder.by_score()
+        folder = comparison.folder
+        self.entries = folder.listing()
+        columns = TARGET_COLUMNS if folder.is_segmentation else CLASS_COLUMNS
 
-        self.table = QTableWidget(len(self.entries), len(_COLUMNS))
-        self.table.setHorizontalHeaderLabels(_COLUMNS)
+        self.table = QTableWidget(len(self.entries), len(columns))
+        self.table.setHorizontalHeaderLabels(columns)
         _present(self.table.verticalHeader()).setVisible(False)
         self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
@@ -77,13 +95,13 @@ class ComparisonWidget(QWidget):
         bold = QFont()
         bold.setBold(True)
         for row, e in enumerate(self.entries):
-            cells = (e.label, f"{e.score:+.3f}", f"{e.probability:.3f}", "yes" if e.full_resolution else "")
+            target = folder.target(e)
+            cells = _class_cells(e) if target is None else target_cells(target)
             for col, text in enumerate(cells):
                 item = QTableWidgetItem(text)
-                if e.predicted:
+                if e.predicted and target is None:
                     item.setFont(bold)
-                item.setToolTip(f"{e.label} (output {e.index}): {'predicted' if e.predicted else 'not predicted'}; "
-                                f"{'full-resolution' if e.full_resolution else 'feature-resolution'} maps")
+                item.setToolTip(self._tip(e, target))
                 self.table.setItem(row, col, item)
         scrollbar = _present(self.table.verticalScrollBar()).sizeHint().width()
         self.table.setMinimumWidth(header.length() + scrollbar + 2 * self.table.frameWidth())  # labels in full
@@ -123,6 +141,12 @@ class ComparisonWidget(QWidget):
                                   "there (uncovered), which is not the same as no evidence")
         self.cover_box.setChecked(comparison.cover_layers[0].visible)
         self.cover_box.toggled.connect(comparison.show_cover)
+        self.segmentation_box: QCheckBox | None = None
+        if comparison.segmentation_layers:
+            self.segmentation_box = QCheckBox("show the segmentation")
+            self.segmentation_box.setToolTip("the predicted label map, one colour per class, under the maps")
+            self.segmentation_box.setChecked(comparison.segmentation_layers[0].visible)
+            self.segmentation_box.toggled.connect(comparison.show_segmentation)
         self.legend = QLabel()
         self.legend.setWordWrap(True)
         self._on_legend()
@@ -142,16 +166,32 @@ class ComparisonWidget(QWidget):
         layout.addLayout(form)
         layout.addLayout(peaks)
         layout.addWidget(self.cover_box)
+        if self.segmentation_box is not None:
+            layout.addWidget(self.segmentation_box)
         layout.addWidget(self.three_d)
         layout.addWidget(self.legend)
+
+    @staticmethod
+    def _tip(e: ClassEntry, target: TargetRecord | None) -> str:
+        res = f"{'full-resolution' if e.full_resolution else 'feature-resolution'} maps"
+        if target is None:
+            return f"{e.label} (output {e.index}): {'predicted' if e.predicted else 'not predicted'}; {res}"
+        where = ("centroid " + ", ".join(f"{v:.1f}" for v in target.centroid_mm) + " mm (RAS)"
+                 if target.centroid_mm else "no centroid recorded")
+        return f"{target.name} (target {e.index}, class {target.label} = output {target.cls}): {where}; {res}"
 
     def _row(self, class_index: int) -> int:
         return next(r for r, e in enumerate(self.entries) if e.index == class_index)
 
     def _on_class(self) -> None:
         rows = _present(self.table.selectionModel()).selectedRows()
-        if rows:
-            self.comparison.show_class(self.entries[rows[0].row()].index)
+        if not rows:
+            return
+        index = self.entries[rows[0].row()].index
+        if self.comparison.folder.is_segmentation:
+            self.comparison.show_target(index)
+        else:
+            self.comparison.show_class(index)
 
     def _on_method(self, pane: int) -> None:
         self.comparison.set_method(pane, self.method_boxes[pane].currentData())
