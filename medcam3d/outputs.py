@@ -21,7 +21,20 @@ Folder layout (documented in the README; readers -- viewer, batch, reports -- re
                                             letters, the covered region outlined, the peak marked, a colour bar in
                                             raw scores, the CT window named
 
-``NNN`` is the zero-padded class index. A folder is written under a temporary name next to its destination and
+Segmentation networks (``task: segmentation``; summary ``task == "segmentation"``) explain *targets* -- regions of
+the predicted segmentation (:mod:`medcam3d.targets`) -- where classification networks explain classes: every
+``<NNN>_<label>`` above is then the target index and the target's name, ``scores.csv`` and the summary's
+``classes`` hold one row per target, and the folder also holds::
+
+    segmentation.nii.gz                     the predicted label map (uint8, value = output channel, 0 = background)
+                                            on the scan's own grid (its affine and shape; nearest neighbour)
+    targets.csv                             target,name,class,label,region,component,voxels,centroid_x_mm,
+                                            centroid_y_mm,centroid_z_mm,score (:class:`TargetRecord`)
+
+and the montages cut through each region's centroid instead of the map's peak.
+
+``NNN`` is the zero-padded class (or target) index.
+A folder is written under a temporary name next to its destination and
 renamed into place when complete; an existing medcam3d output folder is replaced, anything else is refused.
 
 ``summary.json`` has one owner, this module: :class:`Summary` (typed records), written only by
@@ -80,6 +93,9 @@ __all__ = [
     "WINDOWS",
     "DICOM_PM_PREFIX",
     "DICOM_SEG_PREFIX",
+    "SEGMENTATION",
+    "TARGETS",
+    "TARGET_FIELDS",
     "BatchRecord",
     "COVERED_COLOUR",
     "PEAK_COLOUR",
@@ -97,6 +113,7 @@ __all__ = [
     "MontageView",
     "PeakRecord",
     "Summary",
+    "TargetRecord",
     "check_output_folder",
     "class_stem",
     "dicom_pm_name",
@@ -108,18 +125,23 @@ __all__ = [
     "montage_name",
     "montage_views",
     "output_folder",
+    "read_targets_csv",
     "render_montage",
     "summary_from_dict",
     "to_spl",
     "write_json",
     "write_scores_csv",
     "write_summary",
+    "write_targets_csv",
 ]
 
 SUMMARY = "summary.json"
 DICOM_PM_PREFIX = "dicom_pm_"
 DICOM_SEG_PREFIX = "dicom_seg_"
 SCORES = "scores.csv"
+#: segmentation networks: the predicted label map on the scan grid, and one row per explained target
+SEGMENTATION = "segmentation.nii.gz"
+TARGETS = "targets.csv"
 SCHEMA_VERSION = 1
 """Version of the ``summary.json`` schema this code writes (see the versioning rule in the module docstring)."""
 #: CT display windows: name -> (level, width) in HU
@@ -248,13 +270,18 @@ class _Record:
 
     #: fields left out of the JSON when None (such keys were absent, not null, before the schema had types)
     _omit_if_none: ClassVar[tuple[str, ...]] = ()
+    #: fields left out of the JSON when they hold their default (added fields whose default is what older files
+    #: meant: a file rewritten keeps its keys)
+    _omit_if_default: ClassVar[tuple[str, ...]] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object (fresh lists and dicts: changing it leaves the record alone)."""
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name != _EXTRA and not (value is None and f.name in self._omit_if_none):
+            omit = (value is None and f.name in self._omit_if_none) or (
+                f.name in self._omit_if_default and value == f.default)
+            if f.name != _EXTRA and not omit:
                 out[f.name] = _dump(value)
         out.update(_dump(getattr(self, _EXTRA, {})))
         return out
@@ -448,6 +475,79 @@ class ClassRecord(_Record):
 
 
 @dataclass(kw_only=True)
+class TargetRecord(_Record):
+    """One explained target of a segmentation network (:class:`medcam3d.targets.TargetInfo` as written out).
+
+    Attributes:
+        index: position on the K axis of the maps (and in ``classes``, ``scores.csv``, ``targets.csv``).
+        name: the target's name (e.g. ``"mass component 1"``), as file names and ``classes[].label`` show it.
+        cls: the output channel whose score is explained (= its value in ``segmentation.nii.gz``).
+        label: that channel's class name.
+        region: ``"predicted"`` (the class's whole predicted mask), ``"component"`` (one 26-connected component of
+            it), ``"mask"``, ``"box"`` or ``"class"``.
+        component: the component's rank by size (1 = largest); None for other regions.
+        voxels: the region's size in network-grid voxels (None when unknown).
+        centroid_mm: the region's centroid in RAS mm (the convention of :attr:`PeakRecord.world_ras_mm`), mapped
+            from network-grid indices by the network grid's affine; None when unknown.
+        score: the raw region score: the class's logits summed (``reduce: sum``) or averaged (``mean``) over the
+            region -- not a probability.
+    """
+
+    index: int
+    name: str
+    cls: int
+    label: str
+    region: str
+    component: int | None = None
+    voxels: int | None = None
+    centroid_mm: list[float] | None = None
+    score: float
+
+
+#: the columns of ``targets.csv`` (:func:`write_targets_csv`, :func:`read_targets_csv`)
+TARGET_FIELDS = ("target", "name", "class", "label", "region", "component", "voxels", "centroid_x_mm",
+                 "centroid_y_mm", "centroid_z_mm", "score")
+
+
+def _cell(value: Any) -> str:
+    """A CSV cell: empty for None, 9 significant digits for floats."""
+    if value is None:
+        return ""
+    return f"{value:.9g}" if isinstance(value, float) else str(value)
+
+
+def write_targets_csv(records: Sequence[TargetRecord], path: str | os.PathLike[str]) -> Path:
+    """``targets.csv``: one row per target (:data:`TARGET_FIELDS`; empty cells for unknown values)."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(TARGET_FIELDS)
+    for r in records:
+        xyz = list(r.centroid_mm) if r.centroid_mm is not None else [None, None, None]
+        w.writerow([_cell(v) for v in (r.index, r.name, r.cls, r.label, r.region, r.component, r.voxels,
+                                       *(None if v is None else float(v) for v in xyz), float(r.score))])
+    return write_text_atomic(path, buf.getvalue())
+
+
+def read_targets_csv(path: str | os.PathLike[str]) -> list[TargetRecord]:
+    """The records of a ``targets.csv`` (:func:`write_targets_csv`); InputError naming the file when it is not
+    one."""
+    p = Path(path)
+    try:
+        rows = list(csv.DictReader(io.StringIO(p.read_text(encoding="utf-8"))))
+    except OSError as e:
+        raise InputError(f"unreadable ({e.strerror or e})", p) from None
+    opt = (lambda v, kind: kind(v) if v != "" else None)  # noqa: E731 - a two-use converter
+    try:
+        return [TargetRecord(
+            index=int(r["target"]), name=r["name"], cls=int(r["class"]), label=r["label"], region=r["region"],
+            component=opt(r["component"], int), voxels=opt(r["voxels"], int),
+            centroid_mm=None if r["centroid_x_mm"] == "" else [float(r[f"centroid_{a}_mm"]) for a in "xyz"],
+            score=float(r["score"])) for r in rows]
+    except (KeyError, TypeError, ValueError) as e:
+        raise InputError(f"not a medcam3d targets.csv ({type(e).__name__}: {e})", p) from None
+
+
+@dataclass(kw_only=True)
 class BatchRecord(_Record):
     """Written by ``medcam3d batch``: the scan's id, its folder under ``scans/`` and the run that made it."""
 
@@ -480,10 +580,18 @@ class Summary(_Record):
     (what was assumed rather than refused, e.g. which of several DICOM series was read, a generated DICOM UID), one
     line each, ``dicom_export`` and ``notes`` were added in schema version 1 (added fields keep the version); they
     are absent from older files.
+
+    Segmentation networks (added in version 1 too; older files read as ``task == "classification"``, and
+    ``task`` is written only when it is not that): ``task`` is ``"segmentation"``, ``targets`` describes each
+    explained target in the maps' K order (:class:`TargetRecord`), ``classes`` holds one record per target
+    (``label`` = the target's name, ``score`` = its raw region score, ``probability`` = the mean predicted
+    probability of its class over the region), ``segmentation`` names the predicted label map's file and
+    ``segmentation_labels`` maps its values (as strings) to class names (background 0 omitted).
     """
 
     _omit_if_none: ClassVar[tuple[str, ...]] = ("batch", "organ_shares", "warnings", "assumptions", "dicom_export",
-                                                "notes")
+                                                "notes", "targets", "segmentation", "segmentation_labels")
+    _omit_if_default: ClassVar[tuple[str, ...]] = ("task",)
 
     schema_version: int = SCHEMA_VERSION
     medcam3d_version: str = "unknown"
@@ -510,6 +618,10 @@ class Summary(_Record):
     assumptions: list[str] | None = None
     dicom_export: DicomExportRecord | None = None
     notes: list[str] | None = None
+    task: str = "classification"
+    targets: list[TargetRecord] | None = None
+    segmentation: str | None = None
+    segmentation_labels: dict[str, str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def with_sections(self, sections: Mapping[str, Any] | None) -> Summary:
