@@ -132,8 +132,9 @@ class OutputFolder:
         return list(self.classes) if self.is_segmentation else self.by_score()
 
     def target(self, entry: ClassEntry) -> TargetRecord | None:
-        """The target described by a class entry of a segmentation folder (None in a classification folder)."""
-        return self.targets[entry.position] if self.targets else None
+        """The target described by a class entry of a segmentation folder, matched by index (None in a
+        classification folder)."""
+        return next((t for t in self.targets if t.index == entry.index), None)
 
     @property
     def segmentation_labels(self) -> dict[int, str]:
