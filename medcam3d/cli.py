@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .argtypes import int_at_least, probability
-from .config import Config
+from .config import TASKS, Config
 from .errors import InputError
 from .geometry import GEOMETRIES
 from .io import DEFAULT_MAX_VOXELS, check_dicom_source
@@ -36,6 +36,9 @@ EXPLAIN_EXAMPLES = """examples:
   medcam3d explain scan.nii.gz --classes positive --full-res top-5 --methods hirescam gradcam gradcampp
   medcam3d explain scan.nii.gz --classes nodule_right_lung 3 --device cuda --quiet
   medcam3d explain dicom_folder/ --dicom-out --dicom-seg 0.5   # also DICOM Parametric Maps and SEGs of the maps
+  medcam3d explain scan.nii.gz --config seg.yaml     # a segmentation net (task: segmentation): one target per
+                                                     # predicted component; segmentation.nii.gz, targets.csv
+  medcam3d explain scan.nii.gz --bundle spleen_ct_segmentation/ --target-mask roi.nii.gz
 """
 
 
@@ -81,7 +84,7 @@ def _default_out(scan: str) -> Path:
 def _note_placement(result: ScanResult) -> None:
     """One line on stderr (even when quiet) when the map placement fell back to the field (no receptive geometry
     found); it is also recorded in the summary's ``map_geometry.source``."""
-    placement = result.explanation.placement
+    placement = result.explained.placement if result.explained is not None else None
     if placement is not None and placement.fallback:
         tqdm.write(f"medcam3d: note: {placement.note()}", file=sys.stderr)  # above a progress bar, if any
 
@@ -97,12 +100,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
         volume, t_read = read_scan(args.scan, args.series_uid, args.allow_resample, max_voxels=args.max_voxels)
         if dicom is not None:
             check_dicom_source(volume)
+        mask = read_scan(args.target_mask, max_voxels=args.max_voxels)[0] if args.target_mask else None
         stages("loading model")
         session = Session(_config_or_bundle(args), args.model, args.methods, args.device,
                           map_geometry=args.map_geometry, max_voxels=args.max_voxels,
                           ignore_modality=args.ignore_modality)
         stages("explaining")
-        result = session.explain_volume(volume, args.classes, read_seconds=t_read)
+        result = session.explain_volume(volume, args.classes, read_seconds=t_read, target_mask=mask)
         _say(result)
         _note_placement(result)
         stages("writing")
@@ -114,7 +118,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     for line in (summary.assumptions or [])[len(result.notes):]:  # made while writing (DICOM export)
         print(f"medcam3d: note: {line}", file=sys.stderr)
     if not args.quiet:
-        _print_notes(summary)
+        _print_notes(summary, result.target_notes)
         _print_result(summary, out)
     return 0
 
@@ -122,7 +126,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def _say(result: ScanResult) -> None:
     """Print what was assumed (``note``) and what to check (``warning``) on stderr, one line each, even when quiet:
     they are also in the summary."""
-    for line in result.notes:
+    for line in [*result.notes, *result.target_notes]:
         print(f"medcam3d: note: {line}", file=sys.stderr)
     for line in result.warnings:
         print(f"medcam3d: warning: {line}", file=sys.stderr)
@@ -137,10 +141,11 @@ def _config_or_bundle(args: argparse.Namespace) -> Config | str | None:
     return config_or_bundle(args.config, args.bundle)
 
 
-def _print_notes(summary: Summary) -> None:
-    """The summary's one-line notes (e.g. the full-resolution cap), on stderr."""
+def _print_notes(summary: Summary, printed: Sequence[str] = ()) -> None:
+    """The summary's one-line notes (e.g. the full-resolution cap) not ``printed`` already, on stderr."""
     for note in summary.notes or []:
-        print(f"medcam3d: note: {note}", file=sys.stderr)
+        if note not in printed:
+            print(f"medcam3d: note: {note}", file=sys.stderr)
 
 
 def _print_result(summary: Summary, out: Path) -> None:
@@ -149,6 +154,31 @@ def _print_result(summary: Summary, out: Path) -> None:
         print("NOTE: the embedded demo model was trained on SYNTHETIC phantoms only; its scores are not clinical.")
     if summary.certificate is not None:
         print(f"certificate: {summary.certificate.kind} - {summary.certificate.summary}")
+    if summary.task == "segmentation":
+        _print_targets(summary)
+    elif summary.classes:
+        _print_classes(summary)
+    print(f"outputs: {out.resolve()}  (view: medcam3d view {out})")
+
+
+def _print_targets(summary: Summary) -> None:
+    """A segmentation net's targets: voxels, raw region score (a sum of logits), mean probability over the region."""
+    values = ", ".join(f"{v}={n}" for v, n in (summary.segmentation_labels or {}).items())
+    print(f"segmentation: {summary.segmentation} ({values})")
+    if not summary.targets:
+        print("no target explained: the predicted segmentation holds none of the explained classes")
+        return
+    full = {c.index: c.full_resolution for c in summary.classes}
+    width = max(len(t.name) for t in summary.targets)
+    print(f"{'target':<{width}}  {'voxels':>7}  {'region score':>12}  {'mean p':>6}  full-res")
+    probs = {c.index: c.probability for c in summary.classes}
+    for t in summary.targets:
+        print(f"{t.name:<{width}}  {t.voxels or 0:7d}  {t.score:12.3f}  {probs.get(t.index, float('nan')):6.3f}  "
+              f"{'yes' if full.get(t.index) else '-':>8}")
+
+
+def _print_classes(summary: Summary) -> None:
+    """Classes by score: score, probability, full resolution, HiResCAM-vs-Grad-CAM distance."""
     rows = sorted(summary.classes, key=lambda c: -c.score)
     width = max(len(c.label) for c in rows)
     print(f"{'class':<{width}}  {'score':>8}  {'prob':>6}  full-res  HiResCAM-vs-Grad-CAM L2")
@@ -158,11 +188,17 @@ def _print_result(summary: Summary, out: Path) -> None:
             f"{c.label:<{width}}  {c.score:8.3f}  {c.probability:6.3f}  "
             f"{'yes' if c.full_resolution else '-':>8}  {'' if l2 is None else f'{l2:.3f}'}"
         )
-    print(f"outputs: {out.resolve()}  (view: medcam3d view {out})")
 
 
 #: `medcam3d demo`'s phantom seed when the model card names none
 DEMO_SEED = 7
+#: `medcam3d demo --task segmentation`'s config (the demo segmentation net)
+SEG_DEMO_CONFIG = "demo_segnet"
+#: the lesions planted in the demo phantom, per task
+DEMO_LESIONS = {
+    "classification": ("nodule_right_lung", "pleural_effusion_left", "cardiomegaly"),
+    "segmentation": ("mass_right_lung", "nodule_left_lung", "pleural_effusion_left"),
+}
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -175,13 +211,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     stages = _Stages(4, args.quiet)
     try:
         stages("loading demo model", advance=False)
-        session = Session(None, None, args.methods, args.device, map_geometry=args.map_geometry,
+        config = SEG_DEMO_CONFIG if args.task == "segmentation" else None
+        session = Session(config, None, args.methods, args.device, map_geometry=args.map_geometry,
                           max_voxels=args.max_voxels, ignore_modality=args.ignore_modality)
         # the model card names a phantom where HiResCAM and Grad-CAM differ visibly (scripts/reproduce_figure8.py)
         chosen = (session.model_card or {}).get("demo") or {}
         seed = args.seed if args.seed is not None else int(chosen.get("seed", DEMO_SEED))
         stages("making a synthetic phantom")
-        present = {"nodule_right_lung": True, "pleural_effusion_left": True, "cardiomegaly": True}
+        present = dict.fromkeys(DEMO_LESIONS[args.task], True)
         phantom = make_phantom(seed, present=present, prevalence=0.0)
         scan_dir.mkdir(parents=True, exist_ok=True)
         scan_path = scan_dir / "phantom.nii.gz"
@@ -198,7 +235,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     finally:
         stages.close()
     if not args.quiet:
-        _print_notes(summary)
+        _print_notes(summary, result.target_notes)
         _print_result(summary, exp_dir)
         print(f"planted lesions: {', '.join(sorted(present))}; phantom scan and masks: {scan_dir.resolve()}")
         if seed == chosen.get("seed") and chosen.get("look_at"):
@@ -249,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --dicom-out: also each heatmap >= LEVEL (0-1) as a binary DICOM SEG (dicom_seg_*.dcm)")
     p.add_argument("--bundle", metavar="DIR", help="a MONAI bundle folder (configs/inference.json, models/model.pt) "
                                                    "instead of --config")
+    p.add_argument("--target-mask", metavar="MASK",
+                   help="segmentation models: a mask on the scan's grid (same shape; non-zero = inside), explained as "
+                        "the one region of each explained class instead of the predicted components")
     _add_explain_options(p)
     p.set_defaults(func=cmd_explain)
 
@@ -257,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None,
                    help=f"phantom seed (default: the one the model card names, where HiResCAM and Grad-CAM differ "
                         f"visibly; else {DEMO_SEED})")
+    p.add_argument("--task", choices=list(TASKS), default="classification",
+                   help=f"classification (the demo AxialNet, default) or segmentation (the demo segmentation net, "
+                        f"config {SEG_DEMO_CONFIG}: one target per predicted lesion component)")
     _add_explain_options(p)
     p.set_defaults(func=cmd_demo)
 

@@ -27,6 +27,17 @@ Schema (every key is checked; an unknown key, a wrong type or an unknown transfo
     allowed_regions: {}               # optional: label -> list of organ names where its evidence may lie
     modality: CT                      # optional: the DICOM modality (or list of them) the model reads; absent:
                                       #   no modality check (see "Modality" below)
+    task: segmentation                # optional: classification (default) | segmentation (the model outputs
+                                      #   per-voxel scores [B, C, *spatial] on the input grid; see below)
+    targets:                          # optional, segmentation only: what is explained (medcam3d.targets)
+      region: components              #   components (default: each 26-connected component of a class's predicted
+                                      #   mask, largest first) | predicted (the class's whole predicted mask)
+      reduce: sum                     #   sum (default) | mean of the class's logits over the region
+      max_targets: 20                 #   most components per class (the smallest are dropped, with a note)
+      classes: [nodule, mass]         #   classes (labels or channel indices) to explain; default: every class
+                                      #   but the background
+      background: background          #   the background channel (label or index): default 0 for softmax,
+                                      #   none for sigmoid
 
 Transforms: ``_target_`` names a class of ``monai.transforms`` (``Spacing`` or ``monai.transforms.Spacing``) from
 its spatial, crop/pad, intensity or utility array transforms; a dictionary transform (``Spacingd``, as MONAI bundles
@@ -36,6 +47,11 @@ it moves voxels, and must not touch files). The other keys are the transform's a
 signature and by instantiating it.
 The network grid is expected in MONAI axcodes ``"SPL"`` (docs/architecture.md): start with
 ``{_target_: Orientation, axcodes: SPL}``; ``Spacing.pixdim`` is then (slice, row, column) mm.
+
+Segmentation (``task: segmentation``, or a model declaring ``medcam3d_task = "segmentation"``): the labels name
+the output channels (background included), ``probability`` says how the prediction is made (``softmax``: argmax
+over channels, the default for ``task: segmentation``; ``sigmoid``: each channel at or above ``threshold``), and
+each region of the prediction is a target (:class:`TargetSettings`, :class:`medcam3d.targets.SegmentationRegions`).
 
 Modality: with ``modality``, a DICOM series whose Modality tag is not listed is refused (unless the caller
 overrides the check), and a scan without a Modality tag (NIfTI, NRRD) whose intensities do not look like the
@@ -67,7 +83,9 @@ from .models.loading import build_model, declare_model, resolve_package_path
 
 __all__ = [
     "TOP_LEVEL_KEYS",
+    "TASKS",
     "Config",
+    "TargetSettings",
     "available_configs",
     "instantiate_transform",
     "load_config",
@@ -78,8 +96,13 @@ __all__ = [
 
 TOP_LEVEL_KEYS = (
     "name", "description", "model", "weights", "target_layer", "layout", "labels", "input_size", "min_size",
-    "preprocessing", "probability", "threshold", "allowed_regions", "modality", "map_geometry",
+    "preprocessing", "probability", "threshold", "allowed_regions", "modality", "map_geometry", "task", "targets",
 )
+#: what a model does: ``classification`` (class scores ``[B, M]``) or ``segmentation`` (``[B, C, *spatial]``)
+TASKS = ("classification", "segmentation")
+_TARGET_KEYS = ("region", "reduce", "max_targets", "classes", "background")
+_REGIONS = ("components", "predicted")
+_REDUCES = ("sum", "mean")
 _REQUIRED = ("name", "model", "labels", "preprocessing")
 _LAYOUTS = ("slices_as_batch", "channels_first", "channels_last")
 _PROBABILITIES = ("sigmoid", "softmax")
@@ -371,9 +394,9 @@ def _check_map_geometry(data: Mapping[str, Any], where: Path | str) -> str | Non
     return kind
 
 
-def _check_scoring(data: Mapping[str, Any], where: Path | str) -> tuple[str, float]:
-    """``(probability, threshold)``, defaults sigmoid and 0.5."""
-    probability = data.get("probability", "sigmoid")
+def _check_scoring(data: Mapping[str, Any], where: Path | str, default: str = "sigmoid") -> tuple[str, float]:
+    """``(probability, threshold)``, defaults ``default`` (sigmoid; softmax for segmentation) and 0.5."""
+    probability = data.get("probability", default)
     if probability not in _PROBABILITIES:
         raise InputError(f"probability must be one of {', '.join(_PROBABILITIES)}, got {probability!r}", where)
     threshold = data.get("threshold", 0.5)
@@ -431,6 +454,94 @@ def _check_preprocessing(data: Mapping[str, Any], input_size: tuple[int, int, in
     return specs
 
 
+def _check_task(data: Mapping[str, Any], where: Path | str) -> str | None:
+    """``task`` (one of :data:`TASKS`), None when absent (classification, unless the model declares
+    ``medcam3d_task``)."""
+    task = data.get("task")
+    if task is not None and task not in TASKS:
+        raise InputError(f"task must be one of {', '.join(TASKS)}, got {task!r}", where)
+    return task
+
+
+@dataclass(frozen=True)
+class TargetSettings:
+    """The ``targets:`` of a segmentation config (module docstring): which regions of the prediction are explained.
+
+    Attributes:
+        region: ``"components"`` (each 26-connected component of a class's predicted mask, largest first) or
+            ``"predicted"`` (the class's whole predicted mask).
+        reduce: ``"sum"`` or ``"mean"`` of the class's logits over the region.
+        max_targets: the most components kept per class.
+        classes: the explained output channels (indices), in order; None: every channel but ``background``.
+        background: the background channel (index), None when there is none (sigmoid nets).
+    """
+
+    region: str = "components"
+    reduce: str = "sum"
+    max_targets: int = 20
+    classes: tuple[int, ...] | None = None
+    background: int | None = 0
+
+    def explained(self, n_channels: int) -> list[int]:
+        """The output channels explained by default: ``classes``, else every channel but the background."""
+        if self.classes is not None:
+            return list(self.classes)
+        return [c for c in range(n_channels) if c != self.background]
+
+    def to_dict(self, labels: Sequence[str]) -> dict[str, Any]:
+        """As the config writes it (channels by label)."""
+        return {"region": self.region, "reduce": self.reduce, "max_targets": self.max_targets,
+                "classes": None if self.classes is None else [labels[c] for c in self.classes],
+                "background": None if self.background is None else labels[self.background]}
+
+
+def _channel(value: Any, labels: Sequence[str], key: str, where: Path | str) -> int:
+    """A channel named by its label or index; InputError when it is not one of the ``len(labels)`` outputs."""
+    if isinstance(value, str):
+        if value not in labels:
+            raise InputError(f"{key}: unknown class {value!r} (labels: {', '.join(labels)})", where)
+        return list(labels).index(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(f"{key}: a class is a label or a channel index, got {value!r}", where)
+    if not 0 <= value < len(labels):
+        raise InputError(f"{key}: class {value} is outside the model's {len(labels)} output channels "
+                         f"(0 to {len(labels) - 1}; labels name every channel)", where)
+    return value
+
+
+def _check_targets(data: Mapping[str, Any], task: str | None, labels: Sequence[str], probability: str,
+                   where: Path | str) -> TargetSettings | None:
+    """``targets`` (segmentation only), channels resolved to indices; None when absent."""
+    spec = data.get("targets")
+    if spec is None:
+        return None
+    if task == "classification":
+        raise InputError("targets: only for task: segmentation", where)
+    if not isinstance(spec, Mapping):
+        raise InputError(f"targets must be a mapping ({', '.join(_TARGET_KEYS)}), got {spec!r}", where)
+    unknown = [k for k in spec if k not in _TARGET_KEYS]
+    if unknown:
+        raise InputError(f"targets: unknown key {unknown[0]!r} (allowed: {', '.join(_TARGET_KEYS)})", where)
+    region, reduce = spec.get("region", "components"), spec.get("reduce", "sum")
+    if region not in _REGIONS:
+        raise InputError(f"targets.region must be one of {', '.join(_REGIONS)}, got {region!r}", where)
+    if reduce not in _REDUCES:
+        raise InputError(f"targets.reduce must be one of {', '.join(_REDUCES)}, got {reduce!r}", where)
+    cap = spec.get("max_targets", 20)
+    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+        raise InputError(f"targets.max_targets must be a positive integer, got {cap!r}", where)
+    classes = spec.get("classes")
+    if classes is not None and (not isinstance(classes, list) or not classes):
+        raise InputError(f"targets.classes must be a non-empty list of labels or channel indices, got {classes!r}",
+                         where)
+    chosen = None if classes is None else tuple(dict.fromkeys(
+        _channel(c, labels, "targets.classes", where) for c in classes))
+    default_bg = 0 if probability == "softmax" else None
+    bg = spec.get("background", default_bg)
+    background = None if bg is None else _channel(bg, labels, "targets.background", where)
+    return TargetSettings(region=region, reduce=reduce, max_targets=cap, classes=chosen, background=background)
+
+
 @dataclass
 class Config:
     """A validated config (see the module docstring for the schema). ``path`` is the file it came from."""
@@ -451,6 +562,8 @@ class Config:
     modality: tuple[str, ...] | None = None
     path: Path | None = None
     map_geometry: str | None = None
+    task: str | None = None
+    targets: TargetSettings | None = None
 
     # construction ------------------------------------------------------------------------------------------------
     @classmethod
@@ -464,16 +577,18 @@ class Config:
         map_geometry = _check_map_geometry(data, where)
         input_size = _size3(data.get("input_size"), "input_size", where)
         min_size = _size3(data.get("min_size"), "min_size", where)
-        probability, threshold = _check_scoring(data, where)
+        task = _check_task(data, where)
+        probability, threshold = _check_scoring(data, where, "softmax" if task == "segmentation" else "sigmoid")
         allowed = _check_regions(data, labels, where)
         specs = _check_preprocessing(data, input_size, where)
         modality = _check_modality(data, where)
+        targets = _check_targets(data, task, labels, probability, where)
         return cls(
             name=name, model=model, labels=labels, preprocessing=specs, description=description, weights=weights,
             map_geometry=map_geometry,
             target_layer=target_layer, layout=layout, input_size=input_size, min_size=min_size,
             probability=probability, threshold=threshold, allowed_regions=allowed, modality=modality,
-            path=Path(path).resolve() if path is not None else None,
+            path=Path(path).resolve() if path is not None else None, task=task, targets=targets,
         )
 
     # derived -------------------------------------------------------------------------------------------------------
@@ -490,6 +605,13 @@ class Config:
     @property
     def n_outputs(self) -> int:
         return len(self.labels)
+
+    def target_settings(self) -> TargetSettings:
+        """The segmentation targets: ``targets``, else the defaults (components, sum, background channel 0 for
+        softmax, none for sigmoid)."""
+        if self.targets is not None:
+            return self.targets
+        return TargetSettings(background=0 if self.probability == "softmax" else None)
 
     @property
     def weights_path(self) -> Path | None:
@@ -528,6 +650,10 @@ class Config:
         }
         if self.map_geometry is not None:
             d["map_geometry"] = self.map_geometry
+        if self.task is not None:
+            d["task"] = self.task
+        if self.targets is not None:
+            d["targets"] = self.targets.to_dict(self.labels)
         return d
 
 

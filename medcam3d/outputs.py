@@ -736,6 +736,14 @@ def _peak_spl(volume: np.ndarray, affine: np.ndarray) -> tuple[int, int, int]:
     return out[0], out[1], out[2]
 
 
+def _index_spl(ijk: Sequence[int], shape: tuple[int, ...], affine: np.ndarray) -> tuple[int, int, int]:
+    """SPL index ``(k, j, i)`` of scan voxel ``ijk`` (as :func:`_peak_spl` maps the peak)."""
+    out = [0, 0, 0]
+    for a, (axis, flip) in enumerate(_spl_transform(affine)):
+        out[int(axis)] = shape[a] - 1 - int(ijk[a]) if flip < 0 else int(ijk[a])
+    return out[0], out[1], out[2]
+
+
 def _unit(a: np.ndarray) -> np.ndarray:
     """A display map slice as float in [0, 1] (uint8 maps hold ``round(255 h)``)."""
     return a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else np.asarray(a, dtype=np.float32)
@@ -799,8 +807,10 @@ def montage_views(
     affine: np.ndarray,
     peak_from: str | None = None,
     covered: Covered | None = None,
+    at: Sequence[int] | None = None,
 ) -> list[MontageView]:
-    """The axial, coronal and sagittal slices through the peak of ``maps[peak_from]`` (default: the first map).
+    """The axial, coronal and sagittal slices through the peak of ``maps[peak_from]`` (default: the first map), or
+    through scan voxel ``at = (i, j, k)`` (a segmentation region's centroid), which the marker then marks.
 
     Args:
         ct: ``[I, J, K]`` HU on the scan grid.
@@ -812,7 +822,10 @@ def montage_views(
     methods = list(maps)
     ct_s, sp = to_spl(ct, affine)
     maps_s = {m: to_spl(v, affine)[0] for m, v in maps.items()}
-    k, j, i = _peak_spl(np.asarray(maps[peak_from or methods[0]]), affine)
+    if at is not None:
+        k, j, i = _index_spl(at, tuple(ct.shape), affine)
+    else:
+        k, j, i = _peak_spl(np.asarray(maps[peak_from or methods[0]]), affine)
     cuts = _cuts(k, j, i, ct_s.shape[0])
     masks = _covered_slices(covered, tuple(ct.shape), affine, cuts)
     aspects = {"axial": sp[1] / sp[2], "coronal": sp[0] / sp[2], "sagittal": sp[0] / sp[1]}
@@ -854,9 +867,9 @@ def _setup_panel(ax: Any, view: MontageView, title: str) -> tuple[Any, Any]:
     return image, peak
 
 
-def _footer(window: str, views: Sequence[MontageView], peak_from: str, note: str | None) -> str:
+def _footer(window: str, views: Sequence[MontageView], marker: str, note: str | None) -> str:
     level, width = WINDOWS[window]
-    lines = [f"window: {window.replace('_', ' ')} (level {level:g} HU, width {width:g} HU)   + peak of {peak_from}"]
+    lines = [f"window: {window.replace('_', ' ')} (level {level:g} HU, width {width:g} HU)   + {marker}"]
     if any(v.covered is not None and not v.covered.all() for v in views):
         lines[0] += "   cyan outline: where the map's cells sit (outside it: no cell, not zero evidence)"
     if note:
@@ -903,6 +916,7 @@ class MontageRenderer:
         window: str = "lung",
         scales: Mapping[str, tuple[float, float]] | None = None,
         note: str | None = None,
+        marker: str | None = None,
     ) -> Path:
         """One PNG of ``views`` (arguments as :func:`draw_montage`)."""
         from matplotlib import colormaps  # heavy: imported only when a montage is drawn (see _build)
@@ -930,7 +944,7 @@ class MontageRenderer:
             mappable.set_clim(lo, hi if hi > lo else lo + 1.0)
             bar.set_label(f"{m} raw score" if scales and m in scales else "display value", fontsize=8)
         self._texts[0].set_text(title)
-        self._texts[1].set_text(_footer(window, views, rows[0], note))
+        self._texts[1].set_text(_footer(window, views, marker or f"peak of {rows[0]}", note))
         meta = json.dumps({"panels": self._meta, "window": window})
         with atomic_path(path) as tmp:  # the temporary name keeps the .png suffix, which chooses the format
             self._fig.savefig(tmp, dpi=self.dpi, metadata={"medcam3d": meta},
@@ -981,17 +995,19 @@ def draw_montage(
     note: str | None = None,
     dpi: int = 100,
     renderer: MontageRenderer | None = None,
+    marker: str | None = None,
 ) -> Path:
     """Draw ``views`` as a PNG: one row per method (default: every map of the views), columns axial / coronal /
     sagittal, each with orientation letters, the covered region's outline and a marker at the peak, a colour bar
     per row on the signed map's raw-score scale (``scales[method] = (lo, hi)``: the raw scores display values 0 and
-    1 stand for; without it the display scale), and a footer naming the window (and ``note``). ``renderer``: a
-    :class:`MontageRenderer` to reuse between montages of one scan (its ``dpi`` wins).
+    1 stand for; without it the display scale), and a footer naming the window, what the marker marks (``marker``,
+    default the first row's peak) and ``note``. ``renderer``: a :class:`MontageRenderer` to reuse between montages
+    of one scan (its ``dpi`` wins).
 
     The image is 1200 x (400 x rows) pixels at the default dpi. The PNG's ``medcam3d`` text chunk records each
     panel's pixel box (``bbox_px``: left, top, right, bottom) and slice shape."""
     r = renderer or MontageRenderer(dpi)
-    return r.draw(views, path, title, methods=methods, window=window, scales=scales, note=note)
+    return r.draw(views, path, title, methods=methods, window=window, scales=scales, note=note, marker=marker)
 
 
 def render_montage(
@@ -1009,9 +1025,10 @@ def render_montage(
     note: str | None = None,
     methods: Sequence[str] | None = None,
     renderer: MontageRenderer | None = None,
+    at: Sequence[int] | None = None,
 ) -> Path:
-    """A PNG: one row per method, columns axial / coronal / sagittal through the peak of ``maps[peak_from]``
-    (:func:`montage_views` then :func:`draw_montage`).
+    """A PNG: one row per method, columns axial / coronal / sagittal through the peak of ``maps[peak_from]``, or
+    through scan voxel ``at`` (:func:`montage_views` then :func:`draw_montage`).
 
     Args:
         ct: ``[I, J, K]`` HU on the scan grid.
@@ -1025,7 +1042,10 @@ def render_montage(
         note: a line under the images (e.g. that the methods coincide by proof).
         methods: the rows (default: every map).
         renderer: a :class:`MontageRenderer` reused between the montages of one scan (faster; its dpi wins).
+        at: ``(i, j, k)`` scan voxel to cut through instead of the peak (a segmentation region's centroid); the
+            marker marks it and the footer says so.
     The image is 1200 x (400 x rows) pixels at the default dpi."""
-    views = montage_views(ct, maps, affine, peak_from, covered)
+    views = montage_views(ct, maps, affine, peak_from, covered, at)
+    marker = "centroid of the region" if at is not None else None
     return draw_montage(views, path, title, methods=methods, window=window, scales=scales, note=note, dpi=dpi,
-                        renderer=renderer)
+                        renderer=renderer, marker=marker)

@@ -21,6 +21,15 @@ Full-resolution maps are sampled on the scan's own grid straight from the featur
 classes at a time), quantised to uint8 (``scl_slope = 1/255``) and compressed in a thread pool while the montages
 are drawn from the same arrays. Preprocessing that is not purely affine-geometric falls back to MONAI's inverse
 (:meth:`~medcam3d.preprocess.Preprocessor.invert`), one class at a time.
+
+Segmentation networks (``task: segmentation`` in the config, or a model declaring ``medcam3d_task =
+"segmentation"``) explain *targets* instead of classes (:mod:`medcam3d.segmentation`, :mod:`medcam3d.targets`): the
+regions of the model's own prediction, each scored by its class's logits summed (or averaged) over it. Everything
+written per class is then written per target (index = target index, label = target name), and the folder also holds
+the predicted segmentation on the scan's grid and ``targets.csv``. Full resolution by default: the largest regions
+first (by voxel count), at most :data:`MAX_FULL_RES`. A prediction with no voxel of any explained class is a
+one-line note, not an error: the segmentation, ``scores.csv``/``targets.csv`` (headers only) and the summary are
+written, no maps.
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import Config, load_config
+from .config import TASKS, Config, load_config
 from .errors import InputError
 from .explainer import Explainer, select_scores
 from .explanation import Explanation
@@ -53,6 +62,7 @@ from .io import (
     check_modality,
     read_volume,
     write_lowres_maps,
+    write_nifti,
     write_parametric_map,
     write_segmentation,
 )
@@ -64,7 +74,9 @@ from .outputs import (
     DICOM_PM_PREFIX,
     DICOM_SEG_PREFIX,
     SCORES,
+    SEGMENTATION,
     SUMMARY,
+    TARGETS,
     CertificateRecord,
     ClassRecord,
     ConfigRecord,
@@ -87,9 +99,21 @@ from .outputs import (
     render_montage,
     write_scores_csv,
     write_summary,
+    write_targets_csv,
 )
 from .preprocess import Preprocessor
+from .segmentation import (
+    EmptySegmentation,
+    Prediction,
+    RecordingTargets,
+    TargetPlaces,
+    expand_class_tokens,
+    labels_on_scan,
+    target_places,
+    target_records,
+)
 from .selection import depends_on_scores, select_classes
+from .targets import Classes, Targets
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -108,7 +132,7 @@ __all__ = [
 
 DEFAULT_CONFIG = "demo_axialnet"
 #: default full resolution: the predicted-positive classes, at least the top MIN_FULL_RES and at most MAX_FULL_RES
-#: (highest scores first)
+#: (highest scores first); for segmentation targets, the MAX_FULL_RES largest regions (most voxels first)
 MIN_FULL_RES = 3
 MAX_FULL_RES = 10
 #: uint8 display maps held at once per chunk of full-resolution classes (all methods of a class stay together:
@@ -156,25 +180,43 @@ class ScanResult:
     Attributes:
         volume: the scan as read (source grid).
         grid: MONAI MetaTensor ``[1, S, H, W]`` on the network grid (carries the inverse-mapping record).
-        explanation: the :class:`Explanation` (batch of 1) for the explained classes.
-        probabilities: ``[M]`` probabilities of all outputs.
+        explained: the :class:`Explanation` (batch of 1) for the explained classes (or targets); None when a
+            segmentation net predicts nothing to explain (see :attr:`explanation`).
+        probabilities: ``[M]`` probabilities of all outputs (for segmentation targets: each target's mean
+            probability of its class over its region).
         timings: seconds per stage.
         notes: one line per assumption made on the way (e.g. which of several DICOM series was read).
         warnings: one line per thing to check (e.g. a scan that does not look like the config's modality).
+        task: ``"classification"`` or ``"segmentation"``.
+        prediction: a segmentation net's predicted label map on the network grid (None for classification).
+        target_notes: one-line remarks about the targets (skipped empty regions, dropped components, an empty
+            prediction).
     """
 
     volume: Volume
     grid: Any
-    explanation: Explanation
+    explained: Explanation | None
     probabilities: np.ndarray
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    task: str = "classification"
+    prediction: Prediction | None = None
+    target_notes: list[str] = field(default_factory=list)
+
+    @property
+    def explanation(self) -> Explanation:
+        """The explanation; InputError when there is none (a segmentation net that predicts nothing)."""
+        if self.explained is None:
+            raise InputError("; ".join(self.target_notes) or "nothing was explained")
+        return self.explained
 
     @property
     def scores(self) -> np.ndarray:
-        """``[M]`` raw scores."""
-        return self.explanation.scores[0].detach().cpu().numpy().astype(np.float64)
+        """``[M]`` raw scores (empty when nothing was explained)."""
+        if self.explained is None:
+            return np.zeros(0)
+        return self.explained.scores[0].detach().cpu().numpy().astype(np.float64)
 
 
 @dataclass(frozen=True)
@@ -198,6 +240,8 @@ class OutputPlan:
         map_affine: ``[4, 4]`` affine of the low-resolution maps (where the model's cells sit), None unless the
             maps are 3-D.
         notes: one-line remarks for the user (e.g. that the default full-resolution cap cut classes).
+        names: the names of the M scores (the config's labels; for segmentation targets, the target names).
+        places: segmentation targets: where each lies (centroid in mm and on the scan); None for classes.
     """
 
     explained: list[int]
@@ -206,6 +250,8 @@ class OutputPlan:
     grid_shape: tuple[int, ...]
     map_affine: np.ndarray | None
     notes: list[str] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    places: TargetPlaces | None = None
 
 
 class Session:
@@ -255,8 +301,12 @@ class Session:
         self.ignore_modality = bool(ignore_modality)
         self.preprocessor = Preprocessor.from_config(cfg, max_voxels=self.max_voxels)
         self.model = cfg.build_model().to(self.device).eval()
+        self.task = cfg.task or getattr(self.model, "medcam3d_task", None) or "classification"
+        if self.task not in TASKS:
+            raise InputError(f"the model declares medcam3d_task = {self.task!r}; medcam3d knows "
+                             f"{', '.join(TASKS)}", cfg.where)
         self.explainer = Explainer(self.model, cfg.target_layer, self.methods, labels=cfg.labels,
-                                   output=self._checked_scores, map_geometry=map_geometry)
+                                   targets=self._targets(), map_geometry=map_geometry)
         wp = cfg.weights_path
         self.weights_path = wp
         card = wp.with_suffix(".json") if wp is not None else None
@@ -276,6 +326,32 @@ class Session:
             return tuple(m.strip().upper() for m in card)
         return None
 
+    def _targets(self, mask: torch.Tensor | None = None) -> Targets:
+        """What the explainer explains: the model's class scores, or (segmentation) the regions of its prediction
+        (``mask``: a region on the network grid given by the user instead)."""
+        if self.task == "classification":
+            return Classes(reader=self._checked_scores)
+        return self._regions(mask)
+
+    def _regions(self, mask: torch.Tensor | None = None) -> RecordingTargets:
+        """A segmentation net's targets for one scan (fresh: they record that scan's prediction)."""
+        cfg = self.config
+        return RecordingTargets(cfg.target_settings(), cfg.labels, cfg.probability, cfg.threshold,
+                                self._checked_dense, mask)
+
+    def _checked_dense(self, output: Any) -> torch.Tensor:
+        """A segmentation net's raw scores ``[B, C, *spatial]``, refused when they are not dense or ``C`` is not the
+        number of the config's labels."""
+        dense = select_scores(output)
+        if dense.ndim < 3:
+            raise InputError(f"task: segmentation, but the model gives scores of shape {tuple(dense.shape)}; a "
+                             "segmentation output is [B, C, *spatial]", self.config.where)
+        n = len(self.config.labels)
+        if dense.shape[1] != n:
+            raise InputError(f"labels: the config names {n} classes but the model gives {dense.shape[1]} output "
+                             "channels; labels must name every channel, in the model's order", self.config.where)
+        return dense
+
     def _checked_scores(self, output: Any) -> torch.Tensor:
         """The model's raw scores ``[B, M]`` (:func:`~medcam3d.explainer.select_scores`), refused when ``M`` is not
         the number of the config's labels (checked on the real output, for any model)."""
@@ -293,31 +369,79 @@ class Session:
 
     # compute -----------------------------------------------------------------------------------------------------
     def explain_volume(
-        self, volume: Volume, classes: Sequence[str | int] | None = None, read_seconds: float | None = None
+        self, volume: Volume, classes: Sequence[str | int] | None = None, read_seconds: float | None = None,
+        *, target_mask: Volume | None = None,
     ) -> ScanResult:
         """Preprocess and explain one scan (all outputs, or the given classes). ``read_seconds``: time spent
-        reading the scan, recorded with the other timings.
+        reading the scan, recorded with the other timings. Segmentation nets: every target is explained (the
+        selection is made when writing); ``target_mask`` (a mask on the scan's grid) is then the one region
+        explained for each explained class, instead of the predicted regions.
 
         Raises :class:`InputError` (before any work) for a DICOM scan of a modality the model does not read."""
         what = f"the config {self.config.where}"
         warning = check_modality(volume, self.modalities, ignore=self.ignore_modality, what=what)
+        if target_mask is not None and self.task != "segmentation":
+            raise InputError("a target mask is for segmentation models (task: segmentation)", target_mask.source)
         t0 = time.perf_counter()
         grid = self.preprocessor(volume)
         t1 = time.perf_counter()
         x = grid.as_tensor()[None].to(self.device)  # [1, 1, S, H, W]
+        if self.task == "segmentation":
+            result = self._explain_segmentation(volume, grid, x, target_mask)
+        else:
+            result = self._explain_classes(volume, grid, x, classes)
+        t2 = time.perf_counter()
+        timings = {} if read_seconds is None else {"read": read_seconds}
+        timings.update({"preprocess": t1 - t0, "explain": t2 - t1})
+        if result.explained is not None:
+            timings.update({f"explain.{k}": v for k, v in result.explained.timings.items()})
+        result.timings = timings
+        result.notes = [str(n) for n in volume.meta.get("notes") or []]
+        result.warnings = [warning] if warning else []
+        return result
+
+    def _explain_classes(self, volume: Volume, grid: Any, x: torch.Tensor,
+                         classes: Sequence[str | int] | None) -> ScanResult:
+        """A classification net's explanation of ``x`` (all outputs, or the classes a score-free selection names)."""
         idx = None  # all outputs: as cheap as a few, and score-dependent selections need every score
         if not depends_on_scores(classes):
             n = len(self.config.labels)
             idx = select_classes(classes, np.zeros(n), np.zeros(n), self.config.labels, self.config.threshold)
         exp = self.explainer(x, classes=idx)
-        t2 = time.perf_counter()
         probs = exp.probabilities(self.config.probability)[0].detach().cpu().numpy().astype(np.float64)
-        timings = {} if read_seconds is None else {"read": read_seconds}
-        timings.update({"preprocess": t1 - t0, "explain": t2 - t1})
-        timings.update({f"explain.{k}": v for k, v in exp.timings.items()})
-        notes = [str(n) for n in volume.meta.get("notes") or []]
-        return ScanResult(volume, grid, exp.cpu(), probs, timings, notes=notes,
-                          warnings=[warning] if warning else [])
+        return ScanResult(volume, grid, exp.cpu(), probs)
+
+    def _explain_segmentation(self, volume: Volume, grid: Any, x: torch.Tensor,
+                              target_mask: Volume | None) -> ScanResult:
+        """A segmentation net's explanation of ``x``: every target, the prediction, the targets' mean
+        probabilities; an empty prediction gives a result without an explanation and a note."""
+        targets = self._regions(self._mask_on_grid(target_mask, volume, grid))
+        self.explainer.targets = targets  # this scan's; replaced by the next scan's
+        exp: Explanation | None
+        try:
+            exp = self.explainer(x)
+            notes = list(exp.notes)
+        except EmptySegmentation as e:
+            exp, notes = None, [str(e)]
+        prediction = targets.prediction
+        assert prediction is not None  # recorded when the targets were bound
+        if prediction.label_map.shape != tuple(grid.shape[1:]):
+            raise InputError(f"the model's segmentation has spatial shape {prediction.label_map.shape}, not its "
+                             f"input's {tuple(grid.shape[1:])}; medcam3d explains segmentations on the input grid",
+                             self.config.where)
+        return ScanResult(volume, grid, exp.cpu() if exp is not None else None, targets.region_probabilities,
+                          task="segmentation", prediction=prediction, target_notes=notes)
+
+    def _mask_on_grid(self, mask: Volume | None, volume: Volume, grid: Any) -> torch.Tensor | None:
+        """A target mask on the scan's grid (same shape; non-zero = inside) as a bool ``[S, H, W]`` region on the
+        network grid (nearest neighbour); InputError when its shape is not the scan's."""
+        if mask is None:
+            return None
+        if tuple(mask.shape) != tuple(volume.shape):
+            raise InputError(f"the target mask has shape {tuple(mask.shape)}, but the scan has "
+                             f"{tuple(volume.shape)}; a mask must be on the scan's grid", mask.source)
+        on_grid = self.preprocessor.preprocess_labels(mask, like=grid)[0]
+        return torch.as_tensor(np.asarray(on_grid)) != 0
 
     # compute what goes into the folder ----------------------------------------------------------------------------
     def plan_outputs(
@@ -326,59 +450,77 @@ class Session:
         classes: Sequence[str | int] | None = None,
         full_res: Sequence[str | int] | None = None,
     ) -> OutputPlan:
-        """Which classes go to the output folder and where the maps sit (InputError before anything is written).
+        """Which classes (or segmentation targets) go to the output folder and where the maps sit (InputError
+        before anything is written).
 
         Args:
-            classes: which explained classes go to the outputs (default: all explained).
+            classes: which explained classes go to the outputs (default: all explained). For segmentation targets:
+                target names or indices, or class labels (every target of that class).
             full_res: which of those also get full-resolution maps and montages (default: predicted positive, at
-                least the top 3 and at most the top 10 by score, with a note in ``notes`` when the cap cuts).
+                least the top 3 and at most the top 10 by score, with a note in ``notes`` when the cap cuts; for
+                segmentation targets the 10 largest regions).
         """
-        cfg, exp = self.config, result.explanation
+        cfg = self.config
+        grid_affine = np.asarray(result.grid.affine, dtype=np.float64)
+        grid_shape = tuple(int(s) for s in result.grid.shape[1:])
+        if result.explained is None:  # an empty segmentation: the segmentation and the note, no maps
+            return OutputPlan([], [], grid_affine, grid_shape, None, notes=list(result.target_notes))
+        exp = result.explained
         scores, probs = result.scores, result.probabilities
-        explained = [c for c in select_classes(classes, scores, probs, cfg.labels, cfg.threshold) if c in exp.classes]
+        names = list(exp.labels) if result.task == "segmentation" and exp.labels else list(cfg.labels)
+        if result.task == "segmentation":
+            classes = expand_class_tokens(classes, exp.targets or [], cfg.labels)
+            full_res = expand_class_tokens(full_res, exp.targets or [], cfg.labels)
+        explained = [c for c in select_classes(classes, scores, probs, names, cfg.threshold) if c in exp.classes]
         if not explained:
             raise InputError("--classes selects no explained class")
         placement = exp.placement
         notes = [placement.note()] if placement is not None and placement.fallback else []
+        notes += result.target_notes
         if full_res is None:
-            fr, note = self._default_full_res(result, explained)
+            fr, note = self._default_full_res(result, explained, names)
             notes += [note] if note else []
         else:
-            fr = [c for c in select_classes(full_res, scores, probs, cfg.labels, cfg.threshold, what="--full-res")
+            fr = [c for c in select_classes(full_res, scores, probs, names, cfg.threshold, what="--full-res")
                   if c in explained]
-        grid_affine = np.asarray(result.grid.affine, dtype=np.float64)
         geometry = exp.map_geometry(self.map_geometry)  # InputError when the model declares no receptive geometry
         map_affine = grid_affine @ geometry.index_affine().numpy() if len(exp.map_size) == 3 else None
-        return OutputPlan(
-            explained=explained,
-            full_res=fr,
-            grid_affine=grid_affine,
-            grid_shape=tuple(int(s) for s in result.grid.shape[1:]),
-            map_affine=map_affine,
-            notes=notes,
-        )
+        places = None
+        if result.task == "segmentation":
+            infos = exp.sample_targets[0] if exp.sample_targets else list(exp.targets or [])
+            vol = result.volume
+            places = target_places(infos, grid_affine, np.asarray(vol.affine, dtype=np.float64), vol.shape)
+        return OutputPlan(explained=explained, full_res=fr, grid_affine=grid_affine, grid_shape=grid_shape,
+                          map_affine=map_affine, notes=notes, names=names, places=places)
 
-    def _default_full_res(self, result: ScanResult, explained: Sequence[int]) -> tuple[list[int], str | None]:
+    def _default_full_res(self, result: ScanResult, explained: Sequence[int],
+                          names: Sequence[str]) -> tuple[list[int], str | None]:
         """The default full-resolution classes among ``explained``, highest score first: predicted positive and
-        the top :data:`MIN_FULL_RES`, at most :data:`MAX_FULL_RES`; and a note when the cap cuts."""
+        the top :data:`MIN_FULL_RES`, at most :data:`MAX_FULL_RES`; and a note when the cap cuts. Segmentation
+        targets: the :data:`MAX_FULL_RES` largest regions (most voxels first)."""
         cfg, scores = self.config, result.scores
-        spec = ["positive", f"top-{MIN_FULL_RES}"]
-        wanted = [c for c in select_classes(spec, scores, result.probabilities, cfg.labels, cfg.threshold)
-                  if c in explained]
-        wanted.sort(key=lambda c: -scores[c])
+        if result.task == "segmentation":
+            infos = result.explanation.targets or []
+            wanted = sorted(explained, key=lambda t: (-(infos[t].voxels or 0), t))
+            what = f"{len(wanted)} targets are explained; full resolution and montages for the {MAX_FULL_RES} largest"
+        else:
+            spec = ["positive", f"top-{MIN_FULL_RES}"]
+            wanted = [c for c in select_classes(spec, scores, result.probabilities, names, cfg.threshold)
+                      if c in explained]
+            wanted.sort(key=lambda c: -scores[c])
+            what = (f"{len(wanted)} classes are predicted positive; full resolution and montages for the "
+                    f"{MAX_FULL_RES} highest-scoring")
         if len(wanted) <= MAX_FULL_RES:
             return wanted, None
         return wanted[:MAX_FULL_RES], (
-            f"{len(wanted)} classes are predicted positive; full resolution and montages for the {MAX_FULL_RES} "
-            "highest-scoring only (all are in the low-resolution maps; --full-res all writes every one)")
+            f"{what} only (all are in the low-resolution maps; --full-res all writes every one)")
 
     def summarise(self, result: ScanResult, plan: OutputPlan) -> Summary:
         """The summary of ``result`` as ``plan`` writes it (its timings and file list are completed by
         :meth:`write_folder`)."""
-        cfg, exp = self.config, result.explanation
+        cfg = self.config
         versions = _versions()
-        geo = exp.map_geometry(self.map_geometry)
-        return Summary(
+        summary = Summary(
             medcam3d_version=versions.get("medcam3d", "unknown"),
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             input=_input_record(result.volume),
@@ -386,21 +528,35 @@ class Session:
                                 sha256=sha256_of(cfg.path) if cfg.path else None),
             model=self._model_record(),
             network_grid=GridRecord(shape=list(plan.grid_shape), affine=plan.grid_affine.tolist()),
-            map_shape=list(exp.map_size),
-            map_affine=plan.map_affine.tolist() if plan.map_affine is not None else None,
-            map_geometry=MapGeometryRecord(kind=geo.kind, offset_voxels=list(geo.offset),
-                                           stride_voxels=list(geo.stride), source=_placement_source(exp)),
-            methods=list(exp.methods),
+            methods=list(self.methods),
             device=str(self.device),
             versions=versions,
-            certificate=CertificateRecord.from_certificate(exp.certificate),
             probability=cfg.probability,
             threshold=cfg.threshold,
-            classes=_class_records(result, plan, cfg.labels, cfg.threshold),
+            classes=[],
             warnings=list(result.warnings),
             assumptions=list(result.notes),
             notes=list(plan.notes) or None,
         )
+        if result.explained is not None:
+            summary = replace(summary, **self._explanation_fields(result, plan))
+        if result.task == "segmentation":
+            summary = replace(summary, **_segmentation_fields(result, plan, cfg.labels))
+        return summary
+
+    def _explanation_fields(self, result: ScanResult, plan: OutputPlan) -> dict[str, Any]:
+        """The summary's fields that describe the maps: their grid and placement, the certificate, the classes."""
+        exp = result.explanation
+        geo = exp.map_geometry(self.map_geometry)
+        return {
+            "map_shape": list(exp.map_size),
+            "map_affine": plan.map_affine.tolist() if plan.map_affine is not None else None,
+            "map_geometry": MapGeometryRecord(kind=geo.kind, offset_voxels=list(geo.offset),
+                                              stride_voxels=list(geo.stride), source=_placement_source(exp)),
+            "methods": list(exp.methods),
+            "certificate": CertificateRecord.from_certificate(exp.certificate),
+            "classes": _class_records(result, plan, self.config.threshold),
+        }
 
     def _model_record(self) -> ModelRecord:
         w = self.weights_path
@@ -477,10 +633,18 @@ class Session:
         objects); their names. Adds ``write.*`` stage times to ``timings``; ``notes`` collects the DICOM export's
         notes."""
         t0 = time.perf_counter()
-        write_scores_csv(_score_rows(result, plan, self.config.labels, self.config.threshold), folder / SCORES)
+        write_scores_csv(_score_rows(result, plan, self.config.threshold), folder / SCORES)
+        written = [SCORES]
+        if result.task == "segmentation":
+            step("segmentation")
+            written += self._write_segmentation(result, plan, folder)
+            timings["write.segmentation"] = time.perf_counter() - t0
+        if result.explained is None:
+            return written
+        t1 = time.perf_counter()
         step("low-resolution maps")
-        written = [SCORES, *self._write_lowres(result, plan, folder)]
-        timings["write.lowres"] = time.perf_counter() - t0
+        written += self._write_lowres(result, plan, folder)
+        timings["write.lowres"] = time.perf_counter() - t1
         if plan.full_res:
             n = max(1, int(threads or torch.get_num_threads()))
             with ThreadPoolExecutor(max_workers=n, thread_name_prefix="medcam3d-gzip") as pool:
@@ -488,9 +652,23 @@ class Session:
                 written += writer.run(step, timings)
         return written
 
+    def _write_segmentation(self, result: ScanResult, plan: OutputPlan, folder: Path) -> list[str]:
+        """``segmentation.nii.gz`` (the predicted label map on the scan's grid, uint8) and ``targets.csv``."""
+        assert result.prediction is not None
+        vol = result.volume
+        on_scan = labels_on_scan(result.prediction.label_map, result.grid, vol.affine, vol.shape,
+                                 invert=lambda m: self.preprocessor.invert(m, result.grid))
+        names = ", ".join(f"{v}={n}" for v, n in result.prediction.names.items())
+        write_nifti(on_scan, vol.affine, folder / SEGMENTATION, np.uint8,
+                    description=f"medcam3d predicted segmentation: {names}"[:79])
+        records = [] if result.explained is None else target_records(
+            result.explained, plan.explained, plan.places or TargetPlaces(), self.config.labels)
+        write_targets_csv(records, folder / TARGETS)
+        return [SEGMENTATION, TARGETS]
+
     def _write_lowres(self, result: ScanResult, plan: OutputPlan, folder: Path) -> list[str]:
         """One 4-D ``lowres_<method>.nii.gz`` per method: the explained classes' signed raw maps."""
-        exp, labels = result.explanation, self.config.labels
+        exp, labels = result.explanation, plan.names
         pos = [exp.index(c) for c in plan.explained]
         for m in exp.methods:
             write_lowres_maps(exp.raw[m][0, pos], plan.grid_affine, plan.grid_shape, folder / lowres_name(m),
@@ -512,7 +690,7 @@ class _FullResWriter:
         self.dicom, self.notes = dicom, notes if notes is not None else []
         self.exp = result.explanation
         self.methods = list(self.exp.methods)
-        self.labels = session.config.labels
+        self.labels = plan.names
         vol = result.volume
         self.shape = tuple(int(n) for n in vol.shape)
         geometry = self.exp.map_geometry(session.map_geometry)
@@ -632,13 +810,16 @@ class _FullResWriter:
         note = (f"certificate 'cam': {', '.join(self.methods)} coincide for this class by proof (global average "
                 "pooling + one linear layer), so one row is shown") if cam else None
         p = float(result.probabilities[c])
-        title = (f"{label}  score {result.scores[c]:+.3f}  p={p:.3f}  "
-                 f"({'synthetic demo model' if self.session.synthetic_only else self.session.config.name})")
+        model = "synthetic demo model" if self.session.synthetic_only else self.session.config.name
+        title = f"{label}  score {result.scores[c]:+.3f}  p={p:.3f}  ({model})"
+        at = self.plan.places.scan_index.get(c) if self.plan.places is not None else None
+        if at is not None:  # a region: cut through its centroid; its score is a sum of logits, p a mean
+            title = f"{label}  region score {result.scores[c]:+.3f}  mean p={p:.3f}  ({model})"
         name = montage_name(c, label)
         render_montage(result.volume.array, maps, result.volume.affine, self.folder / name, title,
                        peak_from=self.methods[0], scales=scales, note=note,
                        covered=self.sampler.covered_at if self.sampler is not None else None,
-                       methods=self.methods[:1] if cam else None, renderer=self.renderer)
+                       methods=self.methods[:1] if cam else None, renderer=self.renderer, at=at)
         return name
 
 
@@ -674,14 +855,37 @@ def _placement_source(exp: Explanation) -> str | None:
     return exp.placement.source if exp.placement is not None else None
 
 
-def _score_rows(result: ScanResult, plan: OutputPlan, labels: Sequence[str], threshold: float) -> list[dict[str, Any]]:
-    """The rows of ``scores.csv``."""
+def _predicted(result: ScanResult, c: int, threshold: float) -> bool:
+    """Whether class ``c`` is predicted: its probability at or above the threshold; a segmentation target is when
+    its region is (part of) the prediction."""
+    if result.task == "segmentation":
+        info = (result.explanation.targets or [])[c]
+        if info.region in ("predicted", "component"):
+            return True
+    return bool(result.probabilities[c] >= threshold)
+
+
+def _score_rows(result: ScanResult, plan: OutputPlan, threshold: float) -> list[dict[str, Any]]:
+    """The rows of ``scores.csv`` (for targets: the raw region score and the mean probability over the region)."""
     scores, probs = result.scores, result.probabilities
     return [
-        {"index": c, "label": labels[c], "score": f"{scores[c]:.6g}", "probability": f"{probs[c]:.6g}",
-         "predicted": int(probs[c] >= threshold), "full_resolution": int(c in plan.full_res)}
+        {"index": c, "label": plan.names[c], "score": f"{scores[c]:.6g}", "probability": f"{probs[c]:.6g}",
+         "predicted": int(_predicted(result, c, threshold)), "full_resolution": int(c in plan.full_res)}
         for c in plan.explained
     ]
+
+
+def _segmentation_fields(result: ScanResult, plan: OutputPlan, labels: Sequence[str]) -> dict[str, Any]:
+    """The summary's segmentation fields: task, targets, the segmentation file and its label values."""
+    assert result.prediction is not None
+    records = [] if result.explained is None else target_records(
+        result.explained, plan.explained, plan.places or TargetPlaces(), labels)
+    return {
+        "task": "segmentation",
+        "targets": records,
+        "segmentation": SEGMENTATION,
+        "segmentation_labels": {str(v): n for v, n in result.prediction.names.items()},
+    }
 
 
 def _input_record(vol: Volume) -> InputRecord:
@@ -709,7 +913,7 @@ def _peak(raw: torch.Tensor, map_affine: np.ndarray | None) -> PeakRecord:
     return PeakRecord(map_index=[int(v) for v in ijk], value=value, world_ras_mm=world)
 
 
-def _class_records(result: ScanResult, plan: OutputPlan, labels: Sequence[str], threshold: float) -> list[ClassRecord]:
+def _class_records(result: ScanResult, plan: OutputPlan, threshold: float) -> list[ClassRecord]:
     """One record per explained class: scores, certificate evidence, peaks, HiResCAM-vs-Grad-CAM disagreement."""
     exp = result.explanation
     cert = exp.certificate
@@ -720,10 +924,10 @@ def _class_records(result: ScanResult, plan: OutputPlan, labels: Sequence[str], 
         k = exp.index(c)
         records.append(ClassRecord(
             index=c,
-            label=labels[c],
+            label=plan.names[c],
             score=float(result.scores[c]),
             probability=float(result.probabilities[c]),
-            predicted=bool(result.probabilities[c] >= threshold),
+            predicted=_predicted(result, c, threshold),
             full_resolution=c in plan.full_res,
             certificate=cert.per_class[k],
             completeness_residual=float(cert.completeness_residual[0, k]),
@@ -752,21 +956,24 @@ def explain_scan(
     max_voxels: int | None = None,
     ignore_modality: bool = False,
     dicom: DicomExport | None = None,
+    target_mask: str | Path | None = None,
 ) -> dict[str, Any]:
     """Read ``scan`` (NIfTI, NRRD/MHA, DICOM folder), explain it and write ``out_dir``. Returns the summary (the
     JSON object written to ``summary.json``; :func:`medcam3d.outputs.load_summary` reads it typed).
 
     ``max_voxels`` bounds the scan and every preprocessing grid (size checks before allocating);
     ``ignore_modality`` explains a DICOM scan of a modality the config does not read; ``dicom`` also writes the
-    full-resolution maps as DICOM (a DICOM source is needed). Bad input raises :class:`InputError` before anything
-    is written."""
+    full-resolution maps as DICOM (a DICOM source is needed); ``target_mask`` (segmentation models) is a mask file
+    on the scan's grid explained instead of the predicted regions. Bad input raises :class:`InputError` before
+    anything is written."""
     check_output_folder(out_dir)
     volume, t_read = read_scan(scan, series_uid, allow_resample, max_voxels=max_voxels)
     if dicom is not None:
         check_dicom_source(volume)
+    mask = read_scan(target_mask, max_voxels=max_voxels)[0] if target_mask is not None else None
     s = session or Session(config, checkpoint, methods, device, max_voxels=max_voxels,
                            ignore_modality=ignore_modality)
-    result = s.explain_volume(volume, classes, read_seconds=t_read)
+    result = s.explain_volume(volume, classes, read_seconds=t_read, target_mask=mask)
     return s.write(result, out_dir, classes, full_res, dicom=dicom)
 
 

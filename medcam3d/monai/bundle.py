@@ -13,6 +13,14 @@ resolved as MONAI does), the preprocessing's dictionary transforms as array tran
 type transforms dropped: medcam3d reads the scan itself into a channel-first RAS MetaTensor), label names from
 the metadata's ``channel_def`` when present, the probability (``softmax``/``sigmoid``) and threshold from the
 ``postprocessing``'s ``Activations(d)`` / ``AsDiscrete(d)`` when present, and the weights.
+
+Segmentation bundles (``task: segmentation`` in the config, :mod:`medcam3d.segmentation`): the metadata's
+``network_data_format.outputs.pred`` says ``"format": "segmentation"`` (as MONAI's model-zoo segmentation bundles
+do) or ``"type": "segmentation"``; or the ``postprocessing`` takes the ``argmax`` over channels (``AsDiscrete(d)``
+with ``argmax=True``) of an output the metadata does not describe as anything but an image (``"type": "image"`` or
+no metadata; a classification bundle's ``"probabilities"`` stays a classification). Without an ``Activations``
+transform a segmentation bundle's probability is ``softmax`` (argmax over channels), and the labels from
+``channel_def`` name every channel, background (channel 0) included.
 """
 
 from __future__ import annotations
@@ -107,19 +115,28 @@ def _preprocessing(parser: ConfigParser, where: Path) -> list[dict[str, Any]]:
     return out
 
 
+def _postprocessing(parser: ConfigParser, where: Path) -> list[Mapping[str, Any]]:
+    """The bundle's ``postprocessing`` transforms (resolved, not instantiated); empty when it has none."""
+    if parser.get("postprocessing", None) is None:
+        return []
+    post = _resolved(parser, "postprocessing", where)
+    items = post.get("transforms", []) if isinstance(post, Mapping) else post
+    return [t for t in (items if isinstance(items, list) else [])
+            if isinstance(t, Mapping) and isinstance(t.get("_target_"), str)]
+
+
+def _short(t: Mapping[str, Any]) -> str:
+    """A transform's array name: ``monai.transforms.AsDiscreted`` -> ``AsDiscrete``."""
+    return str(t["_target_"]).rsplit(".", 1)[-1].rstrip("dD").removesuffix("Dict")
+
+
 def _scoring(parser: ConfigParser, where: Path) -> dict[str, Any]:
     """``probability`` (and ``threshold``) from the bundle's ``postprocessing``: ``Activations(d)`` with
     ``softmax=True`` or ``sigmoid=True``, ``AsDiscrete(d)`` with a ``threshold``; empty (medcam3d's defaults:
-    sigmoid, 0.5) when the bundle says nothing."""
-    if parser.get("postprocessing", None) is None:
-        return {}
-    post = _resolved(parser, "postprocessing", where)
-    items = post.get("transforms", []) if isinstance(post, Mapping) else post
+    sigmoid, 0.5; softmax for segmentation) when the bundle says nothing."""
     found: dict[str, Any] = {}
-    for t in items if isinstance(items, list) else []:
-        if not isinstance(t, Mapping) or not isinstance(t.get("_target_"), str):
-            continue
-        name = t["_target_"].rsplit(".", 1)[-1].rstrip("dD").removesuffix("Dict")
+    for t in _postprocessing(parser, where):
+        name = _short(t)
         if name == "Activations" and t.get("softmax") is True:
             found["probability"] = "softmax"
         elif name == "Activations" and t.get("sigmoid") is True:
@@ -128,6 +145,19 @@ def _scoring(parser: ConfigParser, where: Path) -> dict[str, Any]:
                 t.get("threshold"), bool):
             found["threshold"] = float(t["threshold"])
     return found
+
+
+def _task(parser: ConfigParser, where: Path) -> str | None:
+    """``"segmentation"`` when the metadata or the postprocessing says the output is one (module docstring), else
+    None (classification)."""
+    fmt = parser.get("_meta_#network_data_format#outputs#pred", None) or {}
+    fmt = fmt if isinstance(fmt, Mapping) else {}
+    said = {str(fmt.get(k, "")).strip().lower() for k in ("type", "format")}
+    if "segmentation" in said:
+        return "segmentation"
+    argmax = any(_short(t) == "AsDiscrete" and t.get("argmax") is True for t in _postprocessing(parser, where))
+    image = not fmt or str(fmt.get("type", "")).strip().lower() == "image"
+    return "segmentation" if argmax and image else None
 
 
 def _labels(parser: ConfigParser, network: Mapping[str, Any]) -> list[str]:
@@ -175,6 +205,9 @@ def load_bundle(folder: str | os.PathLike[str]) -> Config:
         "preprocessing": _preprocessing(parser, inference),
         **_scoring(parser, inference),
     }
+    task = _task(parser, inference)
+    if task is not None:
+        data["task"] = task
     if not data["preprocessing"]:
         data["preprocessing"] = [{"_target_": "Identity"}]
     return Config.from_dict(data, path=inference)
