@@ -26,12 +26,11 @@ import numpy as np
 
 from ..errors import InputError
 from ..outputs import SUMMARY, Summary, TargetRecord, fullres_name, load_summary, lowres_name
+from ..report.collect import SEGMENTATION_TASK
 from ..selection import find_class
 from .geometry import Placed, place
 
-__all__ = ["SEGMENTATION_TASK", "ClassEntry", "MapImage", "OutputFolder", "read_labels", "read_scaled"]
-
-SEGMENTATION_TASK = "segmentation"
+__all__ = ["ClassEntry", "MapImage", "OutputFolder", "read_labels", "read_scaled"]
 
 
 def read_scaled(path: Path) -> tuple[np.ndarray, np.ndarray]:
