@@ -297,3 +297,56 @@ def test_view_command_screenshot_of_a_segmentation_folder(mock_app_model, qtbot,
         capsys.readouterr().err
     image = np.asarray(Image.open(png).convert("RGB"), dtype=float)
     assert image.shape == (320, 640, 3) and image.std() > 10
+
+
+# --- a folder written by `medcam3d explain` ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def explained(tmp_path_factory) -> Path:
+    """tests/test_seg_cli.py's hand-computable segmentation net explaining its blob scan (LPS-oriented: the viewer
+    must flip it into place)."""
+    from test_seg_cli import LPS, write_config, write_scan
+
+    d = tmp_path_factory.mktemp("explained")
+    cfg = write_config(d / "cfg")
+    scan = write_scan(d / "scan.nii.gz", LPS)
+    assert main(["explain", str(scan), "--config", str(cfg), "--out", str(d / "out"), "--quiet"]) == 0
+    return d / "out"
+
+
+def test_an_explained_folder_reads_as_its_files_say(explained):
+    from medcam3d.viewer.folder import OutputFolder
+
+    f = OutputFolder(explained)
+    rows = read_csv(explained / "targets.csv")
+    assert f.is_segmentation and [e.label for e in f.listing()] == [r["name"] for r in rows]
+    assert [(t.cls, t.voxels) for t in f.targets] == [(int(r["class"]), int(r["voxels"])) for r in rows]
+    assert f.segmentation_labels == {1: "nodule", 2: "mass"}
+    stored = nib.load(str(explained / "segmentation.nii.gz"))
+    seg = f.segmentation()
+    for value in (1, 2):
+        assert np.array_equal(world_voxels(seg.data, seg.affine, value),
+                              world_voxels(np.asarray(stored.dataobj), RAS_TO_SPL @ stored.affine, value))
+
+
+@pytest.mark.gui
+def test_viewer_on_an_explained_folder(make_napari_viewer, explained):
+    from medcam3d.viewer.window import open_viewer
+
+    app = open_viewer(explained, class_="mass component 1", viewer=make_napari_viewer(show=True))
+    v, c = app.viewer, app.comparison
+    assert [type(layer).__name__ for layer in v.layers] == ["Image", "Labels", "Image", "Shapes"] * 2
+    stored = nib.load(str(explained / "segmentation.nii.gz"))
+    for seg in c.segmentation_layers:
+        assert np.array_equal(world_voxels(np.asarray(seg.data), seg.affine.affine_matrix, 2),
+                              world_voxels(np.asarray(stored.dataobj), RAS_TO_SPL @ stored.affine, 2))
+    # the slices stand on the mass's centroid (within half a voxel: the slider stops on voxel centres)
+    r = read_csv(explained / "targets.csv")[2]
+    half = np.abs(np.diag(c.segmentation_layers[0].affine.affine_matrix)[:3]) / 2
+    assert np.all(np.abs(np.asarray(v.dims.point) - centroid_world(r)) <= half + 1e-6)
+    # the mass's HiResCAM display map is 1 on the mass, 0 elsewhere: shown where the file says
+    img = nib.load(str(explained / "fullres_hirescam_002_mass_component_1.nii.gz"))
+    layer = c.map_layers[0]
+    assert np.array_equal(world_voxels(np.asarray(layer.data) > 0.5, layer.affine.affine_matrix, 1),
+                          world_voxels(img.get_fdata() > 0.5, RAS_TO_SPL @ img.affine, 1))
+    assert np.array_equal(world_voxels(np.asarray(layer.data) > 0.5, layer.affine.affine_matrix, 1),
+                          world_voxels(np.asarray(stored.dataobj), RAS_TO_SPL @ stored.affine, 2))
