@@ -13,7 +13,9 @@ import sys
 import time
 import traceback
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -22,10 +24,10 @@ from .argtypes import int_at_least, probability
 from .config import TASKS, Config
 from .errors import InputError
 from .geometry import GEOMETRIES
-from .io import DEFAULT_MAX_VOXELS, check_dicom_source
+from .io import DEFAULT_MAX_VOXELS, Volume, check_dicom_source
 from .methods import DEFAULT_METHODS
 from .outputs import Summary, check_output_folder
-from .pipeline import DicomExport, ScanResult, Session, read_scan
+from .pipeline import DicomExport, EmptyScan, ScanResult, Session, read_scan
 
 __all__ = ["build_parser", "main"]
 
@@ -84,7 +86,7 @@ def _default_out(scan: str) -> Path:
 def _note_placement(result: ScanResult) -> None:
     """One line on stderr (even when quiet) when the map placement fell back to the field (no receptive geometry
     found); it is also recorded in the summary's ``map_geometry.source``."""
-    placement = result.explained.placement if result.explained is not None else None
+    placement = result.explanation.placement
     if placement is not None and placement.fallback:
         tqdm.write(f"medcam3d: note: {placement.note()}", file=sys.stderr)  # above a progress bar, if any
 
@@ -106,21 +108,53 @@ def cmd_explain(args: argparse.Namespace) -> int:
                           map_geometry=args.map_geometry, max_voxels=args.max_voxels,
                           ignore_modality=args.ignore_modality)
         stages("explaining")
-        result = session.explain_volume(volume, args.classes, read_seconds=t_read, target_mask=mask)
-        _say(result)
-        _note_placement(result)
-        stages("writing")
-        summary = session.write_folder(result, out, args.classes, args.full_res, progress=lambda s: stages(s, False),
-                                       dicom=dicom)
+        written = _explain_and_write(session, volume, out, stages, classes=args.classes, full_res=args.full_res,
+                                     read_seconds=t_read, target_mask=mask, dicom=dicom)
         stages("done")
     finally:
         stages.close()
-    for line in (summary.assumptions or [])[len(result.notes):]:  # made while writing (DICOM export)
+    summary = written.summary
+    for line in (summary.assumptions or [])[written.read_notes:]:  # made while writing (DICOM export)
         print(f"medcam3d: note: {line}", file=sys.stderr)
     if not args.quiet:
-        _print_notes(summary, result.target_notes)
+        _print_notes(summary, written.printed)
         _print_result(summary, out)
     return 0
+
+
+@dataclass
+class _Written:
+    """What :func:`_explain_and_write` wrote: the summary, how many of its assumptions were made when reading the
+    scan, and the notes already printed."""
+
+    summary: Summary
+    read_notes: int
+    printed: list[str]
+
+
+def _explain_and_write(session: Session, volume: Volume, out: Path, stages: _Stages, *,
+                       classes: Sequence[str] | None = None, full_res: Sequence[str] | None = None,
+                       read_seconds: float | None = None, target_mask: Volume | None = None,
+                       dicom: DicomExport | None = None, extra: dict[str, Any] | None = None) -> _Written:
+    """Explain ``volume`` and write ``out``, saying what was assumed on the way; a segmentation with nothing to
+    explain is written without maps (:meth:`Session.write_empty`), its note printed even when quiet."""
+    try:
+        result = session.explain_volume(volume, classes, read_seconds=read_seconds, target_mask=target_mask)
+    except EmptyScan as e:
+        empty = e.result
+        for line in [*empty.notes, empty.note]:
+            print(f"medcam3d: note: {line}", file=sys.stderr)
+        for line in empty.warnings:
+            print(f"medcam3d: warning: {line}", file=sys.stderr)
+        stages("writing")
+        summary = session.write_empty(empty, out, progress=lambda s: stages(s, False), extra=extra)
+        return _Written(summary, len(empty.notes), [empty.note])
+    _say(result)
+    _note_placement(result)
+    stages("writing")
+    summary = session.write_folder(result, out, classes, full_res, progress=lambda s: stages(s, False), extra=extra,
+                                   dicom=dicom)
+    return _Written(summary, len(result.notes), list(result.target_notes))
 
 
 def _say(result: ScanResult) -> None:
@@ -225,18 +259,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         write_nifti(phantom, scan_path)
         stages("explaining")
         volume, t_read = read_scan(scan_path, max_voxels=args.max_voxels)
-        result = session.explain_volume(volume, read_seconds=t_read)
-        _say(result)
-        _note_placement(result)
-        stages("writing")
-        summary = session.write_folder(result, exp_dir, None, None, progress=lambda s: stages(s, False),
-                                       extra={"demo": {"seed": seed, "planted": sorted(present)}})
+        written = _explain_and_write(session, volume, exp_dir, stages, read_seconds=t_read,
+                                     extra={"demo": {"seed": seed, "planted": sorted(present)}})
         stages("done")
     finally:
         stages.close()
     if not args.quiet:
-        _print_notes(summary, result.target_notes)
-        _print_result(summary, exp_dir)
+        _print_notes(written.summary, written.printed)
+        _print_result(written.summary, exp_dir)
         print(f"planted lesions: {', '.join(sorted(present))}; phantom scan and masks: {scan_dir.resolve()}")
         if seed == chosen.get("seed") and chosen.get("look_at"):
             print(f"what to look at: {chosen['look_at']}")

@@ -28,8 +28,10 @@ regions of the model's own prediction, each scored by its class's logits summed 
 written per class is then written per target (index = target index, label = target name), and the folder also holds
 the predicted segmentation on the scan's grid and ``targets.csv``. Full resolution by default: the largest regions
 first (by voxel count), at most :data:`MAX_FULL_RES`. A prediction with no voxel of any explained class is a
-one-line note, not an error: the segmentation, ``scores.csv``/``targets.csv`` (headers only) and the summary are
-written, no maps.
+one-line note, not an error: :meth:`Session.explain_volume` raises :class:`EmptyScan` (an :class:`InputError`
+carrying what was computed, :class:`EmptyPrediction`), and :meth:`Session.write_empty` writes the segmentation,
+``scores.csv``/``targets.csv`` (headers only) and the summary with the note, no maps (the command line does so and
+exits 0).
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ import json
 import math
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from importlib import metadata
@@ -89,6 +92,7 @@ from .outputs import (
     MontageRenderer,
     PeakRecord,
     Summary,
+    TargetRecord,
     check_output_folder,
     dicom_pm_name,
     dicom_seg_name,
@@ -118,6 +122,8 @@ from .targets import Classes, Targets
 __all__ = [
     "DEFAULT_CONFIG",
     "DicomExport",
+    "EmptyPrediction",
+    "EmptyScan",
     "OutputPlan",
     "ScanResult",
     "Session",
@@ -180,8 +186,7 @@ class ScanResult:
     Attributes:
         volume: the scan as read (source grid).
         grid: MONAI MetaTensor ``[1, S, H, W]`` on the network grid (carries the inverse-mapping record).
-        explained: the :class:`Explanation` (batch of 1) for the explained classes (or targets); None when a
-            segmentation net predicts nothing to explain (see :attr:`explanation`).
+        explanation: the :class:`Explanation` (batch of 1) for the explained classes (or segmentation targets).
         probabilities: ``[M]`` probabilities of all outputs (for segmentation targets: each target's mean
             probability of its class over its region).
         timings: seconds per stage.
@@ -189,13 +194,12 @@ class ScanResult:
         warnings: one line per thing to check (e.g. a scan that does not look like the config's modality).
         task: ``"classification"`` or ``"segmentation"``.
         prediction: a segmentation net's predicted label map on the network grid (None for classification).
-        target_notes: one-line remarks about the targets (skipped empty regions, dropped components, an empty
-            prediction).
+        target_notes: one-line remarks about the targets (skipped empty regions, dropped components).
     """
 
     volume: Volume
     grid: Any
-    explained: Explanation | None
+    explanation: Explanation
     probabilities: np.ndarray
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -205,18 +209,38 @@ class ScanResult:
     target_notes: list[str] = field(default_factory=list)
 
     @property
-    def explanation(self) -> Explanation:
-        """The explanation; InputError when there is none (a segmentation net that predicts nothing)."""
-        if self.explained is None:
-            raise InputError("; ".join(self.target_notes) or "nothing was explained")
-        return self.explained
-
-    @property
     def scores(self) -> np.ndarray:
-        """``[M]`` raw scores (empty when nothing was explained)."""
-        if self.explained is None:
-            return np.zeros(0)
-        return self.explained.scores[0].detach().cpu().numpy().astype(np.float64)
+        """``[M]`` raw scores."""
+        return self.explanation.scores[0].detach().cpu().numpy().astype(np.float64)
+
+
+@dataclass
+class EmptyPrediction:
+    """A segmentation net's prediction with nothing to explain (no voxel of any explained class): what
+    :meth:`Session.write_empty` writes.
+
+    Attributes:
+        volume, grid, timings, notes, warnings: as :class:`ScanResult`'s.
+        prediction: the (empty) prediction on the network grid.
+        note: the one line saying so.
+    """
+
+    volume: Volume
+    grid: Any
+    prediction: Prediction
+    note: str
+    timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+class EmptyScan(EmptySegmentation):
+    """Raised by :meth:`Session.explain_volume` when a segmentation net predicts none of the explained classes; an
+    :class:`InputError` (one line) carrying the prediction (``result``) for :meth:`Session.write_empty`."""
+
+    def __init__(self, result: EmptyPrediction) -> None:
+        super().__init__(result.note)
+        self.result = result
 
 
 @dataclass(frozen=True)
@@ -386,6 +410,7 @@ class Session:
         grid = self.preprocessor(volume)
         t1 = time.perf_counter()
         x = grid.as_tensor()[None].to(self.device)  # [1, 1, S, H, W]
+        result: ScanResult | EmptyPrediction
         if self.task == "segmentation":
             result = self._explain_segmentation(volume, grid, x, target_mask)
         else:
@@ -393,11 +418,13 @@ class Session:
         t2 = time.perf_counter()
         timings = {} if read_seconds is None else {"read": read_seconds}
         timings.update({"preprocess": t1 - t0, "explain": t2 - t1})
-        if result.explained is not None:
-            timings.update({f"explain.{k}": v for k, v in result.explained.timings.items()})
-        result.timings = timings
         result.notes = [str(n) for n in volume.meta.get("notes") or []]
         result.warnings = [warning] if warning else []
+        if isinstance(result, EmptyPrediction):
+            result.timings = timings
+            raise EmptyScan(result)
+        timings.update({f"explain.{k}": v for k, v in result.explanation.timings.items()})
+        result.timings = timings
         return result
 
     def _explain_classes(self, volume: Volume, grid: Any, x: torch.Tensor,
@@ -412,25 +439,26 @@ class Session:
         return ScanResult(volume, grid, exp.cpu(), probs)
 
     def _explain_segmentation(self, volume: Volume, grid: Any, x: torch.Tensor,
-                              target_mask: Volume | None) -> ScanResult:
+                              target_mask: Volume | None) -> ScanResult | EmptyPrediction:
         """A segmentation net's explanation of ``x``: every target, the prediction, the targets' mean
-        probabilities; an empty prediction gives a result without an explanation and a note."""
+        probabilities; or, when nothing is predicted, the prediction and the note."""
         targets = self._regions(self._mask_on_grid(target_mask, volume, grid))
         self.explainer.targets = targets  # this scan's; replaced by the next scan's
         exp: Explanation | None
         try:
-            exp = self.explainer(x)
-            notes = list(exp.notes)
+            exp, note = self.explainer(x), ""
         except EmptySegmentation as e:
-            exp, notes = None, [str(e)]
+            exp, note = None, str(e)
         prediction = targets.prediction
         assert prediction is not None  # recorded when the targets were bound
         if prediction.label_map.shape != tuple(grid.shape[1:]):
             raise InputError(f"the model's segmentation has spatial shape {prediction.label_map.shape}, not its "
                              f"input's {tuple(grid.shape[1:])}; medcam3d explains segmentations on the input grid",
                              self.config.where)
-        return ScanResult(volume, grid, exp.cpu() if exp is not None else None, targets.region_probabilities,
-                          task="segmentation", prediction=prediction, target_notes=notes)
+        if exp is None:
+            return EmptyPrediction(volume, grid, prediction, note)
+        return ScanResult(volume, grid, exp.cpu(), targets.region_probabilities, task="segmentation",
+                          prediction=prediction, target_notes=list(exp.notes))
 
     def _mask_on_grid(self, mask: Volume | None, volume: Volume, grid: Any) -> torch.Tensor | None:
         """A target mask on the scan's grid (same shape; non-zero = inside) as a bool ``[S, H, W]`` region on the
@@ -460,12 +488,9 @@ class Session:
                 least the top 3 and at most the top 10 by score, with a note in ``notes`` when the cap cuts; for
                 segmentation targets the 10 largest regions).
         """
-        cfg = self.config
+        cfg, exp = self.config, result.explanation
         grid_affine = np.asarray(result.grid.affine, dtype=np.float64)
         grid_shape = tuple(int(s) for s in result.grid.shape[1:])
-        if result.explained is None:  # an empty segmentation: the segmentation and the note, no maps
-            return OutputPlan([], [], grid_affine, grid_shape, None, notes=list(result.target_notes))
-        exp = result.explained
         scores, probs = result.scores, result.probabilities
         names = list(exp.labels) if result.task == "segmentation" and exp.labels else list(cfg.labels)
         if result.task == "segmentation":
@@ -518,12 +543,24 @@ class Session:
     def summarise(self, result: ScanResult, plan: OutputPlan) -> Summary:
         """The summary of ``result`` as ``plan`` writes it (its timings and file list are completed by
         :meth:`write_folder`)."""
+        summary = replace(self._base_summary(result.volume, plan, result.warnings, result.notes),
+                          **self._explanation_fields(result, plan))
+        if result.task == "segmentation":
+            assert result.prediction is not None
+            records = target_records(result.explanation, plan.explained, plan.places or TargetPlaces(),
+                                     self.config.labels)
+            summary = replace(summary, **_segmentation_fields(result.prediction, records))
+        return summary
+
+    def _base_summary(self, volume: Volume, plan: OutputPlan, warnings: Sequence[str],
+                      assumptions: Sequence[str]) -> Summary:
+        """The summary's provenance: scan, config, model, network grid, versions, notes; no maps, no classes."""
         cfg = self.config
         versions = _versions()
-        summary = Summary(
+        return Summary(
             medcam3d_version=versions.get("medcam3d", "unknown"),
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            input=_input_record(result.volume),
+            input=_input_record(volume),
             config=ConfigRecord(name=cfg.name, path=str(cfg.path) if cfg.path else None,
                                 sha256=sha256_of(cfg.path) if cfg.path else None),
             model=self._model_record(),
@@ -534,15 +571,10 @@ class Session:
             probability=cfg.probability,
             threshold=cfg.threshold,
             classes=[],
-            warnings=list(result.warnings),
-            assumptions=list(result.notes),
+            warnings=list(warnings),
+            assumptions=list(assumptions),
             notes=list(plan.notes) or None,
         )
-        if result.explained is not None:
-            summary = replace(summary, **self._explanation_fields(result, plan))
-        if result.task == "segmentation":
-            summary = replace(summary, **_segmentation_fields(result, plan, cfg.labels))
-        return summary
 
     def _explanation_fields(self, result: ScanResult, plan: OutputPlan) -> dict[str, Any]:
         """The summary's fields that describe the maps: their grid and placement, the certificate, the classes."""
@@ -597,19 +629,37 @@ class Session:
             check_dicom_source(result.volume)
         notes: list[str] = []
         timings = dict(result.timings)
-        try:
-            with output_folder(out_dir) as tmp:
-                written = self._write_files(result, plan, tmp, progress or (lambda s: None), threads, timings,
-                                            dicom, notes)
-                timings["write"] = time.perf_counter() - t0
-                summary = replace(summary, timings_s={k: round(v, 4) for k, v in timings.items()},
-                                  files=sorted([*written, SUMMARY]),
-                                  assumptions=[*(summary.assumptions or []), *dict.fromkeys(notes)],
-                                  dicom_export=_dicom_record(written, dicom)).with_sections(extra)
-                write_summary(summary, tmp / SUMMARY)
-        except OSError as e:
-            raise InputError(f"cannot write the output folder ({e.strerror or e}); nothing was written",
-                             Path(out_dir).expanduser()) from None
+        with _writing(out_dir) as tmp:
+            written = self._write_files(result, plan, tmp, progress or (lambda s: None), threads, timings,
+                                        dicom, notes)
+            timings["write"] = time.perf_counter() - t0
+            summary = replace(summary, timings_s={k: round(v, 4) for k, v in timings.items()},
+                              files=sorted([*written, SUMMARY]),
+                              assumptions=[*(summary.assumptions or []), *dict.fromkeys(notes)],
+                              dicom_export=_dicom_record(written, dicom)).with_sections(extra)
+            write_summary(summary, tmp / SUMMARY)
+        return summary
+
+    def write_empty(self, empty: EmptyPrediction, out_dir: str | Path, progress: Callable[[str], None] | None = None,
+                    extra: dict[str, Any] | None = None) -> Summary:
+        """The output folder of a segmentation with nothing to explain (:class:`EmptyScan`): the segmentation,
+        ``scores.csv`` and ``targets.csv`` with their headers only, the summary (``notes`` holds the note); no maps.
+        Atomic, as :meth:`write_folder`."""
+        t0 = time.perf_counter()
+        grid = empty.grid
+        plan = OutputPlan([], [], np.asarray(grid.affine, dtype=np.float64), tuple(int(n) for n in grid.shape[1:]),
+                          None, notes=[empty.note])
+        summary = replace(self._base_summary(empty.volume, plan, empty.warnings, empty.notes),
+                          **_segmentation_fields(empty.prediction, []))
+        timings = dict(empty.timings)
+        with _writing(out_dir) as tmp:
+            (progress or (lambda s: None))("segmentation")
+            write_scores_csv([], tmp / SCORES)
+            written = [SCORES, *self._write_segmentation(empty.volume, grid, empty.prediction, [], tmp)]
+            timings["write"] = time.perf_counter() - t0
+            summary = replace(summary, timings_s={k: round(v, 4) for k, v in timings.items()},
+                              files=sorted([*written, SUMMARY])).with_sections(extra)
+            write_summary(summary, tmp / SUMMARY)
         return summary
 
     def write(
@@ -636,11 +686,12 @@ class Session:
         write_scores_csv(_score_rows(result, plan, self.config.threshold), folder / SCORES)
         written = [SCORES]
         if result.task == "segmentation":
+            assert result.prediction is not None
             step("segmentation")
-            written += self._write_segmentation(result, plan, folder)
+            records = target_records(result.explanation, plan.explained, plan.places or TargetPlaces(),
+                                     self.config.labels)
+            written += self._write_segmentation(result.volume, result.grid, result.prediction, records, folder)
             timings["write.segmentation"] = time.perf_counter() - t0
-        if result.explained is None:
-            return written
         t1 = time.perf_counter()
         step("low-resolution maps")
         written += self._write_lowres(result, plan, folder)
@@ -652,17 +703,14 @@ class Session:
                 written += writer.run(step, timings)
         return written
 
-    def _write_segmentation(self, result: ScanResult, plan: OutputPlan, folder: Path) -> list[str]:
+    def _write_segmentation(self, volume: Volume, grid: Any, prediction: Prediction, records: Sequence[TargetRecord],
+                            folder: Path) -> list[str]:
         """``segmentation.nii.gz`` (the predicted label map on the scan's grid, uint8) and ``targets.csv``."""
-        assert result.prediction is not None
-        vol = result.volume
-        on_scan = labels_on_scan(result.prediction.label_map, result.grid, vol.affine, vol.shape,
-                                 invert=lambda m: self.preprocessor.invert(m, result.grid))
-        names = ", ".join(f"{v}={n}" for v, n in result.prediction.names.items())
-        write_nifti(on_scan, vol.affine, folder / SEGMENTATION, np.uint8,
+        on_scan = labels_on_scan(prediction.label_map, grid, volume.affine, volume.shape,
+                                 invert=lambda m: self.preprocessor.invert(m, grid))
+        names = ", ".join(f"{v}={n}" for v, n in prediction.names.items())
+        write_nifti(on_scan, volume.affine, folder / SEGMENTATION, np.uint8,
                     description=f"medcam3d predicted segmentation: {names}"[:79])
-        records = [] if result.explained is None else target_records(
-            result.explained, plan.explained, plan.places or TargetPlaces(), self.config.labels)
         write_targets_csv(records, folder / TARGETS)
         return [SEGMENTATION, TARGETS]
 
@@ -875,17 +923,26 @@ def _score_rows(result: ScanResult, plan: OutputPlan, threshold: float) -> list[
     ]
 
 
-def _segmentation_fields(result: ScanResult, plan: OutputPlan, labels: Sequence[str]) -> dict[str, Any]:
+def _segmentation_fields(prediction: Prediction, records: list[TargetRecord]) -> dict[str, Any]:
     """The summary's segmentation fields: task, targets, the segmentation file and its label values."""
-    assert result.prediction is not None
-    records = [] if result.explained is None else target_records(
-        result.explained, plan.explained, plan.places or TargetPlaces(), labels)
     return {
         "task": "segmentation",
         "targets": records,
         "segmentation": SEGMENTATION,
-        "segmentation_labels": {str(v): n for v, n in result.prediction.names.items()},
+        "segmentation_labels": {str(v): n for v, n in prediction.names.items()},
     }
+
+
+@contextmanager
+def _writing(out_dir: str | Path) -> Iterator[Path]:
+    """:func:`~medcam3d.outputs.output_folder`, a failed write (disk full, folder not writable) turned into an
+    InputError naming the folder (the partial folder removed, an earlier one kept)."""
+    try:
+        with output_folder(out_dir) as tmp:
+            yield tmp
+    except OSError as e:
+        raise InputError(f"cannot write the output folder ({e.strerror or e}); nothing was written",
+                         Path(out_dir).expanduser()) from None
 
 
 def _input_record(vol: Volume) -> InputRecord:
@@ -973,7 +1030,10 @@ def explain_scan(
     mask = read_scan(target_mask, max_voxels=max_voxels)[0] if target_mask is not None else None
     s = session or Session(config, checkpoint, methods, device, max_voxels=max_voxels,
                            ignore_modality=ignore_modality)
-    result = s.explain_volume(volume, classes, read_seconds=t_read, target_mask=mask)
+    try:
+        result = s.explain_volume(volume, classes, read_seconds=t_read, target_mask=mask)
+    except EmptyScan as e:  # a segmentation with nothing to explain: the segmentation and the note, no maps
+        return s.write_empty(e.result, out_dir).to_dict()
     return s.write(result, out_dir, classes, full_res, dicom=dicom)
 
 
