@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -187,6 +188,18 @@ def test_a_partial_segmentation_summary_is_refused(tmp_path):
     (out / "summary.json").write_text(json.dumps(s))
     with pytest.raises(InputError, match="one target per explained class record, found 2 targets and 3 classes"):
         OutputFolder(out)
+
+
+def test_an_empty_segmentation_says_why_nothing_is_shown(tmp_path):
+    from medcam3d.errors import InputError
+    from medcam3d.viewer.folder import OutputFolder
+
+    note = "the model predicts none of the explained classes (mass) anywhere in this scan"
+    (tmp_path / "summary.json").write_text(json.dumps({
+        "methods": ["hirescam"], "classes": [], "task": "segmentation", "targets": [], "notes": [note],
+        "segmentation": "segmentation.nii.gz", "segmentation_labels": {"1": "mass"}}))
+    with pytest.raises(InputError, match=re.escape(f"predicted nothing to explain ({note})")):
+        OutputFolder(tmp_path)
 
 
 # --- the viewer -------------------------------------------------------------------------------------------------------

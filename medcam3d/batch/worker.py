@@ -36,9 +36,9 @@ import torch
 from ..config import Config, load_config
 from ..errors import InputError
 from ..files import atomic_path
-from ..io import check_dicom_source, read_volume
+from ..io import Volume, check_dicom_source, read_volume
 from ..methods import DEFAULT_METHODS
-from ..pipeline import DEFAULT_CONFIG, DicomExport, ScanResult, Session, read_scan
+from ..pipeline import DEFAULT_CONFIG, DicomExport, EmptyScan, ScanResult, Session, read_scan
 from ..report.collect import SEGMENTATION_TASK
 from .cohort import ScanTask
 from .organs import organ_fractions, shares_record
@@ -252,6 +252,24 @@ def _organ_shares(session: Session, result: ScanResult, organs: str, codes: dict
     return rec
 
 
+def _explain_and_write(session: Session, task: ScanTask, settings: BatchSettings, volume: Volume, t_read: float,
+                       dest: Path) -> None:
+    """Explain ``volume`` and write its output folder at ``dest`` (with the ``batch`` section and, with an organ
+    map, ``organ_shares``). A segmentation net that predicts nothing to explain gets its folder as ``medcam3d
+    explain`` writes it (the empty segmentation and a note, no maps, no organ shares): finished, not failed."""
+    extra: dict[str, Any] = {"batch": {"scan_id": task.scan_id, "folder": task.folder, "run_id": settings.run_id}}
+    try:
+        result = session.explain_volume(volume, settings.classes, read_seconds=t_read)
+    except EmptyScan as e:
+        session.write_empty(e.result, dest, extra=extra)
+        return
+    if task.organs:
+        extra["organ_shares"] = _organ_shares(session, result, task.organs, dict(settings.organ_codes))
+    # maps are compressed with this worker's share of the cores (set for torch by the caller)
+    session.write(result, dest, settings.classes, settings.full_res, extra=extra, dicom=settings.dicom,
+                  threads=torch.get_num_threads())
+
+
 def process_scan(task: ScanTask, settings: BatchSettings, attempt: int = 1) -> dict[str, Any]:
     """Explain one scan into ``OUT/scans/<folder>/`` and return a small status record (never arrays).
 
@@ -280,14 +298,7 @@ def process_scan(task: ScanTask, settings: BatchSettings, attempt: int = 1) -> d
                                        max_voxels=settings.max_voxels)
             if settings.dicom_out:
                 check_dicom_source(volume)
-            result = session.explain_volume(volume, settings.classes, read_seconds=t_read)
-            extra: dict[str, Any] = {"batch": {"scan_id": task.scan_id, "folder": task.folder,
-                                               "run_id": settings.run_id}}
-            if task.organs and result.explained is not None:  # (an empty segmentation explains nothing)
-                extra["organ_shares"] = _organ_shares(session, result, task.organs, dict(settings.organ_codes))
-            # maps are compressed with this worker's share of the cores (set for torch above)
-            session.write(result, dest, settings.classes, settings.full_res, extra=extra, dicom=settings.dicom,
-                          threads=torch.get_num_threads())
+            _explain_and_write(session, task, settings, volume, t_read, dest)
             _fsync_dir(scans)
             _write_json_atomic({
                 "scan_id": task.scan_id, "run_id": settings.run_id, "fingerprint_sha": settings.fingerprint_sha,

@@ -100,6 +100,9 @@ class OutputFolder:
             for k, c in enumerate(self.summary.classes)
         ]
         self.methods = [m for m in self.summary.methods if (self.path / lowres_name(m)).is_file()]
+        if self.is_segmentation and not self.classes:
+            raise InputError("nothing to show: the segmentation network predicted nothing to explain "
+                             f"({'; '.join(self.summary.notes or []) or 'no targets'})", self.path)
         if not self.classes or not self.methods:
             raise InputError("no explained classes or no lowres_<method>.nii.gz maps", self.path)
         self.targets: list[TargetRecord] = list(self.summary.targets or []) if self.is_segmentation else []
