@@ -80,42 +80,9 @@ class ComparisonWidget(QWidget):
     def __init__(self, comparison: Comparison, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.comparison = comparison
-        folder = comparison.folder
-        self.entries = folder.listing()
-        columns = TARGET_COLUMNS if folder.is_segmentation else CLASS_COLUMNS
-
-        self.table = QTableWidget(len(self.entries), len(columns))
-        self.table.setHorizontalHeaderLabels(columns)
-        _present(self.table.verticalHeader()).setVisible(False)
-        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
-        self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
-        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-        header = _present(self.table.horizontalHeader())
-        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
-        bold = QFont()
-        bold.setBold(True)
-        for row, e in enumerate(self.entries):
-            target = folder.target(e)
-            cells = _class_cells(e) if target is None else target_cells(target)
-            for col, text in enumerate(cells):
-                item = QTableWidgetItem(text)
-                if e.predicted and target is None:
-                    item.setFont(bold)
-                item.setToolTip(self._tip(e, target))
-                self.table.setItem(row, col, item)
-        scrollbar = _present(self.table.verticalScrollBar()).sizeHint().width()
-        self.table.setMinimumWidth(header.length() + scrollbar + 2 * self.table.frameWidth())  # labels in full
-        self.table.selectRow(self._row(comparison.entry.index))
-        self.table.itemSelectionChanged.connect(self._on_class)
-
-        self.method_boxes = []
-        for pane in range(2):
-            box = QComboBox()
-            for m in comparison.folder.methods:
-                box.addItem(method_title(m), m)
-            box.setCurrentIndex(box.findData(comparison.methods[pane]))
-            box.currentIndexChanged.connect(lambda _i, p=pane: self._on_method(p))
-            self.method_boxes.append(box)
+        self.entries = comparison.folder.listing()
+        self.table = self._class_table()
+        self.method_boxes = [self._method_box(pane) for pane in range(2)]
 
         self.window_box = QComboBox()
         for w in WINDOWS:
@@ -141,12 +108,7 @@ class ComparisonWidget(QWidget):
                                   "there (uncovered), which is not the same as no evidence")
         self.cover_box.setChecked(comparison.cover_layers[0].visible)
         self.cover_box.toggled.connect(comparison.show_cover)
-        self.segmentation_box: QCheckBox | None = None
-        if comparison.segmentation_layers:
-            self.segmentation_box = QCheckBox("show the segmentation")
-            self.segmentation_box.setToolTip("the predicted label map, one colour per class, under the maps")
-            self.segmentation_box.setChecked(comparison.segmentation_layers[0].visible)
-            self.segmentation_box.toggled.connect(comparison.show_segmentation)
+        self.segmentation_box = self._segmentation_box()
         self.legend = QLabel()
         self.legend.setWordWrap(True)
         self._on_legend()
@@ -154,7 +116,57 @@ class ComparisonWidget(QWidget):
         self.three_d = QCheckBox("3-D rendering")
         self.three_d.setChecked(comparison.viewer.dims.ndisplay == 3)
         self.three_d.toggled.connect(lambda on: comparison.set_ndisplay(3 if on else 2))
+        self._lay_out(peaks)
 
+    def _class_table(self) -> QTableWidget:
+        """The table of classes (or targets), the shown one selected; choosing a row shows it."""
+        folder = self.comparison.folder
+        columns = TARGET_COLUMNS if folder.is_segmentation else CLASS_COLUMNS
+        table = QTableWidget(len(self.entries), len(columns))
+        table.setHorizontalHeaderLabels(columns)
+        _present(table.verticalHeader()).setVisible(False)
+        table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        header = _present(table.horizontalHeader())
+        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        bold = QFont()
+        bold.setBold(True)
+        for row, e in enumerate(self.entries):
+            target = folder.target(e)
+            cells = _class_cells(e) if target is None else target_cells(target)
+            for col, text in enumerate(cells):
+                item = QTableWidgetItem(text)
+                if e.predicted and target is None:
+                    item.setFont(bold)
+                item.setToolTip(self._tip(e, target))
+                table.setItem(row, col, item)
+        scrollbar = _present(table.verticalScrollBar()).sizeHint().width()
+        table.setMinimumWidth(header.length() + scrollbar + 2 * table.frameWidth())  # labels in full
+        table.selectRow(self._row(self.comparison.entry.index))
+        table.itemSelectionChanged.connect(self._on_class)
+        return table
+
+    def _method_box(self, pane: int) -> QComboBox:
+        """The method chooser of ``pane`` (0 left, 1 right)."""
+        box = QComboBox()
+        for m in self.comparison.folder.methods:
+            box.addItem(method_title(m), m)
+        box.setCurrentIndex(box.findData(self.comparison.methods[pane]))
+        box.currentIndexChanged.connect(lambda _i, p=pane: self._on_method(p))
+        return box
+
+    def _segmentation_box(self) -> QCheckBox | None:
+        """The segmentation's on/off check box (None when the panes show no segmentation)."""
+        if not self.comparison.segmentation_layers:
+            return None
+        box = QCheckBox("show the segmentation")
+        box.setToolTip("the predicted label map, one colour per class, under the maps")
+        box.setChecked(self.comparison.segmentation_layers[0].visible)
+        box.toggled.connect(self.comparison.show_segmentation)
+        return box
+
+    def _lay_out(self, peaks: QHBoxLayout) -> None:
         form = QFormLayout()
         for pane_name, box in zip(PANES, self.method_boxes, strict=True):
             form.addRow(f"{pane_name} pane", box)
