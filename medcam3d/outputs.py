@@ -31,7 +31,7 @@ the predicted segmentation (:mod:`medcam3d.targets`) -- where classification net
     targets.csv                             target,name,class,label,region,component,voxels,centroid_x_mm,
                                             centroid_y_mm,centroid_z_mm,score (:class:`TargetRecord`)
 
-and the montages cut through each region's centroid instead of the map's peak.
+and the montages cut through each region's centroid instead of the map's peak, the region outlined.
 
 ``NNN`` is the zero-padded class (or target) index.
 A folder is written under a temporary name next to its destination and
@@ -99,6 +99,7 @@ __all__ = [
     "BatchRecord",
     "COVERED_COLOUR",
     "PEAK_COLOUR",
+    "REGION_COLOUR",
     "VIEW_LETTERS",
     "CertificateRecord",
     "ClassRecord",
@@ -688,9 +689,11 @@ def write_summary(summary: Summary, path: str | os.PathLike[str]) -> Path:
 # Montage
 # -----------------------------------------------------------------------------------------------------------------
 
-#: montage colours (RGB in [0, 1]): the outline of the region the map's cells cover, and the marker at the peak
+#: montage colours (RGB in [0, 1]): the outline of the region the map's cells cover, the marker at the peak, and
+#: the outline of an explained segmentation region
 COVERED_COLOUR = (0.0, 1.0, 1.0)
 PEAK_COLOUR = (0.2, 1.0, 0.2)
+REGION_COLOUR = (1.0, 0.3, 1.0)
 #: orientation letters per view: (top, bottom, left, right) -- radiological convention
 VIEW_LETTERS = {"axial": ("A", "P", "R", "L"), "coronal": ("S", "I", "R", "L"), "sagittal": ("S", "I", "A", "P")}
 #: ``covered`` for a montage: a bool volume on the scan grid, or a function of scan indices ``(i, j, k)``
@@ -758,6 +761,7 @@ class MontageView:
         ct: ``[rows, cols]`` HU.
         maps: method -> ``[rows, cols]`` display values in [0, 1].
         covered: ``[rows, cols]`` bool, where the map's cells sit (None: not known, drawn as all covered).
+        region: ``[rows, cols]`` bool, the explained segmentation region on this slice (None: no region).
         aspect: pixel height / width.
         peak: ``(row, col)`` of the peak in this view.
     """
@@ -768,6 +772,7 @@ class MontageView:
     covered: np.ndarray | None
     aspect: float
     peak: tuple[int, int]
+    region: np.ndarray | None = None
 
     @property
     def letters(self) -> tuple[str, str, str, str]:
@@ -808,9 +813,11 @@ def montage_views(
     peak_from: str | None = None,
     covered: Covered | None = None,
     at: Sequence[int] | None = None,
+    region: np.ndarray | None = None,
 ) -> list[MontageView]:
     """The axial, coronal and sagittal slices through the peak of ``maps[peak_from]`` (default: the first map), or
-    through scan voxel ``at = (i, j, k)`` (a segmentation region's centroid), which the marker then marks.
+    through scan voxel ``at = (i, j, k)`` (a segmentation region's centroid), which the marker then marks;
+    ``region`` (bool ``[I, J, K]``, the explained region) is cut with them and outlined.
 
     Args:
         ct: ``[I, J, K]`` HU on the scan grid.
@@ -828,10 +835,11 @@ def montage_views(
         k, j, i = _peak_spl(np.asarray(maps[peak_from or methods[0]]), affine)
     cuts = _cuts(k, j, i, ct_s.shape[0])
     masks = _covered_slices(covered, tuple(ct.shape), affine, cuts)
+    regions = _covered_slices(region, tuple(ct.shape), affine, cuts)
     aspects = {"axial": sp[1] / sp[2], "coronal": sp[0] / sp[2], "sagittal": sp[0] / sp[1]}
     return [
         MontageView(name, np.asarray(cut(ct_s)), {m: _unit(np.asarray(cut(v))) for m, v in maps_s.items()},
-                    masks[name], aspects[name], peak)
+                    masks[name], aspects[name], peak, regions[name])
         for name, (cut, peak) in cuts.items()
     ]
 
@@ -867,11 +875,23 @@ def _setup_panel(ax: Any, view: MontageView, title: str) -> tuple[Any, Any]:
     return image, peak
 
 
+def _region_outline(p: _Panel, region: np.ndarray | None) -> Any:
+    """The panel's outline of the explained region on its slice (the previous one removed); None when nothing is
+    drawn."""
+    if p.region is not None:
+        p.region.remove()
+    if region is None or not region.any() or region.all():
+        return None
+    return p.ax.contour(region.astype(np.float32), levels=[0.5], colors=[REGION_COLOUR], linewidths=1.2)
+
+
 def _footer(window: str, views: Sequence[MontageView], marker: str, note: str | None) -> str:
     level, width = WINDOWS[window]
     lines = [f"window: {window.replace('_', ' ')} (level {level:g} HU, width {width:g} HU)   + {marker}"]
     if any(v.covered is not None and not v.covered.all() for v in views):
         lines[0] += "   cyan outline: where the map's cells sit (outside it: no cell, not zero evidence)"
+    if any(v.region is not None for v in views):
+        lines[0] += "   magenta outline: the explained region"
     if note:
         lines.append(note)
     return "\n".join(lines)
@@ -887,6 +907,7 @@ class _Panel:
     method: str
     view: int
     outline: Any = None
+    region: Any = None
 
 
 class MontageRenderer:
@@ -939,6 +960,7 @@ class MontageRenderer:
             if mask is not None and mask.any() and not mask.all():
                 p.outline = p.ax.contour(mask.astype(np.float32), levels=[0.5], colors=[COVERED_COLOUR],
                                          linewidths=1.2)
+            p.region = _region_outline(p, view.region)
         for m, (mappable, bar) in zip(rows, self._bars):
             lo, hi = (scales or {}).get(m, (0.0, 1.0))
             mappable.set_clim(lo, hi if hi > lo else lo + 1.0)
@@ -1026,6 +1048,7 @@ def render_montage(
     methods: Sequence[str] | None = None,
     renderer: MontageRenderer | None = None,
     at: Sequence[int] | None = None,
+    region: np.ndarray | None = None,
 ) -> Path:
     """A PNG: one row per method, columns axial / coronal / sagittal through the peak of ``maps[peak_from]``, or
     through scan voxel ``at`` (:func:`montage_views` then :func:`draw_montage`).
@@ -1044,8 +1067,9 @@ def render_montage(
         renderer: a :class:`MontageRenderer` reused between the montages of one scan (faster; its dpi wins).
         at: ``(i, j, k)`` scan voxel to cut through instead of the peak (a segmentation region's centroid); the
             marker marks it and the footer says so.
+        region: bool ``[I, J, K]``: the explained segmentation region, outlined in magenta.
     The image is 1200 x (400 x rows) pixels at the default dpi."""
-    views = montage_views(ct, maps, affine, peak_from, covered, at)
+    views = montage_views(ct, maps, affine, peak_from, covered, at, region)
     marker = "centroid of the region" if at is not None else None
     return draw_montage(views, path, title, methods=methods, window=window, scales=scales, note=note, dpi=dpi,
                         renderer=renderer, marker=marker)

@@ -867,8 +867,23 @@ class _FullResWriter:
         render_montage(result.volume.array, maps, result.volume.affine, self.folder / name, title,
                        peak_from=self.methods[0], scales=scales, note=note,
                        covered=self.sampler.covered_at if self.sampler is not None else None,
-                       methods=self.methods[:1] if cam else None, renderer=self.renderer, at=at)
+                       methods=self.methods[:1] if cam else None, renderer=self.renderer, at=at,
+                       region=self._region(c))
         return name
+
+    def _region(self, c: int) -> np.ndarray | None:
+        """Target ``c``'s region on the scan's grid (bool ``[I, J, K]``), None for classes."""
+        result, prediction = self.result, self.result.prediction
+        infos = self.exp.targets or []
+        if prediction is None or c >= len(infos):
+            return None
+        mask = prediction.region(c, infos[c].cls)
+        if mask is None:
+            return None
+        vol = result.volume
+        on_scan = labels_on_scan(mask.astype(np.uint8), result.grid, vol.affine, vol.shape,
+                                 invert=lambda m: self.session.preprocessor.invert(m, result.grid))
+        return on_scan.astype(bool)
 
 
 def _write_dicom(heatmap: np.ndarray, volume: Volume, folder: Path, method: str, c: int, label: str,

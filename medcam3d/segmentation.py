@@ -36,7 +36,7 @@ from .errors import InputError
 from .explanation import Explanation
 from .onscan import affine_reason
 from .outputs import TargetRecord
-from .targets import BoundTargets, SegmentationRegions, TargetInfo
+from .targets import BoundTargets, RegionScores, SegmentationRegions, TargetInfo
 
 __all__ = [
     "EmptySegmentation",
@@ -63,11 +63,19 @@ class Prediction:
         label_map: ``[*S]`` uint8, value = output channel + ``offset`` where a class is predicted, 0 elsewhere.
         names: label value -> class name (background omitted).
         offset: 0 when channel 0 is the background (value = channel), else 1.
+        regions: the targets' regions, per class: ``cls -> [*S]`` int32, ``t + 1`` on target ``t``'s region, 0
+            elsewhere (a class's regions never overlap; regions of different classes may).
     """
 
     label_map: np.ndarray
     names: dict[int, str]
     offset: int = 0
+    regions: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def region(self, target: int, cls: int) -> np.ndarray | None:
+        """Target ``target``'s region (of class ``cls``) on the network grid, bool ``[*S]``; None when unknown."""
+        labels = self.regions.get(cls)
+        return None if labels is None else labels == target + 1
 
 
 def _probabilities(dense: Tensor, activation: str) -> Tensor:
@@ -135,6 +143,10 @@ class RecordingTargets:
                                     "scan: the segmentation is empty and nothing was explained")
         bound = self.regions.bind(output, labels)
         self.region_probabilities = _mean_probabilities(bound, probs, self.settings.reduce)
+        if isinstance(bound.score, RegionScores):  # the regions, to outline them in the montages
+            spatial = tuple(dense.shape[2:])
+            self.prediction.regions = {c: m[0].reshape(spatial).to(torch.int32).cpu().numpy()
+                                       for c, m in bound.score.label_maps.items()}
         return bound
 
     def _any_predicted(self, probs: Tensor, dense: Tensor) -> bool:
@@ -148,8 +160,9 @@ class RecordingTargets:
 def _mean_probabilities(bound: BoundTargets, probs: Tensor, reduce: str) -> np.ndarray:
     """``[T]``: each target's mean probability of its class over its region in sample 0 (NaN for an invalid
     entry): the bound region scores read on the probabilities, divided by the voxel count for sums."""
+    exact = probs.to(torch.float64) if probs.device.type != "mps" else probs  # MPS has no float64
     with torch.no_grad():
-        reduced = bound(probs.to(torch.float64))[0].cpu().numpy()
+        reduced = bound(exact)[0].double().cpu().numpy()
     out = np.full(len(bound.infos), np.nan)
     for t, info in enumerate(bound.sample_infos[0] if bound.sample_infos else bound.infos):
         if info is not None and info.voxels:

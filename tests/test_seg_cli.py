@@ -338,3 +338,19 @@ def test_printed_table_and_summary_json(tmp_path, config, capsys):
     assert "nodule component 1       48        60.000" in printed
     data = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert data["task"] == "segmentation" and not math.isnan(data["classes"][0]["probability"])
+
+
+def test_demo_task_segmentation_wiring(tmp_path, monkeypatch):
+    """``medcam3d demo --task segmentation`` runs the segmentation demo config on a phantom with the planted
+    lesions (here the hand-set net stands in for the demo net: 1000 HU and more -> nodule, -1000 HU -> mass)."""
+    from medcam3d import cli
+
+    cfg = write_config(tmp_path / "cfg", pad=(20, 32, 32))
+    monkeypatch.setattr(cli, "SEG_DEMO_CONFIG", str(cfg))
+    out = tmp_path / "demo"
+    assert main(["demo", "--task", "segmentation", "--out", str(out), "--quiet"]) == 0
+    s = load_summary(out / "explanation")
+    assert s.task == "segmentation" and s.config.name == "fixed_seg"
+    assert s.extra["demo"]["planted"] == sorted(cli.DEMO_LESIONS["segmentation"])
+    assert (out / "explanation" / "segmentation.nii.gz").is_file() and (out / "scan" / "phantom.nii.gz").is_file()
+    assert s.targets and all(t.cls in (1, 2) for t in s.targets)
