@@ -21,7 +21,8 @@ Batch folder layout (``--out DIR``)::
     DIR/scans/<folder>/.done       done marker (JSON), written after the rename: a scan is finished iff it exists
     DIR/failures.jsonl             one JSON line per failed scan attempt series (append-only across runs)
     DIR/runs/<run_id>.jsonl        start line, one status record per scan, end line (append-only)
-    DIR/cohort_report.html         the report (``medcam3d report DIR``), cohort_table.csv / .parquet
+    DIR/cohort_report.html         the report (``medcam3d report DIR``), cohort_table.csv / .parquet; for a
+                                   segmentation config also cohort_targets.csv (components per scan and class)
 """
 
 from __future__ import annotations

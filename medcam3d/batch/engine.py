@@ -361,7 +361,8 @@ def local_cluster(workers: int, gpus: Sequence[str] = (), threads: int | None = 
 # the command
 # ---------------------------------------------------------------------------------------------------------------
 def fingerprint(settings: BatchSettings) -> dict[str, Any]:
-    """What makes two runs' outputs comparable: config and weights checksums, methods, class selections, codes."""
+    """What makes two runs' outputs comparable: config and weights checksums, methods, class selections, codes, the
+    task (``segmentation``; absent for classification configs, which name none)."""
     cfg = settings.load_config()
     if settings.bundle:
         cfg.build_model()  # a network_def that does not build or weights that do not fit: refused before any output
@@ -379,6 +380,8 @@ def fingerprint(settings: BatchSettings) -> dict[str, Any]:
         "map_geometry": settings.map_geometry or cfg.map_geometry or "auto",
         # recorded only with --bundle, so that older batch folders keep their hash
         **({"bundle": settings.bundle} if settings.bundle else {}),
+        # the task (issue 19): recorded only when the config (or bundle) names one, for the same reason
+        **({"task": cfg.task} if cfg.task else {}),
         # outputs added by issue 18: recorded only when asked for, so that older batch folders keep their hash
         **({"dicom_out": {"seg_threshold": settings.dicom_seg}} if settings.dicom_out else {}),
     }

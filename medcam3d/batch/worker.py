@@ -1,5 +1,10 @@
 """One scan of a batch: read -> explain -> organ shares -> output folder -> done marker; a small status record back.
 
+A segmentation config's scans are explained and written exactly as ``medcam3d explain`` does (one map per target,
+``segmentation.nii.gz``, ``targets.csv``); their organ shares are per target (keyed by the target's name, as the
+summary's ``classes`` name it; a target may rest on the organs its class is allowed), and a scan whose prediction
+is empty (nothing explained) has none.
+
 This module runs inside Dask workers (and in the plain loop of ``--shard``). It never imports dask at import time.
 A worker process keeps one :class:`medcam3d.pipeline.Session` per settings (module-level cache): the model is
 loaded by the first scan a process handles and reused for every later one. A process-wide lock runs one scan at a
@@ -31,9 +36,10 @@ import torch
 from ..config import Config, load_config
 from ..errors import InputError
 from ..files import atomic_path
-from ..io import check_dicom_source, read_volume
+from ..io import Volume, check_dicom_source, read_volume
 from ..methods import DEFAULT_METHODS
-from ..pipeline import DEFAULT_CONFIG, DicomExport, ScanResult, Session, read_scan
+from ..pipeline import DEFAULT_CONFIG, DicomExport, EmptyScan, ScanResult, Session, read_scan
+from ..report.collect import SEGMENTATION_TASK
 from .cohort import ScanTask
 from .organs import organ_fractions, shares_record
 
@@ -211,6 +217,23 @@ def get_session(settings: BatchSettings) -> tuple[Session, bool]:
     return _SESSIONS[key], True
 
 
+def _share_labels(session: Session, result: ScanResult) -> tuple[list[str], dict[str, list[str]]]:
+    """The names the organ shares are keyed by, indexed like the explanation's outputs, and the allowed organs per
+    name: the config's labels and ``allowed_regions`` for classes; for segmentation targets, the target names (as
+    the summary's ``classes`` name them), each allowed the organs of its class."""
+    cfg = session.config
+    exp = result.explanation
+    if result.task != SEGMENTATION_TASK:
+        return list(cfg.labels), dict(cfg.allowed_regions or {})
+    names = list(exp.labels or [])
+    allowed = {}
+    for t in exp.targets or []:
+        label = cfg.labels[t.cls] if 0 <= t.cls < len(cfg.labels) else None
+        if label is not None and label in (cfg.allowed_regions or {}):
+            allowed[t.name] = list(cfg.allowed_regions[label])
+    return names, allowed
+
+
 def _organ_shares(session: Session, result: ScanResult, organs: str, codes: dict[str, int]) -> dict[str, Any]:
     t0 = time.perf_counter()
     lab_vol = read_volume(organs)
@@ -220,12 +243,31 @@ def _organ_shares(session: Session, result: ScanResult, organs: str, codes: dict
     names, frac = organ_fractions(on_grid.as_tensor() if hasattr(on_grid, "as_tensor") else on_grid,
                                   exp.map_size, codes, geometry)
     raw = {m: exp.raw[m][0] for m in exp.methods}
-    rec = shares_record(raw, exp.classes, session.config.labels, names, frac, session.config.allowed_regions)
+    labels, allowed = _share_labels(session, result)
+    rec = shares_record(raw, exp.classes, labels, names, frac, allowed)
     rec["codes"] = dict(codes)
     rec["resolution"] = "feature"
     rec["map_geometry"] = geometry.kind  # where the blocks lie: field or receptive (summary: map_geometry)
     rec["seconds"] = round(time.perf_counter() - t0, 4)
     return rec
+
+
+def _explain_and_write(session: Session, task: ScanTask, settings: BatchSettings, volume: Volume, t_read: float,
+                       dest: Path) -> None:
+    """Explain ``volume`` and write its output folder at ``dest`` (with the ``batch`` section and, with an organ
+    map, ``organ_shares``). A segmentation net that predicts nothing to explain gets its folder as ``medcam3d
+    explain`` writes it (the empty segmentation and a note, no maps, no organ shares): finished, not failed."""
+    extra: dict[str, Any] = {"batch": {"scan_id": task.scan_id, "folder": task.folder, "run_id": settings.run_id}}
+    try:
+        result = session.explain_volume(volume, settings.classes, read_seconds=t_read)
+    except EmptyScan as e:
+        session.write_empty(e.result, dest, extra=extra)
+        return
+    if task.organs:
+        extra["organ_shares"] = _organ_shares(session, result, task.organs, dict(settings.organ_codes))
+    # maps are compressed with this worker's share of the cores (set for torch by the caller)
+    session.write(result, dest, settings.classes, settings.full_res, extra=extra, dicom=settings.dicom,
+                  threads=torch.get_num_threads())
 
 
 def process_scan(task: ScanTask, settings: BatchSettings, attempt: int = 1) -> dict[str, Any]:
@@ -256,14 +298,7 @@ def process_scan(task: ScanTask, settings: BatchSettings, attempt: int = 1) -> d
                                        max_voxels=settings.max_voxels)
             if settings.dicom_out:
                 check_dicom_source(volume)
-            result = session.explain_volume(volume, settings.classes, read_seconds=t_read)
-            extra: dict[str, Any] = {"batch": {"scan_id": task.scan_id, "folder": task.folder,
-                                               "run_id": settings.run_id}}
-            if task.organs:
-                extra["organ_shares"] = _organ_shares(session, result, task.organs, dict(settings.organ_codes))
-            # maps are compressed with this worker's share of the cores (set for torch above)
-            session.write(result, dest, settings.classes, settings.full_res, extra=extra, dicom=settings.dicom,
-                          threads=torch.get_num_threads())
+            _explain_and_write(session, task, settings, volume, t_read, dest)
             _fsync_dir(scans)
             _write_json_atomic({
                 "scan_id": task.scan_id, "run_id": settings.run_id, "fingerprint_sha": settings.fingerprint_sha,

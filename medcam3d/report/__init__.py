@@ -1,6 +1,7 @@
 """``medcam3d report DIR``: a cohort report for a ``medcam3d batch`` folder.
 
-* :mod:`~medcam3d.report.collect`  finished scans, failures and the (scan, class) table, privacy filtering;
+* :mod:`~medcam3d.report.collect`  finished scans, failures and the (scan, class) table -- (scan, target) for
+  segmentation networks, with the targets per scan -- privacy filtering;
 * :mod:`~medcam3d.report.plots`    matplotlib figures and montage thumbnails (PNG bytes);
 * :mod:`~medcam3d.report.render`   the self-contained HTML (jinja2, autoescaped, templates/), PDF (weasyprint),
   CSV / Parquet table;

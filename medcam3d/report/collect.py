@@ -1,5 +1,11 @@
 """Reading a batch folder: finished scans' summaries, failures, and the (scan, class) table.
 
+Scans of a segmentation network (summary ``task == "segmentation"``) explain *targets* (regions of the predicted
+segmentation) where classification scans explain classes: their rows are (scan, target), with the target's class,
+component, size and centroid (:data:`SEGMENTATION_COLUMNS`, present only when the cohort has such scans, so that a
+classification table is unchanged), and they are grouped by the target's class wherever the report groups rows
+by class. :func:`targets_per_scan` counts each scan's components per class.
+
 Only what a report may show is kept. Privacy by default: no input paths, no DICOM UIDs or series descriptions,
 no host names; error messages have file paths replaced by ``<path>`` (``include_paths=True`` keeps them and adds
 each scan's input path). DICOM patient identifiers never reach summary.json in the first place (see
@@ -17,12 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from ..outputs import SUMMARY, ClassRecord, MapGeometryRecord, Summary, load_summary
+from ..outputs import SUMMARY, ClassRecord, MapGeometryRecord, Summary, TargetRecord, load_summary
 
 __all__ = [
     "CAM_EQUIVALENT",
     "NONDETERMINISTIC_COLUMNS",
+    "SEGMENTATION_COLUMNS",
+    "SEGMENTATION_TASK",
     "TABLE_COLUMNS",
+    "TARGETS_PER_SCAN_COLUMNS",
     "Cohort",
     "ScanEntry",
     "coincide_by_proof",
@@ -30,6 +39,7 @@ __all__ = [
     "placement_text",
     "redact_paths",
     "table_rows",
+    "targets_per_scan",
 ]
 
 SCANS = "scans"
@@ -41,6 +51,15 @@ BATCH_FILE = "medcam3d_batch.json"
 #: ``outside_allowed_<m>``.
 TABLE_COLUMNS = ("scan_id", "class_index", "label", "score", "probability", "predicted", "full_resolution",
                  "certificate", "completeness_residual", "relative_residual", "l2", "pearson", "top_overlap")
+#: the columns a segmentation cohort's table adds after ``label`` (which is then the target's name and
+#: ``class_index`` the target's index): the target's output channel and its name, the region kind, the component's
+#: rank by size (1 = largest), its size in network-grid voxels and its centroid in RAS mm
+SEGMENTATION_COLUMNS = ("target_class", "class_label", "region", "component", "voxels", "centroid_x_mm",
+                        "centroid_y_mm", "centroid_z_mm")
+#: the columns of :func:`targets_per_scan` (``cohort_targets.csv``)
+TARGETS_PER_SCAN_COLUMNS = ("scan_id", "class_label", "targets", "components", "largest_voxels", "total_voxels")
+#: summary ``task`` of a segmentation network's folder (the readers' one home for it: viewer, report, batch)
+SEGMENTATION_TASK = "segmentation"
 #: columns whose values change from run to run (none: timings and dates are not in the table). The determinism
 #: tests compare the whole table.
 NONDETERMINISTIC_COLUMNS: tuple[str, ...] = ()
@@ -92,6 +111,25 @@ class ScanEntry:
     def classes(self) -> list[ClassRecord]:
         return list(self.summary.classes)
 
+    @property
+    def is_segmentation(self) -> bool:
+        """True for a segmentation network's scan (its classes are targets)."""
+        return self.summary.task == SEGMENTATION_TASK
+
+    @property
+    def targets(self) -> list[TargetRecord]:
+        """The explained targets, parallel to :attr:`classes` (empty for a classification scan)."""
+        return list(self.summary.targets or []) if self.is_segmentation else []
+
+    def target(self, c: ClassRecord) -> TargetRecord | None:
+        """The target a class record stands for (matched by index; None for a classification scan)."""
+        return next((t for t in self.targets if t.index == c.index), None)
+
+    def group(self, c: ClassRecord) -> str:
+        """The name rows are grouped by: a class's label, a target's class label."""
+        t = self.target(c)
+        return t.label if t is not None else c.label
+
 
 @dataclass
 class Cohort:
@@ -106,6 +144,11 @@ class Cohort:
     organs: list[str] = field(default_factory=list)
     allowed: dict[str, list[str]] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def segmentation(self) -> bool:
+        """True when a scan of the cohort is a segmentation network's (rows are targets, grouped by class)."""
+        return any(s.is_segmentation for s in self.scans)
 
 
 def collect(root: str | Path, include_paths: bool = False) -> Cohort:
@@ -164,15 +207,17 @@ def _add_new(names: list[str], more: Sequence[str]) -> None:
 
 
 def _gather_names(cohort: Cohort) -> None:
-    """The cohort's methods, class labels, organs and allowed organs, in first-seen order."""
+    """The cohort's methods, class labels (a target's: its class's), organs and allowed organs, in first-seen
+    order."""
     for s in cohort.scans:
         _add_new(cohort.methods, s.summary.methods)
-        _add_new(cohort.labels, [c.label for c in s.classes])
+        _add_new(cohort.labels, [s.group(c) for c in s.classes])
         shares = s.summary.organ_shares or {}
         _add_new(cohort.organs, shares.get("organs", []))
+        groups = {c.label: s.group(c) for c in s.classes}
         for label, entry in (shares.get("classes") or {}).items():
             if "allowed" in entry:
-                cohort.allowed.setdefault(label, list(entry["allowed"]))
+                cohort.allowed.setdefault(groups.get(label, label), list(entry["allowed"]))
 
 
 def _model_info(scans: list[ScanEntry]) -> dict[str, Any]:
@@ -212,9 +257,13 @@ def _num(v: Any) -> float | None:
 
 
 def table_rows(cohort: Cohort, include_paths: bool = False) -> tuple[list[str], list[dict[str, Any]]]:
-    """One row per (scan, explained class), sorted by scan id then class index; and the column names."""
+    """One row per (scan, explained class), sorted by scan id then class index; and the column names. A
+    segmentation cohort's rows are (scan, target), with :data:`SEGMENTATION_COLUMNS` after ``label``."""
     methods, organs = cohort.methods, cohort.organs
     cols = list(TABLE_COLUMNS)
+    if cohort.segmentation:
+        at = cols.index("label") + 1
+        cols[at:at] = SEGMENTATION_COLUMNS
     if include_paths:
         cols.insert(1, "input_path")
     for m in methods:
@@ -228,6 +277,7 @@ def table_rows(cohort: Cohort, include_paths: bool = False) -> tuple[list[str], 
         shares = (s.summary.organ_shares or {}).get("classes") or {}
         for c in sorted(s.classes, key=lambda c: c.index):
             r = _class_row(s, c, methods, organs, shares.get(c.label) or {})
+            r.update(_target_cells(s.target(c)))
             if include_paths:
                 r["input_path"] = s.summary.input.path
             rows.append({k: r.get(k) for k in cols})
@@ -261,3 +311,33 @@ def _class_row(s: ScanEntry, c: ClassRecord, methods: Sequence[str], organs: Seq
             r[f"share_{m}_{o}"] = _num(per.get(o))
         r[f"outside_allowed_{m}"] = _num((shares.get("outside_allowed") or {}).get(m))
     return r
+
+
+def _target_cells(t: TargetRecord | None) -> dict[str, Any]:
+    """The :data:`SEGMENTATION_COLUMNS` of a target's row (nothing for a class)."""
+    if t is None:
+        return {}
+    xyz: Sequence[float | None] = t.centroid_mm or [None] * 3
+    return {"target_class": int(t.cls), "class_label": t.label, "region": t.region, "component": t.component,
+            "voxels": t.voxels, "centroid_x_mm": _num(xyz[0]), "centroid_y_mm": _num(xyz[1]),
+            "centroid_z_mm": _num(xyz[2])}
+
+
+def targets_per_scan(cohort: Cohort) -> list[dict[str, Any]]:
+    """Per segmentation scan and class (cohort order): how many targets and connected components it has, the
+    largest component's size and all its targets' voxels (network-grid voxels; None when not recorded). Rows have
+    :data:`TARGETS_PER_SCAN_COLUMNS`; a class without a target in a scan has no row."""
+    rows: list[dict[str, Any]] = []
+    for s in cohort.scans:
+        by_class: dict[str, list[TargetRecord]] = {}
+        for t in s.targets:
+            by_class.setdefault(t.label, []).append(t)
+        for label in [lab for lab in cohort.labels if lab in by_class]:
+            ts = by_class[label]
+            components = [t.voxels for t in ts if t.region == "component"]
+            sizes = [t.voxels for t in ts if t.voxels is not None]
+            rows.append({"scan_id": s.scan_id, "class_label": label, "targets": len(ts),
+                         "components": len(components),
+                         "largest_voxels": max((v for v in components if v is not None), default=None),
+                         "total_voxels": sum(sizes) if sizes else None})
+    return rows

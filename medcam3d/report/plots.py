@@ -40,8 +40,9 @@ def _height(n: int) -> float:
     return max(2.4, 0.32 * n + 1.2)
 
 
-def score_distribution(labels: Sequence[str], scores: dict[str, list[float]], threshold_score: float | None) -> bytes:
-    """Per class, the raw scores over the cohort: a box with every scan as a dot."""
+def score_distribution(labels: Sequence[str], scores: dict[str, list[float]], threshold_score: float | None,
+                       what: str = "raw class score (logit)", title: str = "Score distribution per class") -> bytes:
+    """Per class, the raw scores over the cohort: a box with every scan (or target) as a dot."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(9, _height(len(labels))))
     rng = np.random.default_rng(0)
@@ -56,8 +57,8 @@ def score_distribution(labels: Sequence[str], scores: dict[str, list[float]], th
         ax.axvline(threshold_score, color="#c0392b", lw=1, ls="--", label="decision threshold")
         ax.legend(loc="lower right", fontsize=8)
     ax.set_yticks(pos, labels, fontsize=8)
-    ax.set_xlabel("raw class score (logit)")
-    ax.set_title("Score distribution per class")
+    ax.set_xlabel(what)
+    ax.set_title(title)
     fig.tight_layout()
     return _png(fig)
 

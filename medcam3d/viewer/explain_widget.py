@@ -3,7 +3,8 @@
 The layer's voxels and its data -> world transform, read as medcam3d's world (:mod:`.geometry`; true of layers
 opened with the medcam3d reader), make the scan; :class:`medcam3d.pipeline.Session` explains it and writes an output
 folder exactly as ``medcam3d explain`` does (kept: ``medcam3d view FOLDER`` compares every class side by side);
-each method's map of the top class is added over the layer.
+each method's map of the top class (for a segmentation network: the predicted segmentation, then the maps of its
+first target) is added over the layer.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from ..methods import DEFAULT_METHODS, METHODS, method_title
 from ..pipeline import DEFAULT_CONFIG, Session
 from .folder import OutputFolder
 from .geometry import ras_affine
-from .layers import map_layer
+from .layers import map_layer, segmentation_layer
 
 if TYPE_CHECKING:
     import napari
@@ -192,12 +193,16 @@ class ExplainWidget(QWidget):
         from napari.layers import Layer
 
         folder = OutputFolder(out)
-        top = folder.by_score()[0]
+        top = folder.listing()[0]
+        seg = folder.segmentation()
+        if seg is not None:  # a segmentation network: its prediction under the maps
+            self.viewer.add_layer(Layer.create(*segmentation_layer(seg, folder.segmentation_labels)))
         for method in folder.methods:
             self.viewer.add_layer(Layer.create(*map_layer(folder.map(method, top.index))))
         self.progress.setValue(len(STAGES))
-        self.status.setText(f"top class {top.label} (p = {top.probability:.3f}); every class is in {folder.path}: "
-                            f"`medcam3d view {folder.path}` compares them side by side")
+        what = (f"first of {len(folder.targets)} targets: {top.label}; every target" if folder.is_segmentation
+                else f"top class {top.label} (p = {top.probability:.3f}); every class")
+        self.status.setText(f"{what} is in {folder.path}: `medcam3d view {folder.path}` compares them side by side")
 
     def _on_error(self, error: Exception) -> None:
         from napari.utils.notifications import show_error

@@ -7,11 +7,14 @@ soft tissue and over black air in either window, where additive blending saturat
 run from ``threshold × peak`` to the map's peak, so values at or below the threshold (and every negative value of a
 signed raw map) are transparent: the display's ReLU and normalisation, done on the GPU, without touching the data.
 Where no cell of the network sits (uncovered) is drawn by :mod:`.coverage`'s shapes layer (:func:`cover_layer`).
-No Qt, no napari: the tuples are plain data.
+A segmentation network's predicted label map is a labels layer (:func:`segmentation_layer`) drawn between the scan
+and the maps: one fixed colour per class (:data:`SEGMENTATION_COLOURS`, none of them the maps' or the outline's),
+its names in the layer's features. No Qt, no napari: the tuples are plain data.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,6 +32,8 @@ __all__ = [
     "DEFAULT_THRESHOLD",
     "MAP_BLENDING",
     "MAP_COLORMAP",
+    "SEGMENTATION_COLOURS",
+    "SEGMENTATION_OPACITY",
     "WINDOWS",
     "LayerData",
     "cover_layer",
@@ -38,6 +43,8 @@ __all__ = [
     "map_name",
     "method_title",
     "scan_layer",
+    "segmentation_colours",
+    "segmentation_layer",
     "window_limits",
 ]
 
@@ -57,6 +64,12 @@ MAP_COLORMAP: dict[str, Any] = {
 MAP_BLENDING = "translucent"
 DEFAULT_THRESHOLD = 0.2
 DEFAULT_OPACITY = 0.7
+#: class colours of a segmentation (RGB; value v takes colour (v - 1) mod 8): blues, greens, reds and browns, none
+#: of them the maps' plasma colours or the covered region's cyan
+SEGMENTATION_COLOURS: tuple[tuple[float, float, float], ...] = (
+    (0.122, 0.467, 0.706), (0.173, 0.627, 0.173), (0.839, 0.153, 0.157), (0.549, 0.337, 0.294),
+    (0.498, 0.498, 0.498), (0.737, 0.741, 0.133), (0.400, 0.761, 0.647), (0.651, 0.463, 0.114))
+SEGMENTATION_OPACITY = 0.35
 # method_title and _TITLES stay importable from this module for one release (home: medcam3d.methods)
 _TITLES = METHOD_TITLES
 _WORLD = {"axis_labels": WORLD_AXES, "units": ("mm", "mm", "mm")}
@@ -116,6 +129,32 @@ def map_layer(m: MapImage, name: str | None = None, threshold: float = DEFAULT_T
     return data, kwargs, "image"
 
 
+def segmentation_colours(values: Sequence[int]) -> dict[int | None, tuple[float, float, float, float]]:
+    """napari's ``colormap=`` of a labels layer: value ``v > 0`` -> :data:`SEGMENTATION_COLOURS` ``[(v - 1) mod 8]``
+    (opaque; the layer's opacity applies), background 0 and any value not listed transparent."""
+    clear = (0.0, 0.0, 0.0, 0.0)
+    colours: dict[int | None, tuple[float, float, float, float]] = {0: clear, None: clear}
+    for v in values:
+        if int(v) > 0:
+            colours[int(v)] = (*SEGMENTATION_COLOURS[(int(v) - 1) % len(SEGMENTATION_COLOURS)], 1.0)
+    return colours
+
+
+def segmentation_layer(placed: Placed, names: Mapping[int, str], name: str = "segmentation",
+                       opacity: float = SEGMENTATION_OPACITY, visible: bool = True) -> LayerData:
+    """The predicted segmentation as a labels layer: integer ``placed.data`` (value = output channel, 0 =
+    background), coloured per class (:func:`segmentation_colours`), ``names`` (value -> class name) in its
+    features (napari's status bar names the class under the cursor) and metadata."""
+    values = sorted({0, *(int(v) for v in names)})
+    kwargs = {"name": name, "affine": placed.affine, "opacity": opacity, "visible": visible,
+              "colormap": segmentation_colours(values), "blending": "translucent",
+              "features": {"index": values, "class": [names.get(v, "background" if v == 0 else str(v))
+                                                      for v in values]},
+              "metadata": {"medcam3d": {"kind": "segmentation", "labels": {int(k): v for k, v in names.items()}}},
+              **_WORLD}
+    return placed.data, kwargs, "labels"
+
+
 def cover_layer(cover: Cover, extent: np.ndarray, name: str) -> LayerData:
     """The shapes layer drawing where the network's cells sit (:mod:`.coverage`): ``cover`` at first, redrawn by
     the comparison as the slice moves; ``extent`` is the scan's world box (it scales the outline width)."""
@@ -126,12 +165,17 @@ def cover_layer(cover: Cover, extent: np.ndarray, name: str) -> LayerData:
 
 
 def folder_layers(folder: OutputFolder, window: str = "lung") -> list[LayerData]:
-    """The scan (when its recorded path still exists) and every method's map of the highest-scoring class."""
+    """The scan (when its recorded path still exists), the predicted segmentation (segmentation folders) and every
+    method's map of the first listed class or target (:meth:`OutputFolder.listing`: the highest-scoring class, the
+    first target)."""
     out: list[LayerData] = []
     scan = folder.scan_path
     if scan is not None and scan.exists():
         vol = read_volume(scan)
         out.append(scan_layer(place(vol.array, vol.affine), "CT", window, str(scan)))
-    top = folder.by_score()[0]
+    seg = folder.segmentation()
+    if seg is not None:
+        out.append(segmentation_layer(seg, folder.segmentation_labels))
+    top = folder.listing()[0]
     out += [map_layer(folder.map(m, top.index)) for m in folder.methods]
     return out

@@ -1,8 +1,10 @@
 """npe2 reader: medcam3d output folders, the NIfTI maps inside them, and scans, in medcam3d's napari world.
 
-* an output folder: the scan (when its recorded path still exists) and every method's map of the top class;
+* an output folder: the scan (when its recorded path still exists), the predicted segmentation (segmentation
+  folders) and every method's map of the top class (the first target);
 * ``fullres_<method>_<NNN>_<label>.nii.gz`` in an output folder: that map;
 * ``lowres_<method>.nii.gz`` in an output folder: one layer per class at feature resolution (the top class shown);
+* ``segmentation.nii.gz`` in a segmentation output folder: the predicted segmentation as a labels layer;
 * any other NIfTI, NRRD or MetaImage file: a scan in the lung window.
 """
 
@@ -13,10 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..io import read_volume
-from ..outputs import SUMMARY
+from ..outputs import SEGMENTATION, SUMMARY
 from .folder import OutputFolder
 from .geometry import place
-from .layers import LayerData, folder_layers, map_layer, scan_layer
+from .layers import LayerData, folder_layers, map_layer, scan_layer, segmentation_layer
 
 __all__ = ["get_reader", "read_file", "read_folder"]
 
@@ -55,9 +57,20 @@ def read_file(path: str | list[str]) -> list[LayerData]:
         return [map_layer(OutputFolder(p.parent).map(full["method"], int(full["index"])))]
     if in_folder and low:
         folder = OutputFolder(p.parent)
-        top = folder.by_score()[0]
+        top = folder.listing()[0]
         return [map_layer(folder.map(low["method"], c.index, feature_resolution=True), visible=c == top)
                 for c in folder.classes]
+    if in_folder and p.name == SEGMENTATION and (seg := _segmentation(p)) is not None:
+        return [seg]
     volume = read_volume(p)
     name = p.name[: -len(next(s for s in _SCAN_SUFFIXES if p.name.lower().endswith(s)))]
     return [scan_layer(place(volume.array, volume.affine), name, source=str(p))]
+
+
+def _segmentation(p: Path) -> LayerData | None:
+    """The labels layer of ``p`` when it is the predicted segmentation of its (segmentation) output folder."""
+    folder = OutputFolder(p.parent)
+    seg = folder.segmentation()
+    if seg is None or folder.segmentation_path != p.resolve():
+        return None
+    return segmentation_layer(seg, folder.segmentation_labels)

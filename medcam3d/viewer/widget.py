@@ -1,5 +1,6 @@
-"""The dock widget of ``medcam3d view``: classes by score, a method per pane, CT window, map opacity and
-threshold, the covered region's outline on or off, jump to a map's peak, 2-D slices or 3-D rendering, and what the
+"""The dock widget of ``medcam3d view``: classes by score (or, for a segmentation folder, its targets with class,
+component, voxels and score), a method per pane, CT window, map opacity and threshold, the covered region's
+outline on or off, the segmentation on or off, jump to a map's peak, 2-D slices or 3-D rendering, and what the
 outline means (and, when the certificate proves it, that the methods coincide). It only drives a
 :class:`~.comparison.Comparison`."""
 
@@ -26,13 +27,27 @@ from qtpy.QtWidgets import (
 )
 
 from ..methods import method_title
+from ..outputs import TargetRecord
 from .comparison import PANES, Comparison
+from .folder import ClassEntry
 from .layers import WINDOWS
 
-__all__ = ["ComparisonWidget"]
+__all__ = ["CLASS_COLUMNS", "TARGET_COLUMNS", "ComparisonWidget", "target_cells"]
 
-_COLUMNS = ("class", "score", "p", "full res.")
+CLASS_COLUMNS = ("class", "score", "p", "full res.")
+#: the table's columns for a segmentation folder (one row per target, in targets.csv order)
+TARGET_COLUMNS = ("target", "class", "component", "voxels", "score")
 T = TypeVar("T")
+
+
+def _class_cells(e: ClassEntry) -> tuple[str, ...]:
+    return (e.label, f"{e.score:+.3f}", f"{e.probability:.3f}", "yes" if e.full_resolution else "")
+
+
+def target_cells(t: TargetRecord) -> tuple[str, ...]:
+    """A target's row of the table: name, class, component rank (empty for a whole region), voxels, score."""
+    return (t.name, t.label, "" if t.component is None else str(t.component),
+            "" if t.voxels is None else str(t.voxels), f"{t.score:+.3f}")
 
 
 def _present(part: T | None) -> T:
@@ -55,49 +70,19 @@ def _spin(value: float, maximum: float, changed: Callable[[float], None]) -> QDo
 class ComparisonWidget(QWidget):
     """Controls for the two panes of ``comparison``.
 
-    Attributes (for scripts and tests): ``table`` (one row per class, highest score first; selecting a row shows
-    that class), ``method_boxes`` (left, right), ``window_box``, ``opacity_box``, ``threshold_box``,
-    ``peak_buttons`` (left, right), ``cover_box`` (draw the covered region), ``three_d``, ``legend`` (what the
-    outline means; one pane or two).
+    Attributes (for scripts and tests): ``table`` (one row per class, highest score first, or per target in their
+    order; selecting a row shows that class, or that target at its centroid), ``method_boxes`` (left, right),
+    ``window_box``, ``opacity_box``, ``threshold_box``, ``peak_buttons`` (left, right), ``cover_box`` (draw the
+    covered region), ``segmentation_box`` (show the segmentation; None without one), ``three_d``, ``legend`` (what
+    the outline means; one pane or two).
     """
 
     def __init__(self, comparison: Comparison, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.comparison = comparison
-        self.entries = comparison.folder.by_score()
-
-        self.table = QTableWidget(len(self.entries), len(_COLUMNS))
-        self.table.setHorizontalHeaderLabels(_COLUMNS)
-        _present(self.table.verticalHeader()).setVisible(False)
-        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
-        self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
-        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-        header = _present(self.table.horizontalHeader())
-        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
-        bold = QFont()
-        bold.setBold(True)
-        for row, e in enumerate(self.entries):
-            cells = (e.label, f"{e.score:+.3f}", f"{e.probability:.3f}", "yes" if e.full_resolution else "")
-            for col, text in enumerate(cells):
-                item = QTableWidgetItem(text)
-                if e.predicted:
-                    item.setFont(bold)
-                item.setToolTip(f"{e.label} (output {e.index}): {'predicted' if e.predicted else 'not predicted'}; "
-                                f"{'full-resolution' if e.full_resolution else 'feature-resolution'} maps")
-                self.table.setItem(row, col, item)
-        scrollbar = _present(self.table.verticalScrollBar()).sizeHint().width()
-        self.table.setMinimumWidth(header.length() + scrollbar + 2 * self.table.frameWidth())  # labels in full
-        self.table.selectRow(self._row(comparison.entry.index))
-        self.table.itemSelectionChanged.connect(self._on_class)
-
-        self.method_boxes = []
-        for pane in range(2):
-            box = QComboBox()
-            for m in comparison.folder.methods:
-                box.addItem(method_title(m), m)
-            box.setCurrentIndex(box.findData(comparison.methods[pane]))
-            box.currentIndexChanged.connect(lambda _i, p=pane: self._on_method(p))
-            self.method_boxes.append(box)
+        self.entries = comparison.folder.listing()
+        self.table = self._class_table()
+        self.method_boxes = [self._method_box(pane) for pane in range(2)]
 
         self.window_box = QComboBox()
         for w in WINDOWS:
@@ -123,6 +108,7 @@ class ComparisonWidget(QWidget):
                                   "there (uncovered), which is not the same as no evidence")
         self.cover_box.setChecked(comparison.cover_layers[0].visible)
         self.cover_box.toggled.connect(comparison.show_cover)
+        self.segmentation_box = self._segmentation_box()
         self.legend = QLabel()
         self.legend.setWordWrap(True)
         self._on_legend()
@@ -130,7 +116,57 @@ class ComparisonWidget(QWidget):
         self.three_d = QCheckBox("3-D rendering")
         self.three_d.setChecked(comparison.viewer.dims.ndisplay == 3)
         self.three_d.toggled.connect(lambda on: comparison.set_ndisplay(3 if on else 2))
+        self._lay_out(peaks)
 
+    def _class_table(self) -> QTableWidget:
+        """The table of classes (or targets), the shown one selected; choosing a row shows it."""
+        folder = self.comparison.folder
+        columns = TARGET_COLUMNS if folder.is_segmentation else CLASS_COLUMNS
+        table = QTableWidget(len(self.entries), len(columns))
+        table.setHorizontalHeaderLabels(columns)
+        _present(table.verticalHeader()).setVisible(False)
+        table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        header = _present(table.horizontalHeader())
+        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        bold = QFont()
+        bold.setBold(True)
+        for row, e in enumerate(self.entries):
+            target = folder.target(e)
+            cells = _class_cells(e) if target is None else target_cells(target)
+            for col, text in enumerate(cells):
+                item = QTableWidgetItem(text)
+                if e.predicted and target is None:
+                    item.setFont(bold)
+                item.setToolTip(self._tip(e, target))
+                table.setItem(row, col, item)
+        scrollbar = _present(table.verticalScrollBar()).sizeHint().width()
+        table.setMinimumWidth(header.length() + scrollbar + 2 * table.frameWidth())  # labels in full
+        table.selectRow(self._row(self.comparison.entry.index))
+        table.itemSelectionChanged.connect(self._on_class)
+        return table
+
+    def _method_box(self, pane: int) -> QComboBox:
+        """The method chooser of ``pane`` (0 left, 1 right)."""
+        box = QComboBox()
+        for m in self.comparison.folder.methods:
+            box.addItem(method_title(m), m)
+        box.setCurrentIndex(box.findData(self.comparison.methods[pane]))
+        box.currentIndexChanged.connect(lambda _i, p=pane: self._on_method(p))
+        return box
+
+    def _segmentation_box(self) -> QCheckBox | None:
+        """The segmentation's on/off check box (None when the panes show no segmentation)."""
+        if not self.comparison.segmentation_layers:
+            return None
+        box = QCheckBox("show the segmentation")
+        box.setToolTip("the predicted label map, one colour per class, under the maps")
+        box.setChecked(self.comparison.segmentation_layers[0].visible)
+        box.toggled.connect(self.comparison.show_segmentation)
+        return box
+
+    def _lay_out(self, peaks: QHBoxLayout) -> None:
         form = QFormLayout()
         for pane_name, box in zip(PANES, self.method_boxes, strict=True):
             form.addRow(f"{pane_name} pane", box)
@@ -142,16 +178,32 @@ class ComparisonWidget(QWidget):
         layout.addLayout(form)
         layout.addLayout(peaks)
         layout.addWidget(self.cover_box)
+        if self.segmentation_box is not None:
+            layout.addWidget(self.segmentation_box)
         layout.addWidget(self.three_d)
         layout.addWidget(self.legend)
+
+    @staticmethod
+    def _tip(e: ClassEntry, target: TargetRecord | None) -> str:
+        res = f"{'full-resolution' if e.full_resolution else 'feature-resolution'} maps"
+        if target is None:
+            return f"{e.label} (output {e.index}): {'predicted' if e.predicted else 'not predicted'}; {res}"
+        where = ("centroid " + ", ".join(f"{v:.1f}" for v in target.centroid_mm) + " mm (RAS)"
+                 if target.centroid_mm else "no centroid recorded")
+        return f"{target.name} (target {e.index}, class {target.label} = output {target.cls}): {where}; {res}"
 
     def _row(self, class_index: int) -> int:
         return next(r for r, e in enumerate(self.entries) if e.index == class_index)
 
     def _on_class(self) -> None:
         rows = _present(self.table.selectionModel()).selectedRows()
-        if rows:
-            self.comparison.show_class(self.entries[rows[0].row()].index)
+        if not rows:
+            return
+        index = self.entries[rows[0].row()].index
+        if self.comparison.folder.is_segmentation:
+            self.comparison.show_target(index)
+        else:
+            self.comparison.show_class(index)
 
     def _on_method(self, pane: int) -> None:
         self.comparison.set_method(pane, self.method_boxes[pane].currentData())
