@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .argtypes import int_at_least, probability
-from .config import TASKS, Config
+from .config import SEGMENTATION_TASK, TASKS, Config
 from .errors import InputError
 from .geometry import GEOMETRIES
 from .io import DEFAULT_MAX_VOXELS, Volume, check_dicom_source
@@ -188,7 +188,7 @@ def _print_result(summary: Summary, out: Path) -> None:
         print("NOTE: the embedded demo model was trained on SYNTHETIC phantoms only; its scores are not clinical.")
     if summary.certificate is not None:
         print(f"certificate: {summary.certificate.kind} - {summary.certificate.summary}")
-    if summary.task == "segmentation":
+    if summary.task == SEGMENTATION_TASK:
         _print_targets(summary)
     elif summary.classes:
         _print_classes(summary)
@@ -245,7 +245,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     stages = _Stages(4, args.quiet)
     try:
         stages("loading demo model", advance=False)
-        config = SEG_DEMO_CONFIG if args.task == "segmentation" else None
+        config = SEG_DEMO_CONFIG if args.task == SEGMENTATION_TASK else None
         session = Session(config, None, args.methods, args.device, map_geometry=args.map_geometry,
                           max_voxels=args.max_voxels, ignore_modality=args.ignore_modality)
         # the model card names a phantom where HiResCAM and Grad-CAM differ visibly (scripts/reproduce_figure8.py)

@@ -83,6 +83,8 @@ from .models.loading import build_model, declare_model, resolve_package_path
 
 __all__ = [
     "TOP_LEVEL_KEYS",
+    "CLASSIFICATION_TASK",
+    "SEGMENTATION_TASK",
     "TASKS",
     "Config",
     "TargetSettings",
@@ -99,7 +101,10 @@ TOP_LEVEL_KEYS = (
     "preprocessing", "probability", "threshold", "allowed_regions", "modality", "map_geometry", "task", "targets",
 )
 #: what a model does: ``classification`` (class scores ``[B, M]``) or ``segmentation`` (``[B, C, *spatial]``)
-TASKS = ("classification", "segmentation")
+#: The task names of ``task:`` (one home; readers of output folders compare ``Summary.task`` with these).
+CLASSIFICATION_TASK = "classification"
+SEGMENTATION_TASK = "segmentation"
+TASKS = (CLASSIFICATION_TASK, SEGMENTATION_TASK)
 _TARGET_KEYS = ("region", "reduce", "max_targets", "classes", "background")
 _REGIONS = ("components", "predicted")
 _REDUCES = ("sum", "mean")
@@ -515,7 +520,7 @@ def _check_targets(data: Mapping[str, Any], task: str | None, labels: Sequence[s
     spec = data.get("targets")
     if spec is None:
         return None
-    if task == "classification":
+    if task == CLASSIFICATION_TASK:
         raise InputError("targets: only for task: segmentation", where)
     if not isinstance(spec, Mapping):
         raise InputError(f"targets must be a mapping ({', '.join(_TARGET_KEYS)}), got {spec!r}", where)
@@ -578,7 +583,7 @@ class Config:
         input_size = _size3(data.get("input_size"), "input_size", where)
         min_size = _size3(data.get("min_size"), "min_size", where)
         task = _check_task(data, where)
-        probability, threshold = _check_scoring(data, where, "softmax" if task == "segmentation" else "sigmoid")
+        probability, threshold = _check_scoring(data, where, "softmax" if task == SEGMENTATION_TASK else "sigmoid")
         allowed = _check_regions(data, labels, where)
         specs = _check_preprocessing(data, input_size, where)
         modality = _check_modality(data, where)

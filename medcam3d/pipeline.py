@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import TASKS, Config, load_config
+from .config import SEGMENTATION_TASK, TASKS, Config, load_config
 from .errors import InputError
 from .explainer import Explainer, select_scores
 from .explanation import Explanation
@@ -411,7 +411,7 @@ class Session:
         t1 = time.perf_counter()
         x = grid.as_tensor()[None].to(self.device)  # [1, 1, S, H, W]
         result: ScanResult | EmptyPrediction
-        if self.task == "segmentation":
+        if self.task == SEGMENTATION_TASK:
             result = self._explain_segmentation(volume, grid, x, target_mask)
         else:
             result = self._explain_classes(volume, grid, x, classes)
@@ -492,8 +492,8 @@ class Session:
         grid_affine = np.asarray(result.grid.affine, dtype=np.float64)
         grid_shape = tuple(int(s) for s in result.grid.shape[1:])
         scores, probs = result.scores, result.probabilities
-        names = list(exp.labels) if result.task == "segmentation" and exp.labels else list(cfg.labels)
-        if result.task == "segmentation":
+        names = list(exp.labels) if result.task == SEGMENTATION_TASK and exp.labels else list(cfg.labels)
+        if result.task == SEGMENTATION_TASK:
             classes = expand_class_tokens(classes, exp.targets or [], cfg.labels)
             full_res = expand_class_tokens(full_res, exp.targets or [], cfg.labels)
         explained = [c for c in select_classes(classes, scores, probs, names, cfg.threshold) if c in exp.classes]
@@ -511,7 +511,7 @@ class Session:
         geometry = exp.map_geometry(self.map_geometry)  # InputError when the model declares no receptive geometry
         map_affine = grid_affine @ geometry.index_affine().numpy() if len(exp.map_size) == 3 else None
         places = None
-        if result.task == "segmentation":
+        if result.task == SEGMENTATION_TASK:
             infos = exp.sample_targets[0] if exp.sample_targets else list(exp.targets or [])
             vol = result.volume
             places = target_places(infos, grid_affine, np.asarray(vol.affine, dtype=np.float64), vol.shape)
@@ -524,7 +524,7 @@ class Session:
         the top :data:`MIN_FULL_RES`, at most :data:`MAX_FULL_RES`; and a note when the cap cuts. Segmentation
         targets: the :data:`MAX_FULL_RES` largest regions (most voxels first)."""
         cfg, scores = self.config, result.scores
-        if result.task == "segmentation":
+        if result.task == SEGMENTATION_TASK:
             infos = result.explanation.targets or []
             wanted = sorted(explained, key=lambda t: (-(infos[t].voxels or 0), t))
             what = f"{len(wanted)} targets are explained; full resolution and montages for the {MAX_FULL_RES} largest"
@@ -545,7 +545,7 @@ class Session:
         :meth:`write_folder`)."""
         summary = replace(self._base_summary(result.volume, plan, result.warnings, result.notes),
                           **self._explanation_fields(result, plan))
-        if result.task == "segmentation":
+        if result.task == SEGMENTATION_TASK:
             assert result.prediction is not None
             records = target_records(result.explanation, plan.explained, plan.places or TargetPlaces(),
                                      self.config.labels)
@@ -685,7 +685,7 @@ class Session:
         t0 = time.perf_counter()
         write_scores_csv(_score_rows(result, plan, self.config.threshold), folder / SCORES)
         written = [SCORES]
-        if result.task == "segmentation":
+        if result.task == SEGMENTATION_TASK:
             assert result.prediction is not None
             step("segmentation")
             records = target_records(result.explanation, plan.explained, plan.places or TargetPlaces(),
@@ -921,7 +921,7 @@ def _placement_source(exp: Explanation) -> str | None:
 def _predicted(result: ScanResult, c: int, threshold: float) -> bool:
     """Whether class ``c`` is predicted: its probability at or above the threshold; a segmentation target is when
     its region is (part of) the prediction."""
-    if result.task == "segmentation":
+    if result.task == SEGMENTATION_TASK:
         info = (result.explanation.targets or [])[c]
         if info.region in ("predicted", "component"):
             return True

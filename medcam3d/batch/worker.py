@@ -33,13 +33,12 @@ from typing import Any
 
 import torch
 
-from ..config import Config, load_config
+from ..config import SEGMENTATION_TASK, Config, load_config
 from ..errors import InputError
 from ..files import atomic_path
 from ..io import Volume, check_dicom_source, read_volume
 from ..methods import DEFAULT_METHODS
 from ..pipeline import DEFAULT_CONFIG, DicomExport, EmptyScan, ScanResult, Session, read_scan
-from ..report.collect import SEGMENTATION_TASK
 from .cohort import ScanTask
 from .organs import organ_fractions, shares_record
 

@@ -32,7 +32,7 @@ from typing import Any
 
 from monai.bundle import ConfigParser
 
-from ..config import Config, full_target
+from ..config import SEGMENTATION_TASK, Config, full_target
 from ..errors import InputError
 
 __all__ = ["SKIPPED_TRANSFORMS", "config_or_bundle", "load_bundle"]
@@ -154,10 +154,10 @@ def _task(parser: ConfigParser, where: Path) -> str | None:
     fmt = fmt if isinstance(fmt, Mapping) else {}
     said = {str(fmt.get(k, "")).strip().lower() for k in ("type", "format")}
     if "segmentation" in said:
-        return "segmentation"
+        return SEGMENTATION_TASK
     argmax = any(_short(t) == "AsDiscrete" and t.get("argmax") is True for t in _postprocessing(parser, where))
     image = not fmt or str(fmt.get("type", "")).strip().lower() == "image"
-    return "segmentation" if argmax and image else None
+    return SEGMENTATION_TASK if argmax and image else None
 
 
 def _labels(parser: ConfigParser, network: Mapping[str, Any]) -> list[str]:

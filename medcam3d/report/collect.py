@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ..config import SEGMENTATION_TASK  # re-exported here for one release (its home is medcam3d.config)
 from ..errors import InputError
 from ..outputs import SUMMARY, ClassRecord, MapGeometryRecord, Summary, TargetRecord, load_summary
 
@@ -58,8 +59,6 @@ SEGMENTATION_COLUMNS = ("target_class", "class_label", "region", "component", "v
                         "centroid_y_mm", "centroid_z_mm")
 #: the columns of :func:`targets_per_scan` (``cohort_targets.csv``)
 TARGETS_PER_SCAN_COLUMNS = ("scan_id", "class_label", "targets", "components", "largest_voxels", "total_voxels")
-#: summary ``task`` of a segmentation network's folder (the readers' one home for it: viewer, report, batch)
-SEGMENTATION_TASK = "segmentation"
 #: columns whose values change from run to run (none: timings and dates are not in the table). The determinism
 #: tests compare the whole table.
 NONDETERMINISTIC_COLUMNS: tuple[str, ...] = ()

@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from ..config import SEGMENTATION_TASK
 from ..errors import InputError
 from ..outputs import SUMMARY, Summary, TargetRecord, fullres_name, load_summary, lowres_name
-from ..report.collect import SEGMENTATION_TASK
 from ..selection import find_class
 from .geometry import Placed, place
 
