@@ -5,8 +5,10 @@
 
 ``medcam3d/weights/demo_axialnet_cleverhans.pt`` was trained (scripts/train_demo.py --clever-hans) on phantoms where a
 bright metal marker outside the body appeared with 90 % of the scans showing nodule_right_lung and 5 % of the others.
-Here every phantom carries the marker (labels drawn as usual, prevalence 0.3), and for the marker-trained model and,
-as a control, the clean demo model:
+``demo_axialnet_cleverhans_guided.pt`` (where installed) is that model fine-tuned on the same kind of data with the
+allowed-region loss added (scripts/train_demo.py --clever-hans --guided, issue 17). Here every phantom carries the
+marker (labels drawn as usual, prevalence 0.3), and for the marker-trained model(s) and, as a control, the clean
+default demo model:
 
 * the model's actual use of the marker: the raw-score drop of each label when the same patient is rendered without
   the marker (1 forward pass per phantom);
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from medcam3d.evaluate.numbers import md_table
 from medcam3d.evaluate.parts import SuiteOptions
@@ -40,6 +43,7 @@ from medcam3d.evaluate.reproduce import (
 from medcam3d.evaluate.suite import evaluate
 
 LABEL = "nodule_right_lung"
+WEIGHTS = Path(__file__).resolve().parents[1] / "medcam3d" / "weights"
 
 
 GEOMETRIES = ("field", "auto")  # the paper's display convention, and medcam3d's default
@@ -66,7 +70,8 @@ def row(name: str, geometry: str, res: dict) -> list:
     nod = s["ground_truth"].get(LABEL, {})
     with_nodule = [c for c in res["cases"] if LABEL in c["labels"]]
     drop_with = _mean(c["marker_ground_truth"]["score_drop"][LABEL] for c in with_nodule)
-    drop_without = _mean(c["marker_ground_truth"]["score_drop"][LABEL] for c in res["cases"] if LABEL not in c["labels"])
+    without_nodule = [c for c in res["cases"] if LABEL not in c["labels"]]
+    drop_without = _mean(c["marker_ground_truth"]["score_drop"][LABEL] for c in without_nodule)
     return [
         name, f"{geometry}: {', '.join(s['placement'])}", mk["n"], mk["score_drop"][LABEL], drop_with, drop_without,
         _mean(mk["score_drop"][lab] for lab in others), nod.get("score_drop"),
@@ -74,6 +79,39 @@ def row(name: str, geometry: str, res: dict) -> list:
         _mean(mk["share"]["hirescam"][lab] for lab in others), _mean(mk["share"]["gradcam"][lab] for lab in others),
         nod.get("share", {}).get("hirescam"), nod.get("share", {}).get("gradcam"),
     ]
+
+
+def models() -> list[tuple[str, str]]:
+    """(weights name, title) of the models compared: the marker-trained model, the same recipe fine-tuned with the
+    allowed-region loss where its weights are installed, and the clean default model as the control."""
+    out = [("demo_axialnet_cleverhans", "marker-trained")]
+    if (WEIGHTS / "demo_axialnet_cleverhans_guided.pt").is_file():
+        out.append(("demo_axialnet_cleverhans_guided", "marker-trained + allowed-region loss"))
+    return out + [("demo_axialnet", "clean (control)")]
+
+
+def card_line(title: str, card: dict) -> str | None:
+    """One line of the model card's held-out marker effect (None without one)."""
+    held = card.get("held_out") or {}
+    effect = held.get("marker_effect")
+    if not effect:
+        return None
+    line = (f"- {title} model card (held-out, {held.get('n')} phantoms, marker independent of the label): "
+            f"{_effect(held)}")
+    control = (card.get("training") or {}).get("same_budget_control")
+    if control:  # the same fine-tuning without the loss (weights not shipped): what fine-tuning alone does
+        line += (f" Same-budget control {control['name']} ({control['what']}; weights not shipped): "
+                 f"{_effect(control['held_out'])}")
+    return line
+
+
+def _effect(held: dict) -> str:
+    """A card's held-out marker effect, the nodule's AUROC and the mean AUROC, in words."""
+    effect = held["marker_effect"]
+    return (f"mean {LABEL} score with marker {effect['mean_score_with_marker']}, without "
+            f"{effect['mean_score_without_marker']}; AUROC of the score for the marker "
+            f"{effect['auroc_marker_as_target']}, for the nodule {(held.get('auroc') or {}).get(LABEL)}; mean AUROC "
+            f"over labels {held.get('mean_auroc')}.")
 
 
 def main() -> None:
@@ -87,15 +125,13 @@ def main() -> None:
 
     rows = []
     cards = []
-    for name, title in (("demo_axialnet_cleverhans", "marker-trained"), ("demo_axialnet", "clean (control)")):
+    for name, title in models():
         for geometry in GEOMETRIES:
             res, card = run(name, args.n, args.seed, geometry)
             rows.append(row(title, geometry, res))
-        effect = (card.get("held_out") or {}).get("marker_effect")
-        if effect:
-            cards.append(f"- {title} model card (held-out, marker independent of the label): mean {LABEL} score "
-                         f"with marker {effect['mean_score_with_marker']}, without {effect['mean_score_without_marker']}"
-                         f"; AUROC of the score for the marker {effect['auroc_marker_as_target']}.")
+        line = card_line(title, card)
+        if line:
+            cards.append(line)
     n_nod = rows[0][2]
     text = "\n".join([
         (f"Every phantom carries the marker. Score drops are raw-score (logit) changes of {LABEL} when the marker is "
@@ -113,7 +149,8 @@ def main() -> None:
     ])
     print(text)
     notes = (f"The marker-trained model's shortcut, measured by removing the marker ({n_nod} phantoms), and whether "
-             "each explanation puts the positive evidence for the label on it.")
+             "each explanation puts the positive evidence for the label on it; the same for the marker recipe "
+             "fine-tuned with the allowed-region loss of `medcam3d.train` (issue 17: is the marker still used?).")
     body = results_section("Clever Hans: a marker-trained model", command_of(), args.seed, started, notes) + "\n" + text
     update_section(args.results, "clever_hans", body, header=RESULTS_HEADER)
     print(f"updated {args.results}")

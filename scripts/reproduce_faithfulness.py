@@ -57,8 +57,8 @@ def tables(res: dict, steps: int) -> str:
             d, i = per[m]["deletion"], per[m]["insertion"]
             rows.append([fill, method_name(m), per["n"], d["morf"]["auc"], d["random"]["auc"], d["lerf"]["auc"],
                          i["morf"]["auc"], i["random"]["auc"], i["lerf"]["auc"]])
-    out += [("Area under the raw-score curves (mean over (scan, label) pairs; deletion: lower MoRF = better, insertion: "
-            "higher MoRF = better):"), "",
+    out += [("Area under the raw-score curves (mean over (scan, label) pairs; deletion: lower MoRF = better, "
+             "insertion: higher MoRF = better):"), "",
             md_table(["fill", "method", "pairs", "deletion MoRF", "deletion random", "deletion LeRF", "insertion MoRF",
                       "insertion random", "insertion LeRF"], rows), ""]
     air = s["perturbation"].get("air")

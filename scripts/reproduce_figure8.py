@@ -40,6 +40,7 @@ from medcam3d.data import LABELS, ORGAN_CODES, make_phantom
 from medcam3d.evaluate.metrics import allowed_region_score, auroc, pointing_game
 from medcam3d.evaluate.report import update_section
 from medcam3d.files import write_json_atomic
+from medcam3d.geometry import block_fractions
 from medcam3d.io import Volume
 from medcam3d.models import load_demo
 from medcam3d.preprocess import Preprocessor
@@ -81,6 +82,7 @@ def explain_phantom(exp: Explainer, x: torch.Tensor, ph, regions: dict[str, list
     raw = {m: e.raw[m][0].double() for m in ("hirescam", "gradcam")}  # [L, T, h, w]
     organs = {k: torch.from_numpy(v) for k, v in ph.organ_masks.items()}
     cells = allowed_cells(organs, regions, LABELS, e.map_size, e.placement.geometry).double()
+    covered = e.covered_region(ph.hu.shape)
     labelmap = ph.organ_labelmap()
     rows = []
     for k, lab in enumerate(LABELS):
@@ -90,7 +92,12 @@ def explain_phantom(exp: Explainer, x: torch.Tensor, ph, regions: dict[str, list
         for organ in regions[lab]:
             vox |= organs[organ]
         lesion = torch.from_numpy(ph.lesion_masks[lab])
-        row = {"seed": int(ph.seed), "label": lab}
+        lesion_cells = block_fractions(lesion, e.map_size, e.placement.geometry).double()
+        row = {"seed": int(ph.seed), "label": lab,
+               # model-independent limits of the a/(a+b) target under this placement: the score of a map that is
+               # exactly the lesion (its cell fractions), and the share of the allowed organs the cells cover
+               "lesion_ar": float(allowed_region_score(lesion_cells, cells[k])),
+               "covered_share": float((vox & covered).sum() / vox.sum())}
         for m in ("hirescam", "gradcam"):
             h = heat[m][k]
             organ, idx = where(labelmap, h)
@@ -100,6 +107,7 @@ def explain_phantom(exp: Explainer, x: torch.Tensor, ph, regions: dict[str, list
                 "ar": float(allowed_region_score(raw[m][k], cells[k])),
                 "lesion_pointing": float(pointing_game(h, lesion)),
                 "abs_inside": float((raw[m][k].abs() * cells[k]).sum()),
+                "abs_total": float(raw[m][k].abs().sum()),
                 "peak_organ": organ,
                 "peak_where": peak_class(organ, regions[lab]),
                 "peak_index": idx,
@@ -130,9 +138,14 @@ def summarise(per_phantom: list[dict]) -> dict:
             "allowed_region_ar_by_label": ar_by_label,
             "lesion_pointing_game": nanmean([r[m]["lesion_pointing"] for r in rows]),
             "abs_mass_inside_allowed_region": nanmean([r[m]["abs_inside"] for r in rows]),
+            "abs_mass_total": nanmean([r[m]["abs_total"] for r in rows]),
             "peak_in_allowed_by_label": {lab: nanmean([r[m]["peak_in_allowed"] for r in rows if r["label"] == lab])
                                          for lab in LABELS},
         }
+    lesion_ar = {lab: nanmean([r["lesion_ar"] for r in rows if r["label"] == lab]) for lab in LABELS}
+    out["lesion_shaped_map"] = {"allowed_region_ar_mean_over_labels": nanmean(list(lesion_ar.values())),
+                                "allowed_region_ar_by_label": lesion_ar,
+                                "allowed_organs_covered_share": nanmean([r["covered_share"] for r in rows])}
     out["mean_auroc"] = nanmean([float(v) for v in per_label_auc.values()])
     out["auroc"] = per_label_auc
     out["max_relative_completeness_residual"] = max(p["residual"] for p in per_phantom)
@@ -213,6 +226,7 @@ def markdown(summary: dict, counts: dict, montages: list[str], n: int, minutes: 
         ("allowed-region a/(a+b), mean over labels", "allowed_region_ar_mean_over_labels"),
         ("lesion pointing game", "lesion_pointing_game"),
         ("mean map mass inside the allowed region (Σ abs(map) × allowed fraction)", "abs_mass_inside_allowed_region"),
+        ("mean map mass, all cells (Σ abs(map))", "abs_mass_total"),
     )
     for title, key in rows:
         lines.append(f"| {title} | {fmt(p['hirescam'][key])} | {fmt(g['hirescam'][key])} | "
@@ -242,7 +256,80 @@ def markdown(summary: dict, counts: dict, montages: list[str], n: int, minutes: 
         lines += ["", "Montages (guided model; yellow: lesion, cyan: lungs, magenta: heart; + the peak in this slice, "
                   "x a peak in another slice):", ""]
         lines += [f"![figure 8 case](img/{Path(m).name})" for m in montages]
-    return "\n".join(lines)
+    card = json.loads((WEIGHTS / f"{models[1]}.json").read_text())
+    return "\n".join(lines + ["", *targets(p, g, card)])
+
+
+TARGETS = (  # issue 17's targets for the guided model: (what, key, threshold)
+    ("HiResCAM display mass share inside the allowed organs ≥ 0.4", "display_mass_share_in_allowed_organs", 0.4),
+    ("HiResCAM display peak inside the allowed organs ≥ 0.6", "peak_in_allowed_organs", 0.6),
+    ("HiResCAM allowed-region a/(a+b) ≥ 0.6, mean over labels", "allowed_region_ar_mean_over_labels", 0.6),
+)
+
+
+def budget(card: dict) -> str:
+    """One sentence on the guided model's training budget, from its model card."""
+    tr = card.get("training", {})
+    slab, vol = tr.get("slab_phase", {}).get("steps"), tr.get("volume_phase", {}).get("steps")
+    start = "fine-tuned from " + str(tr["init"]).split(" (")[0] if tr.get("init") else "trained from scratch"
+    return (f"The guided model was {start} for {slab} slab + {vol} volume steps in {tr.get('minutes_training')} "
+            f"min on {tr.get('threads')} thread(s) (its model card), not to convergence.")
+
+
+def targets(p: dict, g: dict, card: dict) -> list[str]:
+    """The issue-17 targets against the measured numbers, and what limits the missed ones (plain ``p``, guided
+    ``g`` summaries; ``card``: the guided model card)."""
+    ph, gh = p["hirescam"], g["hirescam"]
+    rows = [(what, gh[key], ph[key], gh[key] >= bar) for what, key, bar in TARGETS]
+    rows += [
+        ("mean AUROC within 0.05 of the plain model's", g["mean_auroc"], p["mean_auroc"],
+         g["mean_auroc"] >= p["mean_auroc"] - 0.05),
+        ("HiResCAM completeness residual ≤ 1e-5 relative (both models)", g["max_relative_completeness_residual"],
+         p["max_relative_completeness_residual"],
+         max(g["max_relative_completeness_residual"], p["max_relative_completeness_residual"]) <= 1e-5),
+        ("mean abs(HiResCAM) mass inside the allowed region ≥ the plain model's",
+         gh["abs_mass_inside_allowed_region"], ph["abs_mass_inside_allowed_region"],
+         gh["abs_mass_inside_allowed_region"] >= ph["abs_mass_inside_allowed_region"]),
+    ]
+    lines = ["### Issue 17's targets", "", "| target | guided | plain | met |", "|---|---|---|---|"]
+    for what, gv, pv, met in rows:
+        show = (lambda v: f"{v:.1e}") if "residual" in what else fmt
+        lines.append(f"| {what} | {show(gv)} | {show(pv)} | {'yes' if met else '**no**'} |")
+    if all(met for *_, met in rows):
+        return lines
+    lim = g["lesion_shaped_map"]
+    by = lim["allowed_region_ar_by_label"]
+    low = sorted((lab for lab in LABELS if not math.isnan(by[lab])), key=lambda lab: by[lab])[:3]
+    c = lim["allowed_region_ar_mean_over_labels"]
+    ceiling = ("the 0.6 target exceeds what such a map reaches" if c < 0.6 else
+               "the placement caps a/(a+b) below 1, most for these labels, without by itself putting 0.6 out of reach")
+    worst = sorted((lab for lab in LABELS if not math.isnan(gh["allowed_region_ar_by_label"][lab])),
+                   key=lambda lab: gh["allowed_region_ar_by_label"][lab])[:3]
+    share = lambda s: s["abs_mass_inside_allowed_region"] / s["abs_mass_total"]  # noqa: E731
+    lines += ["", (
+        "What limits the missed targets (the best measured is in the table; the shipped model is the guided one). "
+        "*Placement.* The 8 × 8 cells sit over the middle 64 of 128 pixels; "
+        f"{lim['allowed_organs_covered_share']:.2f} of the allowed organs' voxels lie in the covered region (mean "
+        "over pairs), and each edge cell owns "
+        "everything beyond it -- chest wall, spine, air. A map that were exactly the lesion (its cell fractions) "
+        f"would score a/(a+b) {lim['allowed_region_ar_mean_over_labels']:.3f} (mean over labels; lowest "
+        + ", ".join(f"{lab} {by[lab]:.2f}" for lab in low)
+        + f"): evidence on the lesion itself counts partly as outside, and {ceiling}; the guided model's lowest "
+        "labels are " + ", ".join(f"{lab} {gh['allowed_region_ar_by_label'][lab]:.2f}" for lab in worst) + ". "
+        "*The loss.* It penalises a share (positive contribution outside the region over all positive "
+        "contribution; for absent labels over all absolute contribution): it rewards moving evidence inside or "
+        "shrinking what lies outside, never the amount inside, and is blind to map size: the guided maps are "
+        f"{'smaller' if gh['abs_mass_total'] < ph['abs_mass_total'] else 'not smaller'} overall (mean Σ abs(map) "
+        f"{gh['abs_mass_total']:.3f} vs {ph['abs_mass_total']:.3f}), so their absolute mass inside the allowed "
+        f"region is lower although its share rose ({share(gh):.3f} vs {share(ph):.3f}). "
+        f"*Budget.* {budget(card)} "
+        "*Next.* Train longer or from scratch with the loss; weight absent labels lower (`--absent-weight`) so "
+        "that the model is not pushed to shrink all positive evidence; add a term that keeps the positive "
+        "contribution inside the region (e.g. a hinge on its mass); score a/(a+b) against the lesion-shaped "
+        "ceiling above; and, for a model meant to be explained, pad its convolutions so that cells cover the "
+        "whole slice."
+    )]
+    return lines
 
 
 def card_block(s: dict, n: int) -> dict:

@@ -8,7 +8,8 @@ passes) and the paper's Table 1 distance is computed at feature resolution: the 
 min-max normalised Grad-CAM and HiResCAM maps. Both models have an affine head after the explained layer (AxialNet:
 per-slice FC + slice mean; ResNet-34v: flatten + one FC), so HiResCAM is certified exact -- it *is* the locations
 the model used, its own distance is 0 -- and the Grad-CAM column is Grad-CAM's distance from them. The certificate
-and the completeness residuals are reported as the evidence.
+and the completeness residuals are reported as the evidence. With ``--skip-resnet`` only the demo model is run and
+the ResNet subsection of the previous run is carried over, marked as such.
 
 The ResNet-34v-style model (ResNet-34 block layout at width 8 and stride 8, one 512-map kernel-2 convolution, one
 FC) is trained on first use on phantoms rendered at 30 x 64 x 64 and cached in build/reproduce/ (``--retrain``);
@@ -20,6 +21,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+
+from reproduce_common import kept_subsection  # scripts/ is on sys.path when a script runs
 
 from medcam3d.data import LABELS
 from medcam3d.evaluate.numbers import md_table
@@ -36,6 +39,8 @@ from medcam3d.evaluate.reproduce import (
     set_threads,
 )
 from medcam3d.evaluate.suite import evaluate
+
+RESNET_HEADING = "### 3-D ResNet-34v-style model"  # with --skip-resnet its previous subsection is carried over
 
 
 def run(mut, grid, n: int, seed: int) -> dict:
@@ -97,7 +102,7 @@ def main() -> None:
         tr = card.get("training", {})
         ho = card.get("held_out", {})
         aucs = ", ".join(f"{k} {v:.2f}" for k, v in (ho.get("auroc") or {}).items() if v is not None)
-        parts += [("### 3-D ResNet-34v-style model (explained layer: the 512-map kernel-2 convolution, maps 3 x 7 x 7 on "
+        parts += [(f"{RESNET_HEADING} (explained layer: the 512-map kernel-2 convolution, maps 3 x 7 x 7 on "
                   "a 30 x 64 x 64 grid)"), "",
                   (f"Trained by the script: {tr.get('n_train')} phantoms, {tr.get('epochs')} of "
                   f"{tr.get('epochs_planned')} planned epochs, {tr.get('minutes_training')} min on {tr.get('threads')} "
@@ -105,6 +110,8 @@ def main() -> None:
                   f"{aucs}."), "",
                   f"{args.n} phantoms. {evidence(res)}", "", text2, ""]
         print(text2)
+    else:
+        parts += [kept_subsection(args.results, "table1", RESNET_HEADING) or ""]
     notes = ("Paper's Table 1 analogue. L2 = ‖norm(Grad-CAM) − norm(HiResCAM)‖₂ between the ReLU + whole-map min-max "
              "normalised maps at feature resolution, averaged over the scans (first column: scans showing the label; "
              "second: all scans). HiResCAM's column is 0 because, with the head certified affine, HiResCAM's map is "

@@ -15,9 +15,9 @@ Phantoms ``(seed, 0..n-1)`` are explained once (HiResCAM and Grad-CAM). For ever
 * relevance rank accuracy, pointing game (ties shared) and the allowed-region score a/(a+b).
 
 The small ResNet-34v-style model is loaded from build/reproduce/ (trained by scripts/reproduce_table1.py, or here on
-first use). Every metric is computed twice, with the cells placed by the field convention (the paper's) and by
-``auto`` (medcam3d's default: the receptive-field centres), and shown side by side. Writes the section "table2" of
-docs/results.md.
+first use; with ``--skip-resnet`` its subsection of the previous run is carried over, marked as such). Every metric
+is computed twice, with the cells placed by the field convention (the paper's) and by ``auto`` (medcam3d's default:
+the receptive-field centres), and shown side by side. Writes the section "table2" of docs/results.md.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+
+from reproduce_common import kept_subsection  # scripts/ is on sys.path when a script runs
 
 from medcam3d.data import LABELS
 from medcam3d.evaluate.numbers import md_table
@@ -42,6 +44,7 @@ from medcam3d.evaluate.reproduce import (
 )
 from medcam3d.evaluate.suite import evaluate
 
+RESNET_HEADING = "### 3-D ResNet-34v-style model"  # with --skip-resnet its previous subsection is carried over
 GEOMETRIES = ("field", "auto")  # side by side: the paper's display convention, and medcam3d's default
 
 
@@ -157,10 +160,12 @@ def main() -> None:
     if not args.skip_resnet:
         mut, grid = phantom_resnet(n_train=args.train_n, epochs=args.epochs, max_minutes=args.max_minutes)
         ho = (mut.card or {}).get("held_out", {})
-        parts += ["### 3-D ResNet-34v-style model", "",
+        parts += [RESNET_HEADING, "",
                   f"{args.n} phantoms at 30 x 64 x 64 (held-out mean AUROC of the model: {ho.get('mean_auroc')}).", "",
                   tables(both(mut, grid, args.n, args.seed))]
         print(parts[-1])
+    else:
+        parts += [kept_subsection(args.results, "table2", RESNET_HEADING) or ""]
     title = "Table 2 analogue: IoU with lesion masks, and ground truth by construction (field and auto placement)"
     body = results_section(title, command_of(), args.seed, started, NOTES) + "\n" + "\n".join(parts)
     update_section(args.results, "table2", body, header=RESULTS_HEADER)

@@ -2,6 +2,10 @@
 
     python scripts/train_demo.py                      # the shipped demo model  -> medcam3d/weights/demo_axialnet.*
     python scripts/train_demo.py --clever-hans        # marker-trained variant  -> demo_axialnet_cleverhans.*
+    python scripts/train_demo.py --guided --init W    # + the allowed-region loss -> demo_axialnet_guided.*
+    python scripts/train_demo.py --clever-hans --guided --init medcam3d/weights/demo_axialnet_cleverhans.pt
+        --n-train 240 --slab-steps 350 --volume-steps 50 --lr 1e-3 --workers 2 --threads 1
+                                                      # the marker recipe with the loss -> ..._cleverhans_guided.*
 
 Data: phantoms from :mod:`medcam3d.data` (seeds ``[seed*10**6, ...)`` for training, a disjoint seed range for the
 held-out set), preprocessed with the demo config's own MONAI pipeline (``configs/demo_axialnet.yaml``) so that
@@ -15,14 +19,19 @@ laterality labels). The held-out per-label AUROC is written to the
 model card.
 
 With ``--clever-hans`` a bright metal marker outside the body co-occurs with one label in the training data (and
-appears independently of it in the held-out data), as in the paper's opening examples.
+appears independently of it in the held-out data), as in the paper's opening examples. ``--guided`` adds the
+allowed-region loss of :mod:`medcam3d.train` to both phases; with ``--clever-hans`` too, the marker's label counts as
+present wherever its planted slab target does (its lesion or the marker). ``--workers N`` draws the phantoms in N
+processes (the same data), ``--data-cache FILE`` keeps them for the next run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -56,30 +65,43 @@ def lesion_targets(ph, map_hw: tuple[int, int]) -> torch.Tensor:
     return pooled.transpose(0, 1) > 0
 
 
+def draw_one(seed: int, pre: Preprocessor, clever_hans: CleverHans | None, prevalence: float,
+             map_hw: tuple[int, int], regions=None):
+    """One phantom -> (x [1, S, H, W] float16, y [L] float32, marker [T] bool, masks [T, L, h, w] bool,
+    allowed [T, L, h', w'] float16 or None); see :func:`make_set`."""
+    ph = make_phantom(seed, prevalence=prevalence, clever_hans=clever_hans)
+    grid = pre(Volume(ph.hu, ph.affine, f"phantom {seed}"))
+    if tuple(grid.shape[1:]) != ph.hu.shape:
+        raise SystemExit("phantoms must be rendered on the demo's network grid")
+    slabs = ph.hu.shape[0] // 3
+    marker = np.zeros(slabs, bool) if ph.marker_mask is None else ph.marker_mask.reshape(slabs, -1).any(axis=1)
+    allowed = None
+    if regions is not None:
+        organs = {k: torch.from_numpy(v) for k, v in ph.organ_masks.items()}
+        cells = allowed_cells(organs, regions[0], LABELS, regions[1], regions[2])  # [L, T, h', w']
+        allowed = cells.transpose(0, 1).to(torch.float16)
+    return (grid.as_tensor().to(torch.float16), torch.as_tensor(ph.labels, dtype=torch.float32), marker,
+            lesion_targets(ph, map_hw), allowed)
+
+
 def make_set(n: int, first_seed: int, pre: Preprocessor, clever_hans: CleverHans | None, desc: str,
-             prevalence: float = 0.3, map_hw: tuple[int, int] = (16, 16), regions=None):
+             prevalence: float = 0.3, map_hw: tuple[int, int] = (16, 16), regions=None, workers: int = 1):
     """n phantoms -> (x [n, 1, S, H, W] float16, y [n, L] float32, marker [n, T] bool (the marker lies in the
     slab), masks [n, T, L, h, w] bool, allowed [n, T, L, h', w'] float16 or None).
 
     ``regions`` = (allowed_regions, explained map size (T, h', w'), placement geometry): with it, each label's
-    allowed region (union of its organs) as cell fractions on the explained map (the guided loss's target)."""
-    xs, ys, ms, ts, al = [], [], [], [], []
-    for i in tqdm(range(n), desc=desc, leave=False):
-        ph = make_phantom(first_seed + i, prevalence=prevalence, clever_hans=clever_hans)
-        grid = pre(Volume(ph.hu, ph.affine, f"phantom {first_seed + i}"))
-        if tuple(grid.shape[1:]) != ph.hu.shape:
-            raise SystemExit("phantoms must be rendered on the demo's network grid")
-        xs.append(grid.as_tensor().to(torch.float16))
-        ys.append(torch.as_tensor(ph.labels, dtype=torch.float32))
-        slabs = ph.hu.shape[0] // 3
-        ms.append(np.zeros(slabs, bool) if ph.marker_mask is None
-                  else ph.marker_mask.reshape(slabs, -1).any(axis=1))
-        ts.append(lesion_targets(ph, map_hw))
-        if regions is not None:
-            organs = {k: torch.from_numpy(v) for k, v in ph.organ_masks.items()}
-            cells = allowed_cells(organs, regions[0], LABELS, regions[1], regions[2])  # [L, T, h', w']
-            al.append(cells.transpose(0, 1).to(torch.float16))
-    allowed = torch.stack(al) if al else None
+    allowed region (union of its organs) as cell fractions on the explained map (the guided loss's target).
+    ``workers`` > 1 draws the phantoms in that many processes (the same phantoms, in the same order)."""
+    draw = partial(draw_one, pre=pre, clever_hans=clever_hans, prevalence=prevalence, map_hw=map_hw,
+                   regions=regions)
+    seeds = range(first_seed, first_seed + n)
+    if workers > 1:  # fork: the workers inherit the preprocessor; each draws whole phantoms, 1 torch thread
+        with mp.get_context("fork").Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            items = list(tqdm(pool.imap(draw, seeds), total=n, desc=desc, leave=False))
+    else:
+        items = [draw(s) for s in tqdm(seeds, desc=desc, leave=False)]
+    xs, ys, ms, ts, al = zip(*items)
+    allowed = torch.stack(al) if regions is not None else None
     return torch.stack(xs), torch.stack(ys), torch.from_numpy(np.stack(ms)), torch.stack(ts), allowed
 
 
@@ -135,13 +157,19 @@ def main() -> None:
     ap.add_argument("--config", default="demo_axialnet", help="config (model, preprocessing, allowed_regions)")
     ap.add_argument("--data-cache", type=Path, default=None,
                     help="reuse the drawn phantoms from this file (written on the first run)")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="processes drawing the phantoms (1 torch thread each; the data do not depend on it)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for training (default: torch's)")
     ap.add_argument("--init", type=Path, default=None,
                     help="start from these weights (e.g. the shipped plain model) instead of a random initialisation")
+    ap.add_argument("--note", default=None, help="a line for the model card (e.g. the machine, what ran alongside)")
     ap.add_argument("--name", default=None, help="model name (default from the flags)")
     ap.add_argument("--out", type=Path, default=None, help="weights file (default: medcam3d/weights/...)")
     args = ap.parse_args()
 
     t_start = time.perf_counter()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     cfg = load_config(args.config)
     pre = Preprocessor.from_config(cfg)
@@ -164,9 +192,9 @@ def main() -> None:
         if args.data_cache is not None:  # a shared cache always carries the allowed regions
             regions = regions or guided_regions(cfg, model, tuple(cfg.input_size or (60, 128, 128)))
         x_tr, y_tr, marker_tr, t_tr, a_tr = make_set(args.n_train, base, pre, ch_train, "training phantoms",
-                                                     args.prevalence, feat_hw, regions)
+                                                     args.prevalence, feat_hw, regions, args.workers)
         x_te, y_te, marker_te, _, _ = make_set(args.n_test, base + 500_000, pre, ch_test, "held-out phantoms", 0.3,
-                                               feat_hw)
+                                               feat_hw, workers=args.workers)
         if args.data_cache is not None:
             torch.save((x_tr, y_tr, marker_tr, t_tr, a_tr, x_te, y_te, marker_te), args.data_cache)
     t_data = time.perf_counter() - t_start
@@ -314,6 +342,8 @@ def main() -> None:
                            else ""),
             },
             "clever_hans": None if ch_train is None else {"label": CH_LABEL, "p_with": 0.9, "p_without": 0.05},
+            "workers_drawing": args.workers,
+            "note": args.note,
         },
         "held_out": {
             "n": args.n_test,

@@ -28,10 +28,14 @@ FRESH_SEEDS = range(9_000_000, 9_000_064)  # disjoint from the training and held
 # not asserted here -- it is reported as not met.
 AUROC_FLOOR = 0.80
 # Issue 17 dropped the AUROC target for the default demo model: it must be one whose explanations are worth looking
-# at, shipped when its mean AUROC is within 0.05 of the plain model trained with the same data, steps and seed. The
-# guided default measures 0.782 on these fresh phantoms (its plain baseline is checked against it below), so its own
-# floor is lower; the previous plain default measured above 0.80 here.
-GUIDED_AUROC_FLOOR = 0.75
+# at, shipped when its mean AUROC is within 0.05 of the plain model trained with the same data, steps and seed (checked
+# below on these phantoms). The guided default's card: held-out mean AUROC 0.818 on 120 phantoms (prevalence 0.3),
+# per label 0.64-1.00. On these 64 fresh phantoms (prevalence 0.5) it measures 0.782 (per label 0.50-1.00, SD over
+# labels 0.15; bootstrap SE of the mean over phantoms 0.015), its plain baseline 0.763. The floor is the card's mean
+# less 3 such SEs, 0.818 - 0.045 ~ 0.77: a fall below it is a regression, not the sampling difference between the two
+# phantom sets. The test is deterministic (fixed weights, seeded phantoms), so the 0.012 margin only has to absorb
+# floating-point differences between machines.
+GUIDED_AUROC_FLOOR = 0.77
 
 
 @pytest.fixture(scope="module")
@@ -167,11 +171,31 @@ def test_clever_hans_marker_carries_the_hirescam_evidence(pre):
     assert mean["gradcam2"] < mean["hirescam2"] - 0.1  # Grad-CAM puts clearly less there
 
 
+def test_clever_hans_guided_model_is_documented_and_exact(pre):
+    """The marker recipe fine-tuned with the allowed-region loss (issue 17): its card states the loss, the planted
+    marker, the budget and the held-out marker effect next to its same-budget control; the loss changed the weights,
+    not the architecture, so HiResCAM still sums to the score minus the FC bias."""
+    model = load_demo("demo_axialnet_cleverhans_guided")
+    card = model.medcam3d_model_card
+    cfg = load_config("demo_axialnet")
+    assert card["synthetic_data_only"] is True and card["labels"] == list(LABELS) and card["model"] == cfg.model
+    training = card["training"]
+    assert training["allowed_region_loss"]["lambda"] > 0 and training["clever_hans"]["label"] == "nodule_right_lung"
+    assert training["minutes_training"] <= 45.0  # issue 17's training budget
+    for held in (card["held_out"], training["same_budget_control"]["held_out"]):
+        assert 0.0 <= held["marker_effect"]["auroc_marker_as_target"] <= 1.0 and 0.0 <= held["mean_auroc"] <= 1.0
+    ph = make_phantom(9_100_002, prevalence=0.3, clever_hans=CleverHans("nodule_right_lung", p_with=1.0, p_without=1.0))
+    exp = Explainer(model, methods=["hirescam"])(grid_of(ph, pre))
+    assert exp.certificate.kind == "affine-head"
+    total = exp.raw["hirescam"][0].double().flatten(1).sum(1) + model.fc.bias.double()
+    assert torch.allclose(total, exp.scores[0].double(), rtol=1e-5, atol=1e-5)
+
+
 def test_training_smoke(tmp_path):
     out = tmp_path / "tiny.pt"
     r = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "train_demo.py"), "--n-train", "4", "--n-test", "4", "--slab-steps", "2",
-         "--slab-batch", "4", "--volume-steps", "1", "--batch", "2", "--out", str(out)],
+        [sys.executable, str(ROOT / "scripts" / "train_demo.py"), "--n-train", "4", "--n-test", "4",
+         "--slab-steps", "2", "--slab-batch", "4", "--volume-steps", "1", "--batch", "2", "--out", str(out)],
         capture_output=True, text=True, timeout=600,
     )
     assert r.returncode == 0, r.stderr[-2000:]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +12,12 @@ import torch
 import yaml
 
 from medcam3d import Explainer
+from medcam3d.config import load_config
+from medcam3d.data import CleverHans
 from medcam3d.errors import InputError
 from medcam3d.geometry import MapGeometry
-from medcam3d.models import AxialNet
+from medcam3d.models import AxialNet, build_model
+from medcam3d.preprocess import Preprocessor
 from medcam3d.train import (
     affine_head_cams,
     allowed_cells,
@@ -149,3 +153,22 @@ def test_train_demo_refuses_bad_allowed_regions_before_training(tmp_path, change
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and expect in lines[0], r.stderr[-2000:]
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_train_demo_draws_the_same_phantoms_in_worker_processes(monkeypatch):
+    """``--workers`` only splits the drawing: the training data (inputs, labels, marker slabs, lesion cells, allowed
+    regions) are the same tensors, in the same order, as drawn in one process."""
+    spec = importlib.util.spec_from_file_location("train_demo", ROOT / "scripts" / "train_demo.py")
+    train_demo = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "train_demo", train_demo)  # the workers' function is pickled by module name
+    spec.loader.exec_module(train_demo)  # a script, not a module of the package
+    cfg = load_config("demo_axialnet")
+    model = build_model(cfg.model)
+    regions = train_demo.guided_regions(cfg, model, tuple(cfg.input_size))
+    marker = CleverHans(label="nodule_right_lung", p_with=1.0, p_without=1.0)
+    pre = Preprocessor.from_config(cfg)
+    one, two = (train_demo.make_set(3, 4_000_000, pre, marker, "test", 0.5, tuple(model.feature_size), regions,
+                                    workers=w) for w in (1, 2))
+    assert one[0].shape == (3, 1, 60, 128, 128) and one[4] is not None and bool(one[2].any())
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
