@@ -12,6 +12,10 @@ python -m pip install -q --upgrade pip
 python -m pip install -q "torch==2.13.0"
 if [ -n "$extras" ]; then
   python -m pip install -q -e ".[${extras}]"
+  if [[ ",${extras}," == *",dev,"* ]]; then
+    # test-only oracle; --no-deps: its torchvision requirement would replace the CPU torch (see pyproject, dev)
+    python -m pip install -q --no-deps "grad-cam==1.5.7"
+  fi
 else
   python -m pip install -q -e .
 fi

@@ -3,19 +3,53 @@ with medcam3d's Grad-CAM for the same region targets.
 
 Compared before their resize: after their call, their own ``get_cam_image`` is applied to the activations and
 gradients their hooks captured (at the explained layer's resolution, before their ReLU, min-max scaling and
-``cv2.resize``); each map is divided by its maximum. Needs the ``grad-cam`` package (a test-only dependency).
+``cv2.resize``); each map is divided by its maximum. Needs the ``grad-cam`` package (a test-only dependency in the ``dev`` extra, installed without its
+dependencies; see ``_torchvision_stand_in``).
 """
 
 from __future__ import annotations
 
 import copy
+import sys
+import types
 
 import numpy as np
 import pytest
 import torch
-from pytorch_grad_cam import GradCAM
-from pytorch_grad_cam.utils.model_targets import SemanticSegmentationTarget
 from torch import nn
+
+
+def _torchvision_stand_in() -> None:
+    """pytorch-grad-cam imports torchvision at module level only for helpers this test never calls (image
+    preprocessing transforms, ``resize`` in its SESS wrapper, box IoU for detection targets). PyPI has no CPU build
+    of torchvision for this CPU-only torch, so when torchvision cannot be imported a stand-in module whose names
+    raise if used is registered; the code under comparison (``BaseCAM``, ``GradCAM``, ``SemanticSegmentationTarget``)
+    does not touch it."""
+    try:
+        import torchvision  # noqa: F401
+        return
+    except Exception:  # noqa: BLE001 - absent, or a CUDA build that fails to load with CPU torch
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
+
+    def unavailable(*args, **kwargs):
+        raise RuntimeError("torchvision stand-in: not available in this test environment")
+
+    tv = types.ModuleType("torchvision")
+    transforms = types.ModuleType("torchvision.transforms")
+    functional = types.ModuleType("torchvision.transforms.functional")
+    ops = types.ModuleType("torchvision.ops")
+    transforms.Compose = transforms.Normalize = transforms.ToTensor = unavailable
+    functional.resize = unavailable
+    ops.box_iou = unavailable
+    tv.transforms, transforms.functional, tv.ops = transforms, functional, ops
+    sys.modules.update({"torchvision": tv, "torchvision.transforms": transforms,
+                        "torchvision.transforms.functional": functional, "torchvision.ops": ops})
+
+
+_torchvision_stand_in()
+from pytorch_grad_cam import GradCAM  # noqa: E402  (after the stand-in)
+from pytorch_grad_cam.utils.model_targets import SemanticSegmentationTarget  # noqa: E402
 
 from medcam3d import Explainer
 from medcam3d.targets import SegmentationRegions
