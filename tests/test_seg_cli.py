@@ -354,3 +354,28 @@ def test_demo_task_segmentation_wiring(tmp_path, monkeypatch):
     assert s.extra["demo"]["planted"] == sorted(cli.DEMO_LESIONS["segmentation"])
     assert (out / "explanation" / "segmentation.nii.gz").is_file() and (out / "scan" / "phantom.nii.gz").is_file()
     assert s.targets and all(t.cls in (1, 2) for t in s.targets)
+
+
+@pytest.mark.slow
+def test_demo_segmentation_with_the_shipped_model(tmp_path):
+    """``medcam3d demo --task segmentation``: the shipped demo segmentation net on a phantom with a planted mass;
+    its mass target lies on the planted mass (centroid inside the phantom's mass mask), and every target's HiResCAM
+    at ``decoder_out`` (a 1x1x1 convolution follows) is exact."""
+    from medcam3d.data import LABELS
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--task", "segmentation", "--out", str(out), "--quiet"]) == 0
+    s = load_summary(out / "explanation")
+    assert s.task == "segmentation" and s.config.name == "demo_segnet" and s.model.synthetic_data_only
+    assert s.model.target_layer == "decoder_out"
+    assert s.certificate is not None and s.certificate.kind == "affine-head"
+    assert all(c.certificate == "affine-head" and abs(c.relative_residual) <= 1e-5 for c in s.classes)
+    masses = [t for t in s.targets if t.label == "mass"]
+    assert masses, "the demo net finds no mass on its demo phantom"
+    lesions = nib.load(str(out / "scan" / "phantom_lesions.nii.gz"))
+    ijk = np.rint(np.linalg.inv(lesions.affine) @ [*masses[0].centroid_mm, 1.0])[:3].astype(int)
+    bits = int(np.asarray(lesions.dataobj)[tuple(ijk)])
+    assert bits >> LABELS.index("mass_right_lung") & 1
+    seg = nib.load(str(out / "explanation" / "segmentation.nii.gz"))
+    assert seg.shape == lesions.shape
+    np.testing.assert_allclose(seg.affine, lesions.affine, atol=1e-5)
