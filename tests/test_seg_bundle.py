@@ -19,6 +19,8 @@ from medcam3d.outputs import load_summary
 
 pytest.importorskip("monai.bundle")
 
+from test_monai_bundle import _direct_scores  # noqa: E402  (after the skip guard; the bundle run by MONAI itself)
+
 CHANNELS = {"0": "background", "1": "nodule", "2": "mass"}
 NETWORK = {"_target_": "UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 3, "channels": [4, 8],
            "strides": [2], "num_res_units": 0}
@@ -72,15 +74,7 @@ def scan(tmp_path_factory) -> Path:
 
 def bundle_prediction(bundle: Path, scan: Path) -> np.ndarray:
     """The bundle's network run by MONAI (its parsed network and preprocessing): the argmax label map."""
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / "inference.json"))
-    net = parser.get_parsed_content("network_def")
-    net.load_state_dict(torch.load(bundle / "models" / "model.pt", weights_only=True))
-    x = parser.get_parsed_content("preprocessing")({"image": str(scan)})["image"]
-    with torch.no_grad():
-        return net.eval()(x.as_tensor()[None])[0].argmax(0).numpy()
+    return _direct_scores(bundle, scan).argmax(0)
 
 
 def test_task_from_metadata_and_postprocessing(tmp_path):
