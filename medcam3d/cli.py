@@ -53,6 +53,13 @@ FULL_RES_HELP = (
 )
 
 
+TARGET_LAYER_HELP = (
+    "the explained layer, a dotted module name (e.g. a UNet's bottleneck, to see the context the decoder used) or "
+    "'auto', overriding the config's target_layer (default: the config's, else the model's declared layer, else "
+    "auto); the certificate says whether the head after it is affine"
+)
+
+
 class _Stages:
     """Progress over named stages: a tqdm bar when stderr is a terminal; otherwise (log files, SLURM) one line per
     stage on stderr, ``medcam3d [  12.3 s] <stage>``, with the time since the command started; nothing when
@@ -106,7 +113,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         stages("loading model")
         session = Session(_config_or_bundle(args), args.model, args.methods, args.device,
                           map_geometry=args.map_geometry, max_voxels=args.max_voxels,
-                          ignore_modality=args.ignore_modality)
+                          ignore_modality=args.ignore_modality, target_layer=args.target_layer)
         stages("explaining")
         written = _explain_and_write(session, volume, out, stages, classes=args.classes, full_res=args.full_res,
                                      read_seconds=t_read, target_mask=mask, dicom=dicom)
@@ -247,7 +254,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         stages("loading demo model", advance=False)
         config = SEG_DEMO_CONFIG if args.task == SEGMENTATION_TASK else None
         session = Session(config, None, args.methods, args.device, map_geometry=args.map_geometry,
-                          max_voxels=args.max_voxels, ignore_modality=args.ignore_modality)
+                          max_voxels=args.max_voxels, ignore_modality=args.ignore_modality,
+                          target_layer=args.target_layer)
         # the model card names a phantom where HiResCAM and Grad-CAM differ visibly (scripts/reproduce_figure8.py)
         chosen = (session.model_card or {}).get("demo") or {}
         seed = args.seed if args.seed is not None else int(chosen.get("seed", DEMO_SEED))
@@ -279,6 +287,7 @@ def _add_explain_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
                    help="methods to compute (hirescam gradcam gradcampp xgradcam layercam; cam on GAP+FC heads)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N")
+    p.add_argument("--target-layer", metavar="LAYER", help=TARGET_LAYER_HELP)
     p.add_argument("--map-geometry", choices=list(GEOMETRIES), default=None,
                    help="where feature-resolution cells go on the scan: auto (the receptive-field centres the model "
                         "declares or its layers give, else the field with a note; default, unless the config sets "

@@ -15,7 +15,9 @@ How one call works (``explainer(x)``):
    (:mod:`medcam3d.targets`: the classes by default, or regions of a segmentation), bound once on the real output
    and read through the same bound targets everywhere below. Region targets on a pointwise head (e.g. a 1×1×1
    output convolution after the explained layer) share one backward pass per class: their regions are disjoint,
-   so each target's gradient is the class's gradient restricted to its region.
+   so each target's gradient is the class's gradient restricted to its region. The head is then evaluated,
+   differentiated and probed at the regions' voxels only (:mod:`medcam3d.regions`), its scores there checked
+   against the real ones.
 4. **Methods** (:mod:`medcam3d.methods`) turn ``(A, ∂s/∂A)`` into signed raw maps, after a layout adaptor
    (:mod:`medcam3d.layouts`) has mapped both onto ``[B, F, *spatial]``.
 5. **Placement** (:mod:`medcam3d.placement`): where the explained cells sit on the input -- declared by the
@@ -56,10 +58,10 @@ from .layouts import Layout, resolve_layout
 # DEFAULT_METHODS lives in methods; importing it from explainer keeps working for one release
 from .methods import DEFAULT_METHODS, get_method
 from .placement import Placement, choose_placement, find_receptive
-from .regions import REGION_METHODS, ClassGradient
+from .regions import REGION_METHODS, ClassGradient, RegionHead
 
 # select_scores lives in targets; importing it from explainer keeps working for one release
-from .targets import BoundTargets, Classes, Targets, as_targets, select_scores
+from .targets import BoundTargets, Classes, RegionScores, Targets, as_targets, select_scores
 
 if TYPE_CHECKING:  # annotations only (Python 3.10 has no typing.Self)
     from typing_extensions import Self
@@ -284,9 +286,13 @@ class _FxHead(_Head):
         return leaf, self(leaf)
 
     def __call__(self, activations: Tensor) -> Any:
+        return self._run(self.env, activations)
+
+    def _run(self, values: Mapping[torch.fx.Node, Any], activations: Tensor) -> Any:
+        """The head's output from the backbone ``values`` it needs and the explained layer's ``activations``."""
         interp = torch.fx.Interpreter(self.gm, garbage_collect_values=False)
         # clones, so that in-place ops in the head (ReLU(inplace=True), +=) never touch the leaf or the cache
-        env = {n: v.clone() if isinstance(v, Tensor) and self.copies else v for n, v in self.env.items()}
+        env = {n: v.clone() if isinstance(v, Tensor) and self.copies else v for n, v in values.items()}
         env[self.target] = activations.clone() if self.copies else activations
         interp.env = env
         out = None
@@ -295,6 +301,33 @@ class _FxHead(_Head):
             if n.op == "output":
                 out = env[n]
         return out
+
+    def on_voxels(self, positions: Tensor, grid: tuple[int, ...]) -> Callable[[Tensor], Any] | None:
+        """A pointwise head evaluated at some voxels of the explained grid only: a callable taking the explained
+        activations there, ``[B, F, 1, ..., n]`` (the grid's rank kept, for the convolutions; the voxels on the last
+        axis, where the convolution kernels are fast), and returning the model output there, ``[B, M, 1, ..., n]``.
+        ``positions``: ``[n]`` flat indices into ``grid``.
+
+        Each backbone value the head reads is cut to the same voxels when it lies on the grid, kept when it is
+        constant over space (a 0-d tensor, or size 1 on every spatial axis); for any other value (a tensor on
+        another grid, a container of tensors) the voxels cannot be cut out and None is returned."""
+        if not self.pointwise:
+            return None
+        d = len(grid)
+        compact = (*([1] * (d - 1)), len(positions))  # the voxels on the last axis: fast convolution kernels
+        values: dict[torch.fx.Node, Any] = {}
+        for node, v in self.env.items():
+            if node is self.target:
+                continue
+            if isinstance(v, Tensor):
+                if v.ndim == d + 2 and tuple(v.shape[2:]) == grid:
+                    v = v.flatten(2).index_select(2, positions.to(v.device)).view(*v.shape[:2], *compact)
+                elif not all(n == 1 for n in v.shape[-d:]):
+                    return None
+            elif isinstance(v, (list, tuple, dict)):
+                return None
+            values[node] = v
+        return lambda activations: self._run(values, activations)
 
     def close(self) -> None:
         self.env = {}
@@ -418,17 +451,10 @@ class _HeadGradients:
         batch: B.
         leaf: the real activations (hooked layout, requires grad); ``scores`` ``[B, M]`` has its graph from it.
         probes: probe activations (hooked layout, leaves); ``probe_scores`` ``[B, M]`` each, graphs from them.
-        regions: for region targets on a pointwise head (each output voxel computed from the same voxel of the
-            explained layer, :attr:`_Head.pointwise`): class -> ``[B, *S]`` label map (t + 1 on target t's region,
-            :attr:`medcam3d.targets.BoundTargets.regions`) on the explained grid, and ``target_class`` the class of
-            each target. The targets of one class then share one backward pass: their regions are disjoint, so the
-            gradient of their summed scores, restricted to target t's region, is target t's gradient (exactly).
     """
 
-    def __init__(
-        self, layout: Layout, batch: int, leaf: Tensor, scores: Tensor, probes: list[Tensor],
-        probe_scores: list[Tensor], regions: dict[int, Tensor] | None = None, target_class: Sequence[int] = (),
-    ) -> None:
+    def __init__(self, layout: Layout, batch: int, leaf: Tensor, scores: Tensor, probes: list[Tensor],
+                 probe_scores: list[Tensor]) -> None:
         self.layout = layout
         self.batch = batch
         self.leaf = leaf
@@ -436,58 +462,13 @@ class _HeadGradients:
         self.probes = probes
         self.points = [layout.to_volume(p.detach(), batch) for p in probes]
         self.point_scores = probe_scores
-        self.regions = regions
-        self.target_class = list(target_class)
-        self._class_sums: dict[int, Tensor] = {}  # class -> gradient of its targets' summed scores (real point)
 
     def gradients(self, classes: Sequence[int], probe: int | None = None) -> Tensor:
         """``[B, k, F, *S]`` gradients of the ``classes`` scores at the real activations or at probe ``probe``."""
         scores, leaf = (self.scores, self.leaf) if probe is None else (self.point_scores[probe], self.probes[probe])
-        if self.regions is not None:
-            return self._by_region(scores, leaf, classes, probe is None)
         per_class = _class_gradients(scores, leaf, classes)
         out = _to_volume(self.layout, per_class, self.batch)
         return out.detach() if probe is None else out
-
-    def class_gradient(self, cls: int, scores: Tensor | None = None, leaf: Tensor | None = None) -> Tensor:
-        """``[B, F, *S]`` gradient of the summed scores of class ``cls``'s targets (one backward pass), at the real
-        activations (cached) or at the given probe ``scores`` and ``leaf``."""
-        if scores is None and cls in self._class_sums:
-            return self._class_sums[cls]
-        real = scores is None
-        scores, leaf = (self.scores, self.leaf) if real else (scores, leaf)
-        assert scores is not None and leaf is not None
-        v = torch.zeros_like(scores)
-        v[:, [u for u, c in enumerate(self.target_class) if c == cls]] = 1.0
-        g = _sketch_gradient(scores, leaf, v)
-        volume = self.layout.to_volume(g.detach() if real else g, self.batch)
-        if real:
-            self._class_sums[cls] = volume
-        return volume
-
-    def _by_region(self, scores: Tensor, leaf: Tensor, targets: Sequence[int], real: bool) -> Tensor:
-        """Pointwise head: one backward pass per class (its targets' scores summed), split by region."""
-        assert self.regions is not None
-        sums: dict[int, Tensor] = {}
-        out = []
-        for t in targets:
-            cls = self.target_class[t]
-            if cls not in sums:
-                sums[cls] = self.class_gradient(cls) if real else self.class_gradient(cls, scores, leaf)
-            inside = (self.regions[cls] == t + 1).unsqueeze(1)  # [B, 1, *S]
-            out.append(sums[cls] * inside)
-        return torch.stack(out, dim=1)
-
-    def class_runs(self, targets: Sequence[int]) -> list[tuple[int, list[int]]]:
-        """``targets`` cut into runs of consecutive targets of one class: ``(class, run)`` in order."""
-        runs: list[tuple[int, list[int]]] = []
-        for t in targets:
-            cls = self.target_class[t]
-            if runs and runs[-1][0] == cls:
-                runs[-1][1].append(t)
-            else:
-                runs.append((cls, [t]))
-        return runs
 
     def combined_gradient(self, weights: Tensor, probe: int) -> Tensor:
         """``[B, F, *S]`` gradient of ``Σ_c weights[b, c] s_c`` (``weights`` ``[B, M]``) at probe ``probe``."""
@@ -743,7 +724,7 @@ class Explainer:
             t1 = time.perf_counter()
             class_idx = self._class_indices(classes if classes is not None else bound.selection, bound)
             volume = self._volume(leaf.detach(), batch)  # [B, F, *S]
-            grads, prober = self._probe(head, bound, leaf, scores, class_idx, volume)
+            grads, prober = self._probe(head, bound, leaf, scores, class_idx, volume, notes)
             timings["probes"] = time.perf_counter() - t1
             t2 = time.perf_counter()
             raw, kept = self._maps(grads, prober, volume, class_idx)
@@ -785,22 +766,22 @@ class Explainer:
         return found, choose_placement(self.map_geometry, found, map_size, input_size)
 
     def _probe(
-        self, head: _Head, bound: BoundTargets, leaf: Tensor, scores: Tensor, class_idx: list[int], volume: Tensor
-    ) -> tuple[_HeadGradients, Prober]:
+        self, head: _Head, bound: BoundTargets, leaf: Tensor, scores: Tensor, class_idx: list[int], volume: Tensor,
+        notes: list[str],
+    ) -> tuple[_HeadGradients | RegionHead, Prober]:
         """Evaluate the head at the probe points and at zero (scores read through the same ``bound`` targets);
         return the gradient source and a fresh prober."""
         batch = scores.shape[0]
-        hooked = leaf.detach()
-        probes = probe_points(hooked, self.n_probes, self.seed) if self.certify else []
-        probe_scores = [self._scores(bound, head(p), batch) for p in probes]
-        regions = bound.regions if head.pointwise else None
-        if regions is not None and any(r.shape[1:] != volume.shape[2:] for r in regions.values()):
-            regions = None  # the explained grid is not the output grid
-        grads = _HeadGradients(self.layout, batch, leaf, scores, probes, probe_scores, regions,
-                               [i.cls for i in bound.infos])
+        grads: _HeadGradients | RegionHead | None = self._region_head(head, bound, leaf, scores, volume, notes)
+        if grads is None:
+            probes = probe_points(leaf.detach(), self.n_probes, self.seed) if self.certify else []
+            grads = _HeadGradients(self.layout, batch, leaf, scores, probes,
+                                   [self._scores(bound, head(p), batch) for p in probes])
         if self.certify:
             with torch.no_grad():
-                baseline = self._scores(bound, head(torch.zeros_like(hooked)), batch)[:, class_idx]
+                zero = torch.zeros_like(grads.leaf)
+                baseline = (grads.scores_of(zero) if isinstance(grads, RegionHead)
+                            else self._scores(bound, head(zero), batch))[:, class_idx]
         else:
             baseline = torch.full((batch, len(class_idx)), float("nan"), dtype=scores.dtype, device=scores.device)
         prober = Prober(
@@ -814,14 +795,53 @@ class Explainer:
         )
         return grads, prober
 
+    def _region_head(self, head: _Head, bound: BoundTargets, leaf: Tensor, scores: Tensor, volume: Tensor,
+                     notes: list[str]) -> RegionHead | None:
+        """Region targets on a pointwise head whose maps need one gradient per class only (:mod:`medcam3d.regions`):
+        the head evaluated at the regions' voxels -- or on the whole grid when the backbone values it reads cannot
+        be cut to them, or when the scores there differ from the real ones. None for everything else."""
+        regions = bound.regions
+        if (regions is None or not head.pointwise or self.keep_gradients
+                or not set(self.methods) <= set(REGION_METHODS) or leaf.shape != volume.shape
+                or any(r.shape[1:] != volume.shape[2:] for r in regions.values())):
+            return None
+        batch, grid = scores.shape[0], tuple(volume.shape[2:])
+        labels = {c: r.flatten(1) for c, r in regions.items()}
+        target_class = [i.cls for i in bound.infos]
+        inside = torch.stack([(m > 0).any(dim=0) for m in labels.values()]).any(dim=0)
+        positions = torch.nonzero(inside).flatten()
+        run = head.on_voxels(positions, grid) if isinstance(head, _FxHead) else None
+        if run is not None and isinstance(bound.score, RegionScores):
+            cut_scores = bound.score.on_voxels(positions)
+            compact = (batch, volume.shape[1], *([1] * (len(grid) - 1)), len(positions))
+            cut = volume.flatten(2).index_select(2, positions).view(compact).requires_grad_(True)
+
+            def cut_scores_of(a: Tensor) -> Tensor:
+                return cut_scores(run(a))
+
+            s = cut_scores_of(cut)
+            diff = (s.detach() - scores.detach()).abs().double()
+            if bool((diff <= default_tolerance(volume.dtype) * (s.detach().abs() + scores.detach().abs())).all()):
+                probes = probe_points(cut.detach(), self.n_probes, self.seed) if self.certify else []
+                return RegionHead(cut_scores_of, cut, s, {c: m.index_select(1, positions) for c, m in labels.items()},
+                                  target_class, probes, positions)
+            notes.append(f"the head at the regions' voxels gave scores {float(diff.max()):.2e} away from the real "
+                         "ones; evaluated on the whole grid")
+
+        def scores_of(a: Tensor) -> Tensor:
+            return self._scores(bound, head(a), batch)
+
+        probes = probe_points(leaf.detach(), self.n_probes, self.seed) if self.certify else []
+        return RegionHead(scores_of, leaf, scores, labels, target_class, probes)
+
     def _maps(
-        self, grads: _HeadGradients, prober: Prober, volume: Tensor, class_idx: list[int]
+        self, grads: _HeadGradients | RegionHead, prober: Prober, volume: Tensor, class_idx: list[int]
     ) -> tuple[dict[str, Tensor], Tensor | None]:
         """Gradients -> maps -> evidence, a chunk of classes at a time (region targets on a pointwise head: a
         class at a time, from one gradient per class, :mod:`medcam3d.regions`).
 
         Returns: method -> raw maps ``[B, K, *S]``, and the gradients ``[B, K, F, *S]`` when kept."""
-        if grads.regions is not None and not self.keep_gradients and set(self.methods) <= set(REGION_METHODS):
+        if isinstance(grads, RegionHead):
             return self._region_maps(grads, prober, volume, class_idx), None
         raw: dict[str, list[Tensor]] = {m: [] for m in self.methods}
         kept: list[Tensor] = []
@@ -833,23 +853,22 @@ class Explainer:
                 prober.add(volume, g)
             if self.keep_gradients:
                 kept.append(g)
-        return {m: torch.cat(v, dim=1) for m, v in raw.items()}, torch.cat(kept, dim=1) if kept else None
+        maps = {m: v[0] if len(v) == 1 else torch.cat(v, dim=1) for m, v in raw.items()}
+        return maps, torch.cat(kept, dim=1) if kept else None
 
-    def _region_maps(
-        self, grads: _HeadGradients, prober: Prober, volume: Tensor, class_idx: list[int]
-    ) -> dict[str, Tensor]:
+    def _region_maps(self, grads: RegionHead, prober: Prober, volume: Tensor, class_idx: list[int]
+                     ) -> dict[str, Tensor]:
         """:meth:`_maps` for region targets on a pointwise head: per run of one class's targets, the maps and the
-        evidence from the class's gradient and label map (no per-target gradient tensor)."""
-        assert grads.regions is not None
+        evidence from the class's gradient and label map at the regions' voxels (no per-target gradient tensor)."""
         raw: dict[str, list[Tensor]] = {m: [] for m in self.methods}
-        total = len(grads.target_class)
+        total, grid = len(grads.target_class), tuple(volume.shape[2:])
         for cls, run in grads.class_runs(class_idx):
-            cg = ClassGradient(grads.class_gradient(cls), grads.regions[cls], total)
+            cg = ClassGradient(grads.class_gradient(cls), grads.labels[cls], total, grid, grads.positions)
             with torch.no_grad():
                 for m in self.methods:
-                    raw[m].append(cg.maps(m, volume, run))
-                prober.add_summary(cg.summary(volume, run, grads.points if self.certify else []))
-        return {m: torch.cat(v, dim=1) for m, v in raw.items()}
+                    raw[m].append(cg.maps(m, grads.activations, run, volume))
+                prober.add_summary(cg.summary(grads.activations, run, grads.points))
+        return {m: v[0] if len(v) == 1 else torch.cat(v, dim=1) for m, v in raw.items()}
 
     def _check_cam(self, cert: Certificate) -> None:
         """Refuse method ``cam`` unless the head is certified GAP + linear."""

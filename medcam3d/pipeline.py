@@ -292,9 +292,13 @@ class Session:
             receptive-field centres, else an InputError). Default (None): the config's ``map_geometry``, else
             ``"auto"``. Used for full-resolution heatmaps, the low-resolution maps' affine and the summary's
             ``map_geometry`` record (:attr:`Explanation.placement`).
+        max_voxels: the largest preprocessing grid, in voxels (default
             :data:`~medcam3d.io.limits.DEFAULT_MAX_VOXELS`; scans are checked by :func:`read_scan`).
         ignore_modality: explain a DICOM scan whose Modality the config does not accept (a warning instead of an
             :class:`InputError`).
+        target_layer: the explained layer (a dotted module name, or ``"auto"``), overriding the config's
+            ``target_layer`` and the model's ``medcam3d_target_layer``; None: theirs. An unknown name is an
+            :class:`InputError` naming the closest module names.
     """
 
     def __init__(
@@ -307,6 +311,7 @@ class Session:
         *,
         max_voxels: int | None = None,
         ignore_modality: bool = False,
+        target_layer: str | None = None,
     ) -> None:
         cfg = config if isinstance(config, Config) else load_config(config or DEFAULT_CONFIG)
         map_geometry = map_geometry or cfg.map_geometry or "auto"
@@ -329,7 +334,7 @@ class Session:
         if self.task not in TASKS:
             raise InputError(f"the model declares medcam3d_task = {self.task!r}; medcam3d knows "
                              f"{', '.join(TASKS)}", cfg.where)
-        self.explainer = Explainer(self.model, cfg.target_layer, self.methods, labels=cfg.labels,
+        self.explainer = Explainer(self.model, target_layer or cfg.target_layer, self.methods, labels=cfg.labels,
                                    targets=self._targets(), map_geometry=map_geometry)
         wp = cfg.weights_path
         self.weights_path = wp

@@ -263,6 +263,14 @@ class RegionScores:
         self.label_maps = label_maps
         self.weights = weights
 
+    def on_voxels(self, positions: Tensor) -> RegionScores:
+        """The same scores read from an output holding only the voxels ``positions`` (``[n]`` flat indices of the
+        output grid, in that order): ``[B, C, 1, ..., n]`` (any shape whose flattened spatial axes are the n voxels)
+        instead of ``[B, C, *S]``. Every region voxel must be among
+        them."""
+        return RegionScores(self.reader, {c: m.index_select(1, positions.to(m.device))
+                                          for c, m in self.label_maps.items()}, self.weights)
+
     def __call__(self, output: Any) -> Tensor:
         dense = self.reader(output)
         b, t = dense.shape[0], self.weights.shape[1]

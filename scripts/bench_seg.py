@@ -1,6 +1,7 @@
 """Benchmark: explaining every connected component of a segmentation at once, against one inference.
 
-A 3-D UNet at 128³ on the CPU (MONAI ``UNet`` or a small custom one with a 1×1×1 output convolution), one input
+A 3-D UNet at 128³ on the CPU (a small custom one or MONAI's ``DynUNet``, both with a 1×1×1 output convolution, or
+MONAI's ``UNet``, whose last layer is a transposed convolution, so no layer feeds a pointwise head), one input
 holding a few bright blobs in noise. The predicted mask of class 1 is split into its 26-connected components (at
 most ``--max-targets``, largest first) and all of them are explained together (HiResCAM + Grad-CAM, with the
 certificate), at
@@ -14,7 +15,7 @@ Printed: seconds of one inference (``model(x)`` without a graph), of each explan
 plus the explanation's own stage timings. Target: ≤ 1.5× one inference at the layer feeding the output
 convolution.
 
-Usage: python scripts/bench_seg.py [--net custom|monai] [--size 128] [--repeats 3] [--threads 1]
+Usage: python scripts/bench_seg.py [--net custom|dynunet|monai] [--size 128] [--repeats 3] [--threads 1]
 """
 
 from __future__ import annotations
@@ -62,7 +63,13 @@ def build(name: str) -> tuple[nn.Module, str, str]:
     """(model, layer feeding the output convolution, bottleneck layer)."""
     if name == "custom":
         return SmallUNet(), "dec1.2", "bottleneck.2"
-    from monai.networks.nets import UNet  # lazy: only for --net monai
+    if name == "dynunet":  # MONAI's nnU-Net: a 1x1x1 output block after the decoder (skip_layers' output)
+        from monai.networks.nets import DynUNet
+
+        net = DynUNet(3, 1, 3, kernel_size=[3, 3, 3], strides=[1, 2, 2], upsample_kernel_size=[2, 2],
+                      filters=[8, 16, 32])
+        return net, "skip_layers", "bottleneck"
+    from monai.networks.nets import UNet  # lazy: only for --net monai (its last layer is not 1x1x1)
 
     net = UNet(3, 1, 3, channels=(8, 16, 32, 64), strides=(2, 2, 2), num_res_units=1)
     return net, "model.1", "model.1.submodule.1.submodule.1.submodule"
@@ -92,7 +99,7 @@ def median_time(fn: Callable[[], object], repeats: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--net", choices=("custom", "monai"), default="custom")
+    ap.add_argument("--net", choices=("custom", "dynunet", "monai"), default="custom")
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--bottleneck-repeats", type=int, default=1)

@@ -168,3 +168,40 @@ def test_cohort_table_and_targets_per_scan(seg_run):
     assert "Targets: none." in html and "segmentation is empty" in html
     assert html.count('<img class="montage"') == 2 * 2  # --montages 2 for the two scans with targets
     assert LABELS[1] in html
+
+
+def test_target_layer_in_the_fingerprint_and_checked_first(seg_run, capsys):
+    """``batch --target-layer``: recorded in the fingerprint only when given (older folders keep their hash), so a
+    folder made at the config's layer refuses another layer; an unknown layer exits 2 before anything is written."""
+    from medcam3d.batch.engine import fingerprint
+    from medcam3d.batch.worker import BatchSettings
+
+    cfg = str(seg_run["config"])
+    assert "target_layer" not in fingerprint(BatchSettings(out_dir=str(seg_run["dir"]), config=cfg))
+    assert fingerprint(BatchSettings(out_dir=str(seg_run["dir"]), config=cfg, target_layer="head"))[
+        "target_layer"] == "head"
+    capsys.readouterr()
+    args = ["batch", str(seg_run["manifest"]), "--config", cfg, "--shard", "0/1", "--quiet"]
+    assert main([*args, "--out", str(seg_run["out"]), "--target-layer", "head"]) == 2
+    err = capsys.readouterr().err
+    assert "made with other settings" in err and "target_layer" in err
+    fresh = seg_run["dir"] / "fresh_batch"
+    assert main([*args, "--out", str(fresh), "--target-layer", "haed"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no module named 'haed'" in err[0] and not fresh.exists()
+
+
+def test_dask_workers_write_the_same_files(seg_run):
+    """The same cohort on a local Dask cluster (2 worker processes): every scan's segmentation, maps, targets.csv
+    and scores.csv are byte-identical to the one-shard run's, and the empty scan is finished the same way."""
+    out = seg_run["dir"] / "dask_batch"
+    assert main(["batch", str(seg_run["manifest"]), "--out", str(out), "--config", str(seg_run["config"]),
+                 "--workers", "2", "--torch-threads", "1", "--organ-codes", str(seg_run["dir"] / "codes.yaml"),
+                 "--quiet", "--no-report"]) == 0
+    for sid in seg_run["truth"]:
+        ref, got = seg_run["out"] / "scans" / sid, out / "scans" / sid
+        assert (got / ".done").is_file()
+        files = sorted(p.name for p in ref.iterdir() if p.name.endswith((".nii.gz", ".csv")))
+        assert files and files == sorted(p.name for p in got.iterdir() if p.name.endswith((".nii.gz", ".csv")))
+        for name in files:
+            assert sha(got / name) == sha(ref / name), (sid, name)

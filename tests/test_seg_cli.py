@@ -379,3 +379,22 @@ def test_demo_segmentation_with_the_shipped_model(tmp_path):
     seg = nib.load(str(out / "explanation" / "segmentation.nii.gz"))
     assert seg.shape == lesions.shape
     np.testing.assert_allclose(seg.affine, lesions.affine, atol=1e-5)
+
+
+def test_target_layer_option_overrides_the_config(tmp_path, config, capsys):
+    """``--target-layer head`` explains the network's output itself (the config names ``features``): the head
+    after it is the region sum, so HiResCAM is the class logit on the region, summing to the region score with no
+    bias -- 1.25 per nodule voxel, 1 per mass voxel. An unknown layer is one line, exit 2, nothing written."""
+    scan = write_scan(tmp_path / "scan.nii.gz", RAS)
+    out = tmp_path / "out"
+    assert main(["explain", str(scan), "--config", str(config), "--out", str(out), "--quiet", "--full-res", "none",
+                 "--target-layer", "head"]) == 0
+    s = load_summary(out)
+    assert s.model is not None and s.model.target_layer == "head" and s.model.target_layer_reason == "given"
+    assert s.certificate is not None and s.certificate.kind == "affine-head"
+    assert [c.bias for c in s.classes] == pytest.approx([0.0, 0.0, 0.0], abs=1e-6)
+    lowres = np.asarray(nib.load(str(out / "lowres_hirescam.nii.gz")).dataobj).reshape(-1, 3)
+    assert lowres.sum(axis=0) == pytest.approx([1.25 * 48, 1.25 * 8, 27.0], abs=1e-4)
+    bad = tmp_path / "bad"
+    _refused(capsys, ["explain", str(scan), "--config", str(config), "--out", str(bad), "--target-layer", "haed"],
+             bad, "no module named 'haed'")

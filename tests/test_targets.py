@@ -378,7 +378,7 @@ def test_class_gradient_equals_dense_per_target_quantities():
     cg = ClassGradient(grad, labels, 3)
     targets = [0, 1, 2]
     dense = torch.stack([grad * (labels == t + 1).unsqueeze(1) for t in targets], dim=1)  # [B, 3, F, *S]
-    torch.testing.assert_close(cg.dense(targets), dense)
+    torch.testing.assert_close(cg.dense(targets), dense.flatten(3))
     torch.testing.assert_close(cg.maps("hirescam", act, targets), hirescam(act, dense), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(cg.maps("gradcam", act, targets), gradcam(act, dense), rtol=1e-5, atol=1e-6)
     s = cg.summary(act, targets, [probe])
@@ -390,7 +390,106 @@ def test_class_gradient_equals_dense_per_target_quantities():
     torch.testing.assert_close(s.gmax, ref_g)
     torch.testing.assert_close(s.probe_sums[0][0], contribution_sums(probe, dense)[0], rtol=1e-6, atol=1e-6)
     coef = torch.tensor([0.5, -2.0, 3.0], dtype=torch.float64)
-    torch.testing.assert_close(s.combine(coef), torch.einsum("k,bk...->b...", coef.float(), dense), rtol=1e-5,
-                               atol=1e-6)
+    torch.testing.assert_close(s.combine(coef), torch.einsum("k,bk...->b...", coef.float(), dense).flatten(2),
+                               rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError):
         cg.maps("layercam", act, targets)
+
+
+def test_class_gradient_at_region_voxels_equals_whole_grid():
+    """The same quantities from the gradient at the regions' voxels only (the class's gradient is zero elsewhere,
+    as on a pointwise head): maps spread back to the grid, Grad-CAM weights divided by the whole grid's N, the
+    spatial variation counting the zeros outside, probe sums and the sketch at the voxels."""
+    from medcam3d.regions import ClassGradient
+
+    g = torch.Generator().manual_seed(7)
+    act = torch.randn(2, 3, 4, 5, 6, generator=g)
+    probe = torch.randn(2, 3, 4, 5, 6, generator=g)
+    labels = torch.randint(0, 3, (2, 4, 5, 6), generator=g)
+    labels[:, :2] = 0  # the first two planes hold no region
+    grad = torch.randn(2, 3, 4, 5, 6, generator=g) * (labels > 0).unsqueeze(1)
+    positions = torch.nonzero((labels > 0).flatten(1).any(dim=0)).flatten()
+    assert 0 < len(positions) < 120
+
+    def cut(t):
+        return t.flatten(2).index_select(2, positions)
+
+    whole = ClassGradient(grad, labels, 2)
+    part = ClassGradient(cut(grad), labels.flatten(1)[:, positions], 2, grid=(4, 5, 6), positions=positions)
+    targets = [0, 1]
+    for m in ("hirescam", "gradcam"):
+        torch.testing.assert_close(part.maps(m, cut(act), targets, act), whole.maps(m, act, targets), rtol=1e-5,
+                                   atol=1e-6)
+    a, b = part.summary(cut(act), targets, [cut(probe)]), whole.summary(act, targets, [probe])
+    for x, y in ((a.contribution, b.contribution), (a.magnitude, b.magnitude), (a.variation, b.variation),
+                 (a.gmax, b.gmax), (a.probe_sums[0][0], b.probe_sums[0][0])):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+    coef = torch.tensor([0.5, -2.0], dtype=torch.float64)
+    torch.testing.assert_close(a.combine(coef), cut(b.combine(coef)))
+
+
+class SkipHead(nn.Module):
+    """A pointwise head that reads backbone values: ``conv1x1(cat([act, skip])) + offset``, where ``skip`` lies on
+    the explained grid and ``offset`` is either constant over space or (``varying``) varies along the first axis."""
+
+    def __init__(self, size: int, varying: bool = False) -> None:
+        super().__init__()
+        self.act = nn.Identity()
+        self.head = nn.Conv3d(3, 3, 1)
+        shape = (1, 3, size, 1, 1) if varying else (1, 3, 1, 1, 1)
+        self.register_buffer("offset", torch.linspace(-1.0, 1.0, 3 * shape[2]).view(shape))
+
+    def forward(self, x):
+        skip = torch.tanh(x[:, :1] * 2.0)
+        return self.head(torch.cat([self.act(x), skip], dim=1)) + self.offset
+
+
+@pytest.mark.parametrize("varying", [False, True])
+def test_region_voxels_path_equals_per_target_gradients(monkeypatch, varying):
+    """Region targets on a pointwise head are differentiated and probed at the regions' voxels only, with the
+    backbone values the head reads (a skip tensor on the grid) cut to the same voxels: maps and certificate equal
+    the re-run head's, which differentiates every target on the whole grid. A backbone value on another grid (an
+    offset varying along one axis only) cannot be cut: the whole grid is used, same numbers."""
+    from medcam3d.explainer import _FxHead
+
+    seen = []
+    original = _FxHead.on_voxels
+
+    def spy(self, positions, grid):
+        run = original(self, positions, grid)
+        seen.append((len(positions), run is not None))
+        return run
+
+    monkeypatch.setattr(_FxHead, "on_voxels", spy)
+    x = _activation(batch=2, size=6)
+    targets = SegmentationRegions([1, 2], "components")
+    torch.manual_seed(1)
+    model = SkipHead(6, varying)
+    fast = _explain(targets, x, model=model, head="fx")
+    slow = _explain(targets, x, model=model, head="rerun")
+    assert len(seen) == 1 and 0 < seen[0][0] < 2 * 6**3 and seen[0][1] is not varying
+    for m in slow.raw:
+        torch.testing.assert_close(fast.raw[m], slow.raw[m], rtol=1e-5, atol=1e-6)
+    c, ref = fast.certificate, slow.certificate
+    assert c.kind == ref.kind == "affine-head"
+    torch.testing.assert_close(c.completeness_residual, ref.completeness_residual, rtol=0, atol=1e-4)
+    assert float(c.probe_residual.max()) <= c.tolerance and float(c.jacobian_difference.max()) <= c.tolerance
+    assert not c.notes
+
+
+def test_region_voxels_scores_checked_against_the_real_ones(monkeypatch):
+    """If the head at the regions' voxels ever scored differently from the real output, the whole grid is used
+    instead and a note says so: the maps stay those of the real head."""
+    from medcam3d.explainer import _FxHead
+
+    original = _FxHead.on_voxels
+    monkeypatch.setattr(_FxHead, "on_voxels",
+                        lambda self, p, g: (lambda a, run=original(self, p, g): run(a) * 2.0))
+    x = _activation(size=6)
+    targets = SegmentationRegions(1, "components")
+    wrong = _explain(targets, x, head="fx")
+    ref = _explain(targets, x, head="rerun")
+    assert any("regions' voxels" in n for n in wrong.certificate.notes)
+    for m in ref.raw:
+        torch.testing.assert_close(wrong.raw[m], ref.raw[m], rtol=1e-5, atol=1e-6)
+    assert wrong.certificate.kind == "affine-head"

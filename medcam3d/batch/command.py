@@ -131,6 +131,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         torch_threads=args.torch_threads, organ_codes=_organ_codes(args.organ_codes),
         allow_resample=args.allow_resample, map_geometry=args.map_geometry, max_voxels=args.max_voxels,
         ignore_modality=args.ignore_modality, dicom_out=args.dicom_out, dicom_seg=args.dicom_seg,
+        target_layer=args.target_layer,
     )
     result = run_batch(args.cohort, args.out, settings, engine, shard_spec=shard_spec, retries=args.retries,
                        redo=args.redo, quiet=args.quiet, report=not args.no_report)
@@ -163,6 +164,8 @@ def register(subparsers: Any) -> None:
                    help="JSON/YAML {organ name: label value} of the organ label maps (default: the phantoms' codes, "
                         "medcam3d.data.ORGAN_CODES)")
     p.add_argument("--allow-resample", action="store_true", help="accept irregular DICOM series by resampling")
+    p.add_argument("--target-layer", metavar="LAYER", help="as in medcam3d explain: the explained layer, overriding "
+                                                         "the config's (default: the config's)")
     p.add_argument("--map-geometry", choices=list(GEOMETRIES), default=None,
                    help="as in medcam3d explain; also where the organ shares' blocks lie (default: the config's "
                         "map_geometry, else auto)")

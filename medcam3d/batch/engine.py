@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError
+from ..explainer import Explainer
 from ..files import sha256_of, write_json_atomic
 from ..report import write_report
 from .cohort import BadRow, ScanTask, read_cohort, shard
@@ -364,8 +365,11 @@ def fingerprint(settings: BatchSettings) -> dict[str, Any]:
     """What makes two runs' outputs comparable: config and weights checksums, methods, class selections, codes, the
     task (``segmentation``; absent for classification configs, which name none)."""
     cfg = settings.load_config()
-    if settings.bundle:
-        cfg.build_model()  # a network_def that does not build or weights that do not fit: refused before any output
+    if settings.bundle or settings.target_layer:
+        # a network_def that does not build, weights that do not fit or an unknown layer: refused before any output
+        model = cfg.build_model()
+        if settings.target_layer:
+            Explainer(model, settings.target_layer)
     weights = Path(settings.checkpoint).expanduser().resolve() if settings.checkpoint else cfg.weights_path
     if settings.checkpoint and not (weights and weights.is_file()):
         raise InputError("model checkpoint not found", weights)
@@ -382,6 +386,7 @@ def fingerprint(settings: BatchSettings) -> dict[str, Any]:
         **({"bundle": settings.bundle} if settings.bundle else {}),
         # the task (issue 19): recorded only when the config (or bundle) names one, for the same reason
         **({"task": cfg.task} if cfg.task else {}),
+        **({"target_layer": settings.target_layer} if settings.target_layer else {}),
         # outputs added by issue 18: recorded only when asked for, so that older batch folders keep their hash
         **({"dicom_out": {"seg_threshold": settings.dicom_seg}} if settings.dicom_out else {}),
     }

@@ -69,6 +69,7 @@ class BatchSettings:
             the organ shares' blocks); None: the config's ``map_geometry``, else ``auto``.
         max_voxels: the size checks' voxel limit (None: the default), as ``--max-voxels``.
         ignore_modality: explain DICOM scans of a modality the config does not read, as ``--ignore-modality``.
+        target_layer: the explained layer overriding the config's, as ``--target-layer`` (None: the config's).
         dicom_out: also write the full-resolution maps as DICOM Parametric Maps (``--dicom-out``; every scan must be
             a DICOM series).
         dicom_seg: with ``dicom_out``, also each map thresholded at this level as a DICOM SEG (``--dicom-seg``).
@@ -95,10 +96,11 @@ class BatchSettings:
     run_id: str = ""
     fingerprint_sha: str = ""
     bundle: str | None = None
+    target_layer: str | None = None
 
     def session_key(self) -> tuple[Any, ...]:
         return (self.config, self.bundle, self.checkpoint, self.methods, self.device, self.torch_threads,
-                self.map_geometry, self.max_voxels, self.ignore_modality)
+                self.map_geometry, self.max_voxels, self.ignore_modality, self.target_layer)
 
     def load_config(self) -> Config:
         """The config these settings name: the bundle's (:func:`medcam3d.monai.bundle.load_bundle`), the given
@@ -212,7 +214,7 @@ def get_session(settings: BatchSettings) -> tuple[Session, bool]:
     config = settings.load_config() if settings.bundle else settings.config
     _SESSIONS[key] = Session(config, settings.checkpoint, settings.methods, settings.device,
                              map_geometry=settings.map_geometry, max_voxels=settings.max_voxels,
-                             ignore_modality=settings.ignore_modality)
+                             ignore_modality=settings.ignore_modality, target_layer=settings.target_layer)
     return _SESSIONS[key], True
 
 
