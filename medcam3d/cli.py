@@ -48,7 +48,7 @@ FULL_RES_HELP = (
     "classes also written at full resolution (a heatmap per method on the scan's own grid, uint8, and a montage): "
     "'all', 'none', 'top-N', 'positive', labels or indices (default: predicted positive, at least the top 3 and at "
     "most 10, highest scores first; a note says when the cap cuts). Cost on a 512 x 512 x 300 CT with HiResCAM + "
-    "Grad-CAM: about 25 MB and 6 s per class (2 busy CPU cores; scripts/bench_e2e.py); 'none' writes the "
+    "Grad-CAM: about 10 MB and 1 s per class (2 idle CPU cores; scripts/bench_e2e.py); 'none' writes the "
     "low-resolution maps only (under a second, a few MB)"
 )
 

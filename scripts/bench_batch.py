@@ -8,7 +8,8 @@ Measured in this run on this machine, each configuration on a fresh output folde
   * dask x2   -- 2 worker processes, cores/2 torch threads each.
 
 Configurations run in interleaved rounds (``--repeat``, default 2) and the best round of each is shown, which
-filters out other processes' load. For each: the wall time of the whole run (cluster start, model loading, all scans) and the steady-state throughput
+filters out other processes' load. For each: the wall time of the whole run (cluster start, model loading, all
+scans) and the steady-state throughput
 in scans per minute, taken between the first and the last finished scan (so it excludes start-up and the first
 scan's model loading). Dask's overhead = loop throughput / dask-x1 throughput - 1 (target <= 5 %).
 
@@ -16,7 +17,8 @@ The model is the demo config's architecture with seeded random weights unless ``
 (same cost per scan as trained weights). Scans are 60 x 128 x 128 phantoms (the demo grid) or, with ``--quick``,
 24 x 64 x 64 ones padded to it.
 
-Usage: python scripts/bench_batch.py [--scans 12] [--repeat 2] [--quick] [--config FILE] [--full-res top-1]
+Usage: python scripts/bench_batch.py [--scans 12] [--repeat 2] [--quick] [--threads N] [--config FILE]
+       [--full-res top-1]
 """
 
 from __future__ import annotations
@@ -75,6 +77,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scans", type=int, default=12, help="phantoms in the cohort (default 12)")
     ap.add_argument("--quick", action="store_true", help="small phantoms (24 x 64 x 64)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads of the loop and of the one worker (default: every core); 2 workers get "
+                         "half as many each, at least 1")
     ap.add_argument("--repeat", type=int, default=2, help="interleaved rounds; the best of each is shown (2)")
     ap.add_argument("--config", help="config to benchmark (default: demo architecture, random weights)")
     ap.add_argument("--full-res", nargs="+", default=None, metavar="CLASS",
@@ -88,7 +93,7 @@ def main() -> None:
         ds = make_dataset(args.scans, 11, out_dir=t / "cohort", shape=shape, spacing=(5.0, 2.5, 2.5))
         tasks, bad = read_cohort(ds.manifest)
         assert not bad and len(tasks) == args.scans
-        cores = _cores()
+        cores = args.threads or _cores()
         n = len(tasks)
 
         def settings(out: str, threads: int) -> BatchSettings:
@@ -111,7 +116,8 @@ def main() -> None:
                     run_dask(client, tasks, settings(f"dask{workers}{tag}", threads), 0, on_record)
             return go
 
-        print(f"medcam3d batch benchmark: {n} phantoms {shape} at 5 x 2.5 x 2.5 mm, {cores} cores, torch "
+        print(f"medcam3d batch benchmark: {n} phantoms {shape} at 5 x 2.5 x 2.5 mm, {_cores()} cores, {cores} "
+              f"torch threads for the loop and the one worker, torch "
               f"{torch.__version__}, {platform.processor() or platform.machine()}, "
               f"full-res {args.full_res or 'default'}")
         configs = [("loop (no Dask)", loop), ("dask x1 worker", dask(1)), ("dask x2 workers", dask(2))]

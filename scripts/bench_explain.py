@@ -138,7 +138,8 @@ def bench_model(
     model, layer_name, x = build(name, classes, quick)
     layer = model.get_submodule(layer_name)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"\n== {name}: input {tuple(x.shape)}, {classes} classes, {n_params / 1e6:.1f} M parameters, layer {layer_name}")
+    print(f"\n== {name}: input {tuple(x.shape)}, {classes} classes, {n_params / 1e6:.1f} M parameters, "
+          f"layer {layer_name}")
 
     def infer() -> None:
         with torch.inference_mode():

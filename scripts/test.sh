@@ -19,6 +19,6 @@ bash scripts/setup_env.sh "dev,napari,reports,slurm,pdf"
 # shellcheck disable=SC1091
 . .venv/bin/activate
 export QT_API=pyqt6 PYTEST_QT_API=pyqt6 CI="${CI:-true}"
-ruff check medcam3d  # one line each: under set -e a failure in "a && b" would not stop the script
+ruff check medcam3d scripts tests  # one line each: under set -e a failure in "a && b" would not stop the script
 mypy
 xvfb-run -a python -m pytest -q "$@"

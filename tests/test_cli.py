@@ -37,7 +37,8 @@ def untrained_config(tmp_path_factory) -> Path:
 
     net = build_model(cfg.model)
     torch.save(net.state_dict(), d / "random.pt")
-    text = Path(cfg.path).read_text().replace("weights: package:medcam3d/weights/demo_axialnet.pt", "weights: random.pt")
+    text = Path(cfg.path).read_text().replace("weights: package:medcam3d/weights/demo_axialnet.pt",
+                                              "weights: random.pt")
     (d / "untrained.yaml").write_text(text)
     return d / "untrained.yaml"
 
@@ -207,7 +208,8 @@ def test_every_bad_input_exits_2_and_writes_nothing(tmp_path, untrained_config, 
     good = tmp_path / "inputs" / "good.nii.gz"
     write_nifti(make_phantom(1, shape=SHAPE, spacing=SPACING), good)
     failures = []
-    runs = [(name, ["explain", str(p), "--config", str(untrained_config)], p.name, pat) for name, (p, pat) in cases.items()]
+    runs = [(name, ["explain", str(p), "--config", str(untrained_config)], p.name, pat)
+            for name, (p, pat) in cases.items()]
     runs += [
         ("unknown config key", ["explain", str(good), "--config", str(bad_cfg)], bad_cfg.name, "unknown key"),
         ("unknown transform", ["explain", str(good), "--config", str(bad_tf)], bad_tf.name, "MagicDenoise"),

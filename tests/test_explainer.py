@@ -299,7 +299,8 @@ def assert_same(model, snap):
     training, req, hooks, bufs = snap
     assert [m.training for m in model.modules()] == training
     assert [p.requires_grad for p in model.parameters()] == req
-    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()) == hooks
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+               for m in model.modules()) == hooks
     assert all(torch.equal(a, b) for a, b in zip(model.buffers(), bufs))
     assert all(p.grad is None for p in model.parameters())
 

@@ -21,7 +21,8 @@ from medcam3d.models import AxialNet
 MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
 
 
-@pytest.mark.parametrize(("shape", "size"), [((5,), (17,)), ((3, 4), (9, 13)), ((2, 3, 4), (6, 7, 11)), ((4, 4), (4, 4))])
+@pytest.mark.parametrize(("shape", "size"),
+                         [((5,), (17,)), ((3, 4), (9, 13)), ((2, 3, 4), (6, 7, 11)), ((4, 4), (4, 4))])
 def test_field_geometry_is_align_corners_false(shape, size):
     maps = torch.randn(2, 3, *shape, generator=torch.Generator().manual_seed(0))
     ref = F.interpolate(maps, size=size, mode=MODES[len(shape)], align_corners=False)

@@ -3,8 +3,8 @@ with medcam3d's Grad-CAM for the same region targets.
 
 Compared before their resize: after their call, their own ``get_cam_image`` is applied to the activations and
 gradients their hooks captured (at the explained layer's resolution, before their ReLU, min-max scaling and
-``cv2.resize``); each map is divided by its maximum. Needs the ``grad-cam`` package (a test-only dependency in the ``dev`` extra, installed without its
-dependencies; see ``_torchvision_stand_in``).
+``cv2.resize``); each map is divided by its maximum. Needs the ``grad-cam`` package (a test-only dependency in
+the ``dev`` extra, installed without its dependencies; see ``_torchvision_stand_in``).
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ _torchvision_stand_in()
 from pytorch_grad_cam import GradCAM  # noqa: E402  (after the stand-in)
 from pytorch_grad_cam.utils.model_targets import SemanticSegmentationTarget  # noqa: E402
 
-from medcam3d import Explainer
-from medcam3d.targets import SegmentationRegions
+from medcam3d import Explainer  # noqa: E402
+from medcam3d.targets import SegmentationRegions  # noqa: E402
 
 
 class Seg2d(nn.Module):

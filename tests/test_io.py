@@ -306,8 +306,7 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
 def test_atomic_path_has_one_home():
     # medcam3d.files is its home; the io names stay importable for one release
     from medcam3d import files
-    from medcam3d.io import atomic_path
-    from medcam3d.io import writers
+    from medcam3d.io import atomic_path, writers
 
     assert atomic_path is files.atomic_path and writers.atomic_path is files.atomic_path
 

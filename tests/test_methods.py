@@ -93,9 +93,11 @@ def test_methods_match_loop_implementations(spatial):
             ppw = []
             for f in range(F):
                 s = sum(A[f])
-                ppw.append(sum(G[f][i] ** 2 / (2 * G[f][i] ** 2 + s * G[f][i] ** 3) * max(G[f][i], 0) for i in range(n)))
+                ppw.append(sum(G[f][i] ** 2 / (2 * G[f][i] ** 2 + s * G[f][i] ** 3) * max(G[f][i], 0)
+                               for i in range(n)))
             pp = [sum(ppw[f] * A[f][i] for f in range(F)) for i in range(n)]
-            for name, ref in [("hirescam", hires), ("gradcam", grad), ("layercam", layer), ("xgradcam", xgrad), ("gradcampp", pp)]:
+            refs = [("hirescam", hires), ("gradcam", grad), ("layercam", layer), ("xgradcam", xgrad), ("gradcampp", pp)]
+            for name, ref in refs:
                 got = get_method(name)(a, g)[b, k].flatten()
                 assert torch.allclose(got, torch.tensor(ref, dtype=torch.float64), atol=1e-9), name
 

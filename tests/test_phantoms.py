@@ -112,7 +112,8 @@ def test_affine_orientation_and_sides(normal):
     width = normal.hu.shape[2]
     assert np.argwhere(organs["right_lung"])[:, 2].mean() < width / 2 < np.argwhere(organs["left_lung"])[:, 2].mean()
     assert np.argwhere(organs["heart"])[:, 1].mean() < np.argwhere(organs["spine"])[:, 1].mean()  # anterior = small row
-    top = lambda m: np.nonzero(m.any(axis=(1, 2)))[0].max()
+    def top(m):
+        return np.nonzero(m.any(axis=(1, 2)))[0].max()
     assert top(organs["right_lung"]) > top(organs["heart"]) + 10  # apices far above the heart (slice axis goes up)
 
 

@@ -334,5 +334,6 @@ def test_python_api_applies_the_same_limits(tmp_path):
     assert not (tmp_path / "out").exists()
     session = Session(max_voxels=1000)
     assert session.preprocessor.max_voxels == 1000
-    with pytest.raises(InputError, match=r"size check: preprocessing\[0\] \(Orientation\) would turn this 20 x 20 x 20"):
+    with pytest.raises(InputError,
+                       match=r"size check: preprocessing\[0\] \(Orientation\) would turn this 20 x 20 x 20"):
         session.explain_volume(read_volume(scan))

@@ -194,7 +194,8 @@ def test_viewer_modules_form_no_import_cycle_and_old_names_keep_working():
     assert not [m for m in graph if m != "__init__" and reaches(m, m)]
     assert "app" not in graph["widget"] and {"comparison", "widget"} <= graph["window"]
     code = ("import medcam3d.viewer.comparison, sys; "
-            "bad = [m for m in ('PyQt6', 'PyQt5', 'PySide6', 'qtpy', 'napari') if m in sys.modules]; assert not bad, bad")
+            "bad = [m for m in ('PyQt6', 'PyQt5', 'PySide6', 'qtpy', 'napari') if m in sys.modules]; "
+            "assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr  # the comparison itself needs no Qt until a viewer is built
     assert medcam3d.viewer.layers.method_title is medcam3d.methods.method_title
