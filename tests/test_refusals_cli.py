@@ -171,6 +171,14 @@ def test_api_refuses_nan_like_the_command_line():
             ex(x)
         exp = ex(x, allow_nonfinite=True)  # the option: explained anyway
         assert tuple(exp.scores.shape) == (1, 3)
+        # +Inf and -Inf together (their sum is NaN, not Inf) are caught; finite values whose float32 sum overflows
+        # are not refused
+        y = torch.randn(1, 1, 6, 6, 6)
+        y[0, 0, 0, 0, 0], y[0, 0, 5, 5, 5] = float("inf"), float("-inf")
+        with pytest.raises(InputError, match=r"^x: 2 value\(s\) are NaN or Inf"):
+            ex(y)
+        big = torch.full((1, 1, 6, 6, 6), 3e38)
+        assert not torch.isfinite(big.sum()) and tuple(ex(big).scores.shape) == (1, 3)
 
 
 # --- warnings and notes: the run completes -------------------------------------------------------------------------
