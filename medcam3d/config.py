@@ -34,6 +34,7 @@ Schema (every key is checked; an unknown key, a wrong type or an unknown transfo
                                       #   mask, largest first) | predicted (the class's whole predicted mask)
       reduce: sum                     #   sum (default) | mean of the class's logits over the region
       max_targets: 20                 #   most components per class (the smallest are dropped, with a note)
+      min_voxels: 1                   #   predicted regions with fewer voxels are dropped, with a note
       classes: [nodule, mass]         #   classes (labels or channel indices) to explain; default: every class
                                       #   but the background
       background: background          #   the background channel (label or index): default 0 for softmax,
@@ -105,7 +106,7 @@ TOP_LEVEL_KEYS = (
 CLASSIFICATION_TASK = "classification"
 SEGMENTATION_TASK = "segmentation"
 TASKS = (CLASSIFICATION_TASK, SEGMENTATION_TASK)
-_TARGET_KEYS = ("region", "reduce", "max_targets", "classes", "background")
+_TARGET_KEYS = ("region", "reduce", "max_targets", "min_voxels", "classes", "background")
 _REGIONS = ("components", "predicted")
 _REDUCES = ("sum", "mean")
 _REQUIRED = ("name", "model", "labels", "preprocessing")
@@ -477,6 +478,7 @@ class TargetSettings:
             ``"predicted"`` (the class's whole predicted mask).
         reduce: ``"sum"`` or ``"mean"`` of the class's logits over the region.
         max_targets: the most components kept per class.
+        min_voxels: predicted regions (components, or whole predicted masks) with fewer voxels are dropped.
         classes: the explained output channels (indices), in order; None: every channel but ``background``.
         background: the background channel (index), None when there is none (sigmoid nets).
     """
@@ -484,6 +486,7 @@ class TargetSettings:
     region: str = "components"
     reduce: str = "sum"
     max_targets: int = 20
+    min_voxels: int = 1
     classes: tuple[int, ...] | None = None
     background: int | None = 0
 
@@ -496,6 +499,7 @@ class TargetSettings:
     def to_dict(self, labels: Sequence[str]) -> dict[str, Any]:
         """As the config writes it (channels by label)."""
         return {"region": self.region, "reduce": self.reduce, "max_targets": self.max_targets,
+                "min_voxels": self.min_voxels,
                 "classes": None if self.classes is None else [labels[c] for c in self.classes],
                 "background": None if self.background is None else labels[self.background]}
 
@@ -532,9 +536,10 @@ def _check_targets(data: Mapping[str, Any], task: str | None, labels: Sequence[s
         raise InputError(f"targets.region must be one of {', '.join(_REGIONS)}, got {region!r}", where)
     if reduce not in _REDUCES:
         raise InputError(f"targets.reduce must be one of {', '.join(_REDUCES)}, got {reduce!r}", where)
-    cap = spec.get("max_targets", 20)
-    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
-        raise InputError(f"targets.max_targets must be a positive integer, got {cap!r}", where)
+    cap, smallest = spec.get("max_targets", 20), spec.get("min_voxels", 1)
+    for key, value in (("max_targets", cap), ("min_voxels", smallest)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"targets.{key} must be a positive integer, got {value!r}", where)
     classes = spec.get("classes")
     if classes is not None and (not isinstance(classes, list) or not classes):
         raise InputError(f"targets.classes must be a non-empty list of labels or channel indices, got {classes!r}",
@@ -544,7 +549,8 @@ def _check_targets(data: Mapping[str, Any], task: str | None, labels: Sequence[s
     default_bg = 0 if probability == "softmax" else None
     bg = spec.get("background", default_bg)
     background = None if bg is None else _channel(bg, labels, "targets.background", where)
-    return TargetSettings(region=region, reduce=reduce, max_targets=cap, classes=chosen, background=background)
+    return TargetSettings(region=region, reduce=reduce, max_targets=cap, min_voxels=smallest, classes=chosen,
+                          background=background)
 
 
 @dataclass

@@ -36,7 +36,7 @@ from .errors import InputError
 from .explanation import Explanation
 from .onscan import affine_reason
 from .outputs import TargetRecord
-from .targets import BoundTargets, RegionScores, SegmentationRegions, TargetInfo
+from .targets import BoundTargets, NoRegions, RegionScores, SegmentationRegions, TargetInfo
 
 __all__ = [
     "EmptySegmentation",
@@ -126,7 +126,8 @@ class RecordingTargets:
         self.classes = settings.explained(len(self.labels))
         region: str | Tensor = mask if mask is not None else settings.region
         self.regions = SegmentationRegions(self.classes, region, reduce=settings.reduce, activation=activation,
-                                           threshold=threshold, max_targets=settings.max_targets, reader=reader)
+                                           threshold=threshold, max_targets=settings.max_targets, reader=reader,
+                                           min_voxels=settings.min_voxels)
         self.masked = mask is not None
         self.prediction: Prediction | None = None
         self.region_probabilities: np.ndarray = np.zeros(0)
@@ -141,7 +142,14 @@ class RecordingTargets:
             names = ", ".join(self.labels[c] for c in self.classes)
             raise EmptySegmentation(f"the model predicts none of the explained classes ({names}) anywhere in this "
                                     "scan: the segmentation is empty and nothing was explained")
-        bound = self.regions.bind(output, labels)
+        try:
+            bound = self.regions.bind(output, labels)
+        except NoRegions as e:  # every predicted region is smaller than min_voxels: as empty as no prediction
+            if self.masked:
+                raise
+            raise EmptySegmentation(f"no predicted region of the explained classes has min_voxels="
+                                    f"{self.settings.min_voxels} voxels or more: nothing was explained "
+                                    f"({str(e).removeprefix('targets: no region left to explain ')})") from None
         self.region_probabilities = _mean_probabilities(bound, probs, self.settings.reduce)
         if isinstance(bound.score, RegionScores):  # the regions, to outline them in the montages
             spatial = tuple(dense.shape[2:])

@@ -46,6 +46,7 @@ __all__ = [
     "REGIONS",
     "BoundTargets",
     "Classes",
+    "NoRegions",
     "SegmentationRegions",
     "TargetInfo",
     "Targets",
@@ -235,6 +236,11 @@ def as_targets(targets: Targets | Callable[[Any], Tensor] | None) -> Targets:
 # ------------------------------------------------------------------------------------------------------------
 
 
+class NoRegions(InputError):
+    """Region targets found no region to explain (every one empty, or smaller than ``min_voxels``)."""
+
+
+
 @dataclass
 class _ClassRegions:
     """The regions of one class in every sample: ``labels [B, *S]`` int64, 0 outside, k inside its k-th region
@@ -303,9 +309,11 @@ class SegmentationRegions:
         threshold: the sigmoid threshold.
         max_targets: the most components kept per class (the smallest are dropped, with a note).
         reader: ``output -> [B, C, *S]`` dense scores; default :func:`select_scores`.
+        min_voxels: predicted regions (components, or a whole predicted mask) with fewer voxels are dropped, with a
+            note (isolated voxels of a noisy prediction are rarely worth a target); masks and boxes are kept as given.
 
     An empty region (a class not predicted anywhere, an empty mask) is skipped with a one-line note; when no
-    target is left, :class:`InputError`.
+    target is left, :class:`NoRegions` (an :class:`InputError`).
 
     Example::
 
@@ -321,6 +329,7 @@ class SegmentationRegions:
         threshold: float = 0.5,
         max_targets: int = 20,
         reader: Callable[[Any], Tensor] | None = None,
+        min_voxels: int = 1,
     ) -> None:
         self.cls: list[int | str] = list(cls) if isinstance(cls, (list, tuple)) else [cls]  # type: ignore[list-item]
         if isinstance(region, np.ndarray):
@@ -335,11 +344,14 @@ class SegmentationRegions:
             raise InputError(f"targets: activation must be 'softmax' or 'sigmoid', got {activation!r}")
         if max_targets < 1:
             raise InputError(f"targets: max_targets must be at least 1, got {max_targets}")
+        if min_voxels < 1:
+            raise InputError(f"targets: min_voxels must be at least 1, got {min_voxels}")
         self.region = region
         self.reduce = reduce
         self.activation = activation
         self.threshold = float(threshold)
         self.max_targets = int(max_targets)
+        self.min_voxels = int(min_voxels)
         self.reader = reader or select_scores
 
     def __repr__(self) -> str:
@@ -352,7 +364,7 @@ class SegmentationRegions:
         notes: list[str] = []
         regions = [r for c in classes if (r := self._regions(dense, c, _class_name(c, labels), notes)) is not None]
         if not regions:
-            raise InputError(f"targets: no region left to explain ({'; '.join(notes)})")
+            raise NoRegions(f"targets: no region left to explain ({'; '.join(notes)})")
         return _bound(regions, dense, labels, self.reduce, self.reader, notes)
 
     def _dense(self, output: Any) -> Tensor:
@@ -383,6 +395,12 @@ class SegmentationRegions:
             masks, kind = _box_mask(self.region, shape), "box"
         else:
             masks, kind = self._predicted(dense, cls), "predicted"
+            if self.min_voxels > 1 and self.region == "predicted":
+                small = masks.flatten(1).sum(dim=1) < self.min_voxels
+                if bool((small & masks.flatten(1).any(dim=1)).any()):
+                    notes.append(f"{name}: the predicted region has fewer than min_voxels={self.min_voxels} voxels "
+                                 f"in {int(small.sum())} sample(s); dropped there")
+                masks = masks & ~small.view(-1, *([1] * (masks.ndim - 1)))
         empty = ~masks.flatten(1).any(dim=1)
         if bool(empty.all()):
             notes.append(f"{name}: the {kind} region is empty; target skipped")
@@ -392,7 +410,11 @@ class SegmentationRegions:
             notes.append(f"{name}: the {kind} region is empty in sample(s) {which}; those entries are invalid")
         if not (isinstance(self.region, str) and self.region == "components"):
             return _ClassRegions(cls, kind, masks.long(), 1)
-        return _components(masks, cls, self.max_targets, name, notes)
+        found = _components(masks, cls, self.max_targets, self.min_voxels, name, notes)
+        if found.count == 0:
+            notes.append(f"{name}: every component has fewer than min_voxels={self.min_voxels} voxels; target skipped")
+            return None
+        return found
 
 
 def _resolve_class(c: int | str, labels: Sequence[str] | None, channels: int) -> int:
@@ -437,23 +459,29 @@ def _box_mask(box: tuple[tuple[int, ...], tuple[int, ...]], shape: tuple[int, ..
     return mask
 
 
-def _components(masks: Tensor, cls: int, cap: int, name: str, notes: list[str]) -> _ClassRegions:
-    """Each sample's 26-connected components (full connectivity in any number of axes), ranked largest first (ties
-    in scan order); target k is the k-th largest component of every sample that has one. At most ``cap`` per
-    sample (a note says how many were dropped)."""
+def _components(masks: Tensor, cls: int, cap: int, min_voxels: int, name: str,
+                notes: list[str]) -> _ClassRegions:
+    """Each sample's 26-connected components (full connectivity in any number of axes) of at least ``min_voxels``
+    voxels, ranked largest first (ties in scan order); target k is the k-th largest component of every sample that
+    has one. At most ``cap`` per sample (a note says how many were dropped, and how many were too small)."""
     arr = masks.cpu().numpy()
     structure = np.ones((3,) * (arr.ndim - 1), dtype=bool)
     ranked = np.zeros(arr.shape, dtype=np.int64)
-    dropped, count = 0, 0
+    dropped, small, count = 0, 0, 0
     for b, m in enumerate(arr):
         lab, n = ndimage.label(m, structure=structure)
         sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:]
-        order = np.argsort(-sizes, kind="stable")[:cap]
+        order = np.argsort(-sizes, kind="stable")
+        big = order[sizes[order] >= min_voxels]
+        small += len(order) - len(big)
+        order = big[:cap]
         rank = np.zeros(n + 1, dtype=np.int64)
         rank[order + 1] = np.arange(1, len(order) + 1)
         ranked[b] = rank[lab]
-        dropped += max(0, n - cap)
+        dropped += max(0, len(big) - cap)
         count = max(count, len(order))
+    if small:
+        notes.append(f"{name}: {small} component(s) smaller than min_voxels={min_voxels} dropped")
     if dropped:
         notes.append(f"{name}: {dropped} smallest component(s) beyond max_targets={cap} dropped")
     return _ClassRegions(cls, "component", torch.from_numpy(ranked).to(masks.device), count)

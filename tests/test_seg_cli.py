@@ -398,3 +398,29 @@ def test_target_layer_option_overrides_the_config(tmp_path, config, capsys):
     bad = tmp_path / "bad"
     _refused(capsys, ["explain", str(scan), "--config", str(config), "--out", str(bad), "--target-layer", "haed"],
              bad, "no module named 'haed'")
+
+
+def test_min_voxels_in_the_config(tmp_path, capsys):
+    """``targets: {min_voxels: 10}``: nodule B (8 voxels) is dropped with a note, A (48) and the mass (27) are
+    explained. With ``min_voxels: 100`` nothing is left: a note, exit 0, the segmentation (still the model's whole
+    prediction) and no maps. ``min_voxels: 0`` is refused naming the key."""
+    scan = write_scan(tmp_path / "scan.nii.gz", RAS)
+    cfg = write_config(tmp_path / "c10", extra="targets: {min_voxels: 10}\n")
+    out = tmp_path / "out"
+    assert main(["explain", str(scan), "--config", str(cfg), "--out", str(out), "--quiet", "--full-res", "none"]) == 0
+    s = load_summary(out)
+    assert [(t.name, t.voxels) for t in s.targets] == [("nodule component 1", 48), ("mass component 1", 27)]
+    assert any("1 component(s) smaller than min_voxels=10 dropped" in n for n in s.notes or [])
+    cfg = write_config(tmp_path / "c100", extra="targets: {min_voxels: 100}\n")
+    empty = tmp_path / "empty"
+    capsys.readouterr()
+    assert main(["explain", str(scan), "--config", str(cfg), "--out", str(empty), "--quiet"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("medcam3d: note:") and "min_voxels=100" in err[0]
+    assert {p.name for p in empty.iterdir()} == {"scores.csv", "summary.json", "segmentation.nii.gz", "targets.csv"}
+    labels = np.asarray(nib.load(str(empty / "segmentation.nii.gz")).dataobj)
+    np.testing.assert_array_equal(labels, blobs()[1])
+    bad = tmp_path / "bad"
+    _refused(capsys, ["explain", str(scan), "--config", str(write_config(tmp_path / "c0",
+                      extra="targets: {min_voxels: 0}\n")), "--out", str(bad)], bad,
+             "targets.min_voxels must be a positive integer")

@@ -188,8 +188,8 @@ def test_readme_segmentation_config_loads(tmp_path):
     (tmp_path / "seg.yaml").write_text(block)
     c = load_config(tmp_path / "seg.yaml")
     assert c.task == "segmentation" and c.probability == "softmax" and c.labels == ["background", "nodule", "mass"]
-    assert c.targets == TargetSettings(region="components", reduce="sum", max_targets=20, classes=(1, 2),
-                                       background=0)
+    assert c.targets == TargetSettings(region="components", reduce="sum", max_targets=20, min_voxels=5,
+                                       classes=(1, 2), background=0)
 
 
 def test_readme_segmentation_commands_parse():

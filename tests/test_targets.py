@@ -157,6 +157,32 @@ def test_max_targets_drops_smallest_with_note():
     assert len(bound.notes) == 1 and "1 smallest component" in bound.notes[0]
 
 
+def test_min_voxels_drops_small_predicted_regions_with_a_note():
+    """Components below ``min_voxels`` are dropped (counted in a note) before the ranking and the cap; a whole
+    predicted mask below it is dropped too; when nothing is left, NoRegions (an InputError) names why. User masks
+    are kept as given."""
+    from medcam3d.targets import NoRegions
+
+    m = np.zeros((9, 9, 9), dtype=bool)
+    m[0, 0, 0:3] = True  # 3 voxels
+    m[4, 4, 0:2] = True  # 2
+    m[8, 8, 8] = True  # 1
+    bound = SegmentationRegions(1, "components", min_voxels=2).bind(_blob_logits([m]), None)
+    assert [t.voxels for t in bound.infos] == [3, 2]
+    assert bound.notes == ["class_1: 1 component(s) smaller than min_voxels=2 dropped"]
+    capped = SegmentationRegions(1, "components", min_voxels=2, max_targets=1).bind(_blob_logits([m]), None)
+    assert [t.voxels for t in capped.infos] == [3] and len(capped.notes) == 2
+    assert [t.voxels for t in SegmentationRegions(1, "predicted", min_voxels=6).bind(
+        _blob_logits([m]), None).infos] == [6]
+    for region in ("components", "predicted"):
+        with pytest.raises(NoRegions, match="min_voxels=7"):
+            SegmentationRegions(1, region, min_voxels=7).bind(_blob_logits([m]), None)
+    kept = SegmentationRegions(1, torch.from_numpy(m), min_voxels=100).bind(_blob_logits([m]), None)
+    assert [t.voxels for t in kept.infos] == [6]
+    with pytest.raises(InputError, match="min_voxels must be at least 1"):
+        SegmentationRegions(1, "components", min_voxels=0)
+
+
 def test_per_sample_components_padded_with_valid_mask():
     """Sample 0 has two blobs, sample 1 one: T = 2, entry (1, 1) invalid with score and maps exactly 0."""
     m0 = np.zeros((6, 6, 6), dtype=bool)
