@@ -209,6 +209,14 @@ def _inplace(node: torch.fx.Node, root: nn.Module) -> bool:
     return False
 
 
+def _at_voxels(t: Tensor, positions: Tensor) -> Tensor:
+    """``t [B, C, *S]`` at the voxels ``positions`` (``[n]`` flat indices of ``S``) as ``[B, C, 1, ..., n]``: the
+    grid's rank kept, so that convolutions take it, and the voxels on the last axis, where PyTorch's CPU convolution
+    kernels are fast (on ``[B, C, n, 1, 1]`` a 1×1×1 convolution's backward is about 40× slower)."""
+    cut = t.flatten(2).index_select(2, positions.to(t.device))
+    return cut.view(*t.shape[:2], *([1] * (t.ndim - 3)), cut.shape[2])
+
+
 class _FxHead(_Head):
     """Head evaluation on a torch.fx trace split at the explained layer's node."""
 
@@ -304,9 +312,8 @@ class _FxHead(_Head):
 
     def on_voxels(self, positions: Tensor, grid: tuple[int, ...]) -> Callable[[Tensor], Any] | None:
         """A pointwise head evaluated at some voxels of the explained grid only: a callable taking the explained
-        activations there, ``[B, F, 1, ..., n]`` (the grid's rank kept, for the convolutions; the voxels on the last
-        axis, where the convolution kernels are fast), and returning the model output there, ``[B, M, 1, ..., n]``.
-        ``positions``: ``[n]`` flat indices into ``grid``.
+        activations there, ``[B, F, 1, ..., n]`` (:func:`_at_voxels`), and returning the model output there,
+        ``[B, M, 1, ..., n]``. ``positions``: ``[n]`` flat indices into ``grid``.
 
         Each backbone value the head reads is cut to the same voxels when it lies on the grid, kept when it is
         constant over space (a 0-d tensor, or size 1 on every spatial axis); for any other value (a tensor on
@@ -314,14 +321,13 @@ class _FxHead(_Head):
         if not self.pointwise:
             return None
         d = len(grid)
-        compact = (*([1] * (d - 1)), len(positions))  # the voxels on the last axis: fast convolution kernels
         values: dict[torch.fx.Node, Any] = {}
         for node, v in self.env.items():
             if node is self.target:
                 continue
             if isinstance(v, Tensor):
                 if v.ndim == d + 2 and tuple(v.shape[2:]) == grid:
-                    v = v.flatten(2).index_select(2, positions.to(v.device)).view(*v.shape[:2], *compact)
+                    v = _at_voxels(v, positions)
                 elif not all(n == 1 for n in v.shape[-d:]):
                     return None
             elif isinstance(v, (list, tuple, dict)):
@@ -814,8 +820,7 @@ class Explainer:
         run = head.on_voxels(positions, grid) if isinstance(head, _FxHead) else None
         if run is not None and isinstance(bound.score, RegionScores):
             cut_scores = bound.score.on_voxels(positions)
-            compact = (batch, volume.shape[1], *([1] * (len(grid) - 1)), len(positions))
-            cut = volume.flatten(2).index_select(2, positions).view(compact).requires_grad_(True)
+            cut = _at_voxels(volume, positions).requires_grad_(True)
 
             def cut_scores_of(a: Tensor) -> Tensor:
                 return cut_scores(run(a))
@@ -854,8 +859,7 @@ class Explainer:
                 prober.add(volume, g)
             if self.keep_gradients:
                 kept.append(g)
-        maps = {m: v[0] if len(v) == 1 else torch.cat(v, dim=1) for m, v in raw.items()}
-        return maps, torch.cat(kept, dim=1) if kept else None
+        return _join(raw), torch.cat(kept, dim=1) if kept else None
 
     def _region_maps(self, grads: RegionHead, prober: Prober, volume: Tensor, class_idx: list[int]
                      ) -> dict[str, Tensor]:
@@ -869,7 +873,7 @@ class Explainer:
                 for m in self.methods:
                     raw[m].append(cg.maps(m, grads.activations, run, volume))
                 prober.add_summary(cg.summary(grads.activations, run, grads.points))
-        return {m: v[0] if len(v) == 1 else torch.cat(v, dim=1) for m, v in raw.items()}
+        return _join(raw)
 
     def _check_cam(self, cert: Certificate) -> None:
         """Refuse method ``cam`` unless the head is certified GAP + linear."""
@@ -939,6 +943,11 @@ class Explainer:
         per_class = activations.numel() * activations.element_size() * (6 + 2 * len(self.methods))
         size = max(1, min(len(classes), self.max_chunk_bytes // max(per_class, 1)))
         return [classes[i : i + size] for i in range(0, len(classes), size)]
+
+
+def _join(raw: Mapping[str, list[Tensor]]) -> dict[str, Tensor]:
+    """Each method's chunks of maps joined along the target axis (a single chunk as is: no copy)."""
+    return {m: v[0] if len(v) == 1 else torch.cat(v, dim=1) for m, v in raw.items()}
 
 
 def _detach(output: Any) -> Any:
